@@ -1,0 +1,571 @@
+"""Kolmogorov-Arnold Network (KAN) layers in plain PyTorch.
+
+A KAN layer maps ``in_features`` to ``out_features`` through one learnable 1-D function per edge,
+
+    y_j = sum_i phi_ij(x_i) + bias_j,
+
+where each edge function is a linear combination of a small set of fixed per-input features.
+For the spline-like bases (``bspline``, ``rbf``, ``chebyshev``) the features of input ``x_i`` are
+``[silu(x_i), B_0(x_i), ..., B_{K-1}(x_i)]`` (the KAN paper's residual SiLU plus K basis functions),
+so ``phi_ij(x) = w_ij * silu(x) + sum_k c_ijk * B_k(x)``. For ``rational`` (GR-KAN) the single
+feature is a learnable rational function shared by a group of inputs.
+
+Because the features of every input are concatenated, the whole layer is ONE matmul against a
+2-D weight of shape ``(out_features, in_features * n_features)``: FSDP, weight-decay grouping and
+Hugging Face loading see an ordinary matrix. ``weight.view(out, in, n_features)[j, i]`` holds the
+coefficients of edge i -> j (index 0 is the SiLU weight for the spline-like bases).
+
+Memory: the (tokens x in x n_features) feature tensor is never kept for backward. In eager mode
+the layer runs a custom autograd function that saves only its input and recomputes the features,
+chunk by chunk over tokens, in backward. Under ``torch.compile`` the plain formula is used and
+Inductor fuses the feature computation into the surrounding kernels.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BASES = ("bspline", "rbf", "chebyshev", "rational")
+
+# Transient feature buffers are kept near this many elements per chunk of tokens.
+_CHUNK_ELEMENTS = 1 << 20
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """Features are evaluated in at least fp32 (bf16/fp16 inputs are upcast, fp64 is kept)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _silu_and_derivative(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    sig = torch.sigmoid(x)
+    return x * sig, sig * (1 + x * (1 - sig))
+
+
+class SplineBasis(nn.Module):
+    """Base class of the spline-like bases: features ``[silu(x), B_0(x), ..., B_{K-1}(x)]``.
+
+    Subclasses implement :meth:`functions` returning the K basis values and, when asked, their
+    derivatives. The basis holds no parameters: the coefficients live in the layer's weight.
+    """
+
+    def __init__(self, num_functions: int, grid_range: tuple[float, float]):
+        super().__init__()
+        self.num_functions = num_functions
+        self.grid_range = (float(grid_range[0]), float(grid_range[1]))
+
+    @property
+    def num_features(self) -> int:
+        return 1 + self.num_functions
+
+    def functions(self, x: torch.Tensor, derivative: bool = False):
+        """(..., in) -> (..., in, K) basis values, plus their d/dx when ``derivative``."""
+        raise NotImplementedError
+
+    def initial_parameters(self) -> dict[str, torch.Tensor]:
+        """The basis's own parameters at initialisation: none (the coefficients are the layer's)."""
+        return {}
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in) -> (..., in, 1 + K) features in fp32 (or fp64)."""
+        x = x.to(_compute_dtype(x))
+        return torch.cat([F.silu(x).unsqueeze(-1), self.functions(x)], dim=-1)
+
+    def features_and_vjp(self, x: torch.Tensor):
+        """Features of ``x`` and a function mapping d(loss)/d(features) to (d(loss)/dx, ())."""
+        x = x.to(_compute_dtype(x))
+        silu, dsilu = _silu_and_derivative(x)
+        values, derivatives = self.functions(x, derivative=True)
+        feats = torch.cat([silu.unsqueeze(-1), values], dim=-1)
+        dfeats = torch.cat([dsilu.unsqueeze(-1), derivatives], dim=-1)
+
+        def vjp(grad_feats):  # (..., in, 1 + K) -> (..., in)
+            return (grad_feats * dfeats).sum(-1), ()
+
+        return feats, vjp
+
+
+class BSplineBasis(SplineBasis):
+    """B-splines of order (degree) ``k`` on a uniform grid, in closed form.
+
+    The range ``[a, b]`` is cut into ``G = grid_size`` intervals of width ``h``; the knot vector is
+    extended by ``k`` knots on each side, ``t_j = a + (j - k) h``, which gives ``K = G + k`` basis
+    functions, each a shifted cardinal B-spline: ``B_j(x) = N_k((x - t_j) / h)``. ``N_k`` is
+    evaluated from the truncated-power formula folded at its centre (it is symmetric on
+    ``[0, k + 1]``), which keeps every term bounded:
+
+        v = min(u, k + 1 - u),    N_k(u) = 1/k! * sum_{m < (k+1)/2} (-1)^m C(k+1, m) max(v - m, 0)^k.
+
+    No Cox-de Boor recursion runs. Parameters per edge: K coefficients + 1 SiLU weight.
+
+    Inputs outside the grid: the B-splines near the ends fade to zero across the ``k`` extra knots
+    ``[a - k h, a)`` and ``(b, b + k h]``, and are exactly zero beyond; there only the SiLU term of
+    each edge acts (as in the KAN paper). Inside ``[a, b]`` the K functions sum to one.
+    """
+
+    def __init__(self, grid_size: int, spline_order: int, grid_range: tuple[float, float]):
+        super().__init__(grid_size + spline_order, grid_range)
+        self.grid_size = grid_size
+        self.spline_order = spline_order
+        self.step = (self.grid_range[1] - self.grid_range[0]) / grid_size
+        k = spline_order
+        self._terms = [(-1) ** m * math.comb(k + 1, m) / math.factorial(k) for m in range((k + 2) // 2)]
+
+    def functions(self, x, derivative=False):
+        k = self.spline_order
+        z = (x - self.grid_range[0]) / self.step + k  # position on the knot axis, in steps
+        j = torch.arange(self.num_functions, device=x.device, dtype=x.dtype)
+        u = z.unsqueeze(-1) - j  # (..., in, K): u_j = (x - t_j) / h
+        if k == 0:  # indicator of [t_j, t_{j+1}), the Cox-de Boor convention
+            values = ((u >= 0) & (u < 1)).to(x.dtype)
+            return (values, torch.zeros_like(values)) if derivative else values
+        v = torch.minimum(u, (k + 1) - u)
+        values = torch.zeros_like(v)
+        slopes = torch.zeros_like(v) if derivative else None
+        for m, coef in enumerate(self._terms):
+            r = (v - m).clamp_(min=0)
+            if derivative:
+                slopes += (coef * k) * (r.pow(k - 1) if k > 1 else (r > 0).to(x.dtype))
+            values += coef * r.pow(k)
+        if not derivative:
+            return values
+        # dv/du is +1 on the rising half of the support and -1 on the falling half.
+        sign = torch.where(u < (k + 1) / 2, 1.0 / self.step, -1.0 / self.step)
+        return values, slopes * sign
+
+
+class RBFBasis(SplineBasis):
+    """Gaussian radial basis functions (FastKAN): ``B_k(x) = exp(-((x - c_k) / h)^2)``.
+
+    The K centres ``c_k`` are spread evenly over ``grid_range`` (ends included) and ``h`` is their
+    spacing. Parameters per edge: K coefficients + 1 SiLU weight. Far outside the range every
+    Gaussian underflows to zero and only the SiLU term acts.
+    """
+
+    def __init__(self, num_functions: int, grid_range: tuple[float, float]):
+        super().__init__(num_functions, grid_range)
+        a, b = self.grid_range
+        self.step = (b - a) / max(num_functions - 1, 1)
+
+    def functions(self, x, derivative=False):
+        centres = torch.linspace(*self.grid_range, self.num_functions, device=x.device, dtype=x.dtype)
+        d = (x.unsqueeze(-1) - centres) / self.step  # (..., in, K)
+        values = torch.exp(-d * d)
+        if not derivative:
+            return values
+        return values, values * d * (-2.0 / self.step)
+
+
+class ChebyshevBasis(SplineBasis):
+    """Chebyshev polynomials of a squashed input: ``B_k(x) = T_k(tanh(x))``, ``k = 0..K-1``.
+
+    ``T_k`` comes from the recurrence ``T_{k+1}(s) = 2 s T_k(s) - T_{k-1}(s)`` (no ``acos``, so no
+    infinite slope at ``s = +-1`` and nothing unsafe in bf16); ``tanh`` keeps ``s`` in [-1, 1] for
+    any input, so large inputs saturate instead of blowing up. Derivatives use
+    ``T_k' = k U_{k-1}`` with the Chebyshev polynomials of the second kind ``U``. Parameters per
+    edge: K coefficients (degree K - 1) + 1 SiLU weight.
+    """
+
+    def functions(self, x, derivative=False):
+        s = torch.tanh(x)
+        t = [torch.ones_like(s), s]
+        for _ in range(2, self.num_functions):
+            t.append(2 * s * t[-1] - t[-2])
+        values = torch.stack(t[: self.num_functions], dim=-1)  # (..., in, K)
+        if not derivative:
+            return values
+        u = [torch.ones_like(s), 2 * s]
+        for _ in range(2, self.num_functions - 1):
+            u.append(2 * s * u[-1] - u[-2])
+        dtds = [torch.zeros_like(s)] + [k * u[k - 1] for k in range(1, self.num_functions)]
+        return values, torch.stack(dtds, dim=-1) * (1 - s * s).unsqueeze(-1)
+
+
+@functools.lru_cache(maxsize=None)
+def _rational_silu_coefficients(num_order: int, den_order: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Coefficients of P/(1 + |Q|) approximating SiLU on [-4, 4] (linearised least squares, fp64)."""
+    x = torch.linspace(-4, 4, 801, dtype=torch.float64, device="cpu")
+    y = F.silu(x)
+    # P(x) - y Q(x) = y with Q assumed positive on the fit range.
+    design = torch.cat(
+        [torch.stack([x**p for p in range(num_order + 1)], -1), torch.stack([-y * x**q for q in range(1, den_order + 1)], -1)],
+        dim=-1,
+    )
+    sol = torch.linalg.lstsq(design, y.unsqueeze(-1)).solution.squeeze(-1)
+    return tuple(sol[: num_order + 1].tolist()), tuple(sol[num_order + 1 :].tolist())
+
+
+class RationalBasis(nn.Module):
+    """Group-rational activation (GR-KAN, from the Kolmogorov-Arnold Transformer).
+
+    Inputs are split into ``groups`` contiguous groups; every input of group g goes through
+
+        R_g(x) = (a_g0 + a_g1 x + ... + a_gm x^m) / (1 + |b_g1 x + ... + b_gn x^n|),
+
+    whose denominator is at least 1, so it never vanishes. The layer then applies its linear map:
+    ``phi_ij(x) = w_ij R_g(i)(x)``. Parameters: one weight per edge, plus ``groups * (m + 1 + n)``
+    rational coefficients per layer. ``(m, n) = rational_order``, (5, 4) by default. The
+    coefficients start as a fit of SiLU.
+    """
+
+    num_features = 1
+
+    def __init__(self, in_features: int, groups: int, order: tuple[int, int], device=None, dtype=None):
+        super().__init__()
+        self.groups = groups
+        self.order = (int(order[0]), int(order[1]))
+        self.numerator = nn.Parameter(torch.empty(groups, self.order[0] + 1, device=device, dtype=dtype))
+        self.denominator = nn.Parameter(torch.empty(groups, self.order[1], device=device, dtype=dtype))
+        self.group_size = in_features // groups
+
+    def initial_parameters(self) -> dict[str, torch.Tensor]:
+        """Every group starts as the same rational fit of SiLU."""
+        num, den = _rational_silu_coefficients(*self.order)
+        factory = {"device": self.numerator.device, "dtype": self.numerator.dtype}
+        return {
+            "numerator": torch.tensor(num, **factory).expand_as(self.numerator),
+            "denominator": torch.tensor(den, **factory).expand_as(self.denominator),
+        }
+
+    def _terms(self, x):
+        """Powers of x and the per-input coefficients, all (..., in, p)."""
+        a = self.numerator.to(x.dtype).repeat_interleave(self.group_size, dim=0)  # (in, m + 1)
+        b = self.denominator.to(x.dtype).repeat_interleave(self.group_size, dim=0)  # (in, n)
+        n_pow = max(self.order[0], self.order[1]) + 1
+        powers = torch.cumprod(torch.cat([torch.ones_like(x).unsqueeze(-1), x.unsqueeze(-1).expand(*x.shape, n_pow - 1)], -1), -1)
+        num = (powers[..., : self.order[0] + 1] * a).sum(-1)  # P(x)
+        den_poly = (powers[..., 1 : self.order[1] + 1] * b).sum(-1)  # Q(x)
+        return powers, a, b, num, den_poly
+
+    def features(self, x):
+        """(..., in) -> (..., in, 1): R_g(x) of every input."""
+        x = x.to(_compute_dtype(x))
+        _, _, _, num, den_poly = self._terms(x)
+        return (num / (1 + den_poly.abs())).unsqueeze(-1)
+
+    def features_and_vjp(self, x):
+        """Features and a function mapping d(loss)/d(features) to (d/dx, (d/da, d/db))."""
+        x = x.to(_compute_dtype(x))
+        powers, a, b, num, den_poly = self._terms(x)
+        m, n = self.order
+        den = 1 + den_poly.abs()
+        sgn = torch.sign(den_poly)
+        feats = (num / den).unsqueeze(-1)
+        ks_num = torch.arange(1, m + 1, device=x.device, dtype=x.dtype)
+        ks_den = torch.arange(1, n + 1, device=x.device, dtype=x.dtype)
+        dnum = (powers[..., :m] * a[:, 1:] * ks_num).sum(-1)  # P'(x)
+        dden = (powers[..., :n] * b * ks_den).sum(-1)  # Q'(x)
+
+        def vjp(grad_feats):  # (..., in, 1) -> (..., in), ((groups, m + 1), (groups, n))
+            g = grad_feats.squeeze(-1)
+            g_num = g / den  # dL/dP
+            g_den = -g * num * sgn / (den * den)  # dL/dQ
+            grad_x = g_num * dnum + g_den * dden
+            grad_a = (g_num.unsqueeze(-1) * powers[..., : m + 1]).reshape(-1, self.groups, self.group_size, m + 1)
+            grad_b = (g_den.unsqueeze(-1) * powers[..., 1 : n + 1]).reshape(-1, self.groups, self.group_size, n)
+            return grad_x, (grad_a.sum((0, 2)), grad_b.sum((0, 2)))
+
+        return feats, vjp
+
+
+class _KANLinearFunction(torch.autograd.Function):
+    """``y = features(x) @ weight.T + bias``, saving only ``x``; features are recomputed in backward.
+
+    Works on 2-D ``x`` (tokens, in) in chunks of ``chunk`` tokens, so the transient feature buffers
+    are (chunk, in, n_features) whatever the number of tokens.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, basis, chunk, *basis_params):
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else weight.dtype
+        w = weight.to(dtype)
+        out = torch.empty(x.shape[0], weight.shape[0], device=x.device, dtype=dtype)
+        for s in range(0, x.shape[0], chunk):
+            feats = basis.features(x[s : s + chunk]).flatten(1).to(dtype)  # (n, in * F)
+            torch.matmul(feats, w.t(), out=out[s : s + chunk])
+        if bias is not None:
+            out += bias.to(dtype)
+        ctx.save_for_backward(x, weight, bias, *basis_params)
+        ctx.basis, ctx.chunk, ctx.dtype = basis, chunk, dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, bias, *basis_params = ctx.saved_tensors
+        basis, chunk, dtype = ctx.basis, ctx.chunk, ctx.dtype
+        w = weight.to(dtype)
+        grad_out = grad_out.to(dtype)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_x = torch.empty_like(x) if need_x else None
+        grad_w = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32))
+        grad_params = [torch.zeros_like(p, dtype=grad_w.dtype) for p in basis_params]
+        for s in range(0, x.shape[0], chunk):
+            g = grad_out[s : s + chunk]  # (n, out)
+            feats, vjp = basis.features_and_vjp(x[s : s + chunk])  # (n, in, F)
+            if need_w:
+                grad_w += (g.t() @ feats.flatten(1).to(dtype)).to(grad_w.dtype)
+            if need_x or basis_params:
+                grad_feats = (g @ w).view(feats.shape).to(feats.dtype)  # (n, in, F)
+                gx, gp = vjp(grad_feats)
+                if need_x:
+                    grad_x[s : s + chunk] = gx
+                for acc, p in zip(grad_params, gp, strict=True):
+                    acc += p
+        grad_b = grad_out.sum(0).to(bias.dtype) if (bias is not None and need_b) else None
+        grad_w = grad_w.to(weight.dtype) if need_w else None
+        grad_params = [gp.to(p.dtype) for gp, p in zip(grad_params, basis_params, strict=True)]
+        return (grad_x, grad_w, grad_b, None, None, *grad_params)
+
+
+def _check_kan_args(in_features, out_features, basis, grid_size, spline_order, grid_range, rational_order, rational_groups):
+    for name, value in (("in_features", in_features), ("out_features", out_features)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if basis not in BASES:
+        raise ValueError(f"basis must be one of {BASES}, got {basis!r}")
+    if not isinstance(grid_size, int) or grid_size < 1:
+        raise ValueError(f"grid_size must be an integer >= 1, got {grid_size!r}")
+    if not isinstance(spline_order, int) or spline_order < 0:
+        raise ValueError(f"spline_order must be an integer >= 0, got {spline_order!r}")
+    if len(grid_range) != 2 or not float(grid_range[0]) < float(grid_range[1]):
+        raise ValueError(f"grid_range must be (low, high) with low < high, got {tuple(grid_range)!r}")
+    if basis == "rational":
+        if len(rational_order) != 2 or rational_order[0] < 0 or rational_order[1] < 1:
+            raise ValueError(f"rational_order must be (m >= 0, n >= 1), got {tuple(rational_order)!r}")
+        if rational_groups < 1 or in_features % rational_groups:
+            raise ValueError(f"rational_groups must divide in_features={in_features}, got {rational_groups!r}")
+
+
+class KANLinear(nn.Module):
+    """A KAN layer, shape-compatible with ``nn.Linear``: acts on the last dimension of any input.
+
+    Args:
+        in_features, out_features: widths, as for ``nn.Linear``.
+        basis: ``"bspline"`` (default), ``"rbf"``, ``"chebyshev"`` or ``"rational"``; see the basis
+            classes in this module for formulas and parameters per edge.
+        grid_size, spline_order: the grid has ``grid_size`` intervals; every spline-like basis has
+            ``K = grid_size + spline_order`` functions per edge (B-splines of order ``spline_order``,
+            K Gaussians, or Chebyshev degree K - 1), so they cost the same.
+        grid_range: the input interval the grid (or the RBF centres) covers.
+        bias: add a learnable bias per output.
+        rational_order, rational_groups: numerator/denominator degrees and number of groups of the
+            ``rational`` basis.
+        spline_scale: the spline coefficients start at this fraction of the SiLU weights' scale.
+        chunk_size: tokens per chunk when recomputing features in backward (default: about
+            1M feature elements per chunk).
+
+    Initialisation: the layer starts close to a SiLU MLP. The SiLU weights (or the linear map after
+    the rational) are drawn from N(0, 1 / (in_features * E[silu(z)^2])), z ~ N(0, 1), so a
+    standard-normal input gives outputs of about unit variance; the spline coefficients are drawn
+    with ``spline_scale`` times that standard deviation divided by sqrt(K), i.e. the spline part
+    starts small.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        basis: str = "bspline",
+        grid_size: int = 5,
+        spline_order: int = 3,
+        grid_range: tuple[float, float] = (-2.0, 2.0),
+        bias: bool = True,
+        rational_order: tuple[int, int] = (5, 4),
+        rational_groups: int = 8,
+        spline_scale: float = 0.1,
+        chunk_size: int | None = None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        _check_kan_args(in_features, out_features, basis, grid_size, spline_order, grid_range, rational_order, rational_groups)
+        self.in_features, self.out_features = in_features, out_features
+        self.basis_name = basis
+        self.grid_size, self.spline_order = grid_size, spline_order
+        self.grid_range = (float(grid_range[0]), float(grid_range[1]))
+        self.spline_scale = spline_scale
+        self.chunk_size = chunk_size
+        self.basis = self._make_basis(grid_size, rational_order, rational_groups, device, dtype)
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(out_features, in_features * self.basis.num_features, **factory))
+        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        self.reset_parameters()
+
+    def _make_basis(self, grid_size, rational_order=None, rational_groups=None, device=None, dtype=None):
+        k, rng = self.spline_order, self.grid_range
+        if self.basis_name == "bspline":
+            return BSplineBasis(grid_size, k, rng)
+        if self.basis_name == "rbf":
+            return RBFBasis(grid_size + k, rng)
+        if self.basis_name == "chebyshev":
+            return ChebyshevBasis(grid_size + k, rng)
+        return RationalBasis(self.in_features, rational_groups, rational_order, device=device, dtype=dtype)
+
+    @property
+    def num_features(self) -> int:
+        """Features per input: 1 + K for the spline-like bases, 1 for ``rational``."""
+        return self.basis.num_features
+
+    def reset_parameters(self, gain: float = 1.0):
+        """Initialise as described in the class docstring (outputs scaled by ``gain``)."""
+        with torch.no_grad():
+            self.weight.copy_(self.initial_weight(gain))
+            if self.bias is not None:
+                self.bias.zero_()
+            for name, value in self.basis.initial_parameters().items():
+                getattr(self.basis, name).copy_(value)
+
+    def initial_weight(self, gain: float = 1.0) -> torch.Tensor:
+        """A freshly drawn initial weight (out, in * n_features); see the class docstring."""
+        std = gain / math.sqrt(self.in_features * _SILU_SECOND_MOMENT)
+        w = torch.empty(self.out_features, self.in_features, self.num_features, device=self.weight.device,
+                        dtype=self.weight.dtype)
+        w[..., :1].normal_(std=std)
+        if self.num_features > 1:
+            w[..., 1:].normal_(std=self.spline_scale * std / math.sqrt(self.num_features - 1))
+        return w.view_as(self.weight)
+
+    def _chunk(self) -> int:
+        return self.chunk_size or max(16, _CHUNK_ELEMENTS // (self.in_features * self.num_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in_features) -> (..., out_features)."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected last dimension {self.in_features}, got input of shape {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        x2d = x.reshape(-1, self.in_features)
+        if torch.compiler.is_compiling():  # let Inductor fuse (and rematerialise) the features
+            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else self.weight.dtype
+            feats = self.basis.features(x2d).flatten(1).to(dtype)
+            out = F.linear(feats, self.weight.to(dtype), None if self.bias is None else self.bias.to(dtype))
+        else:
+            params = tuple(self.basis.parameters())
+            out = _KANLinearFunction.apply(x2d, self.weight, self.bias, self.basis, self._chunk(), *params)
+        return out.view(*lead, self.out_features)
+
+    def edge_functions(self, x: torch.Tensor) -> torch.Tensor:
+        """Values of every edge function at points ``x``.
+
+        ``x`` is (P,) (the same points for every input) or (P, in_features). Returns (P, out, in):
+        ``result[p, j, i] = phi_ij(x[p, i])`` (bias not included).
+        """
+        if x.dim() == 1:
+            x = x.unsqueeze(-1).expand(-1, self.in_features)
+        feats = self.basis.features(x)  # (P, in, F)
+        w = self.weight.view(self.out_features, self.in_features, self.num_features).to(feats.dtype)
+        return torch.einsum("pif,jif->pji", feats, w)
+
+    def edge_magnitudes(self) -> torch.Tensor:
+        """(out, in): mean absolute coefficient of each edge, a cheap proxy for its size."""
+        return self.weight.view(self.out_features, self.in_features, self.num_features).abs().mean(-1)
+
+    def regularization_loss(self, l1: float = 1.0, entropy: float = 1.0, eps: float = 1e-12) -> torch.Tensor:
+        """The KAN paper's sparsity regulariser, computed from the coefficients (no activations).
+
+        With edge magnitudes ``m_ij`` from :meth:`edge_magnitudes`, returns
+        ``l1 * sum_ij m_ij + entropy * H(p)``, where ``p = m / sum(m)`` and ``H(p) = -sum p log p``.
+        The L1 term pushes edges to zero; the entropy term favours few large edges over many small.
+        """
+        m = self.edge_magnitudes()
+        total = m.sum()
+        p = m / (total + eps)
+        return l1 * total - entropy * (p * torch.log(p + eps)).sum()
+
+    @torch.no_grad()
+    def extend_grid(self, new_grid_size: int) -> None:
+        """Refine the grid to ``new_grid_size`` intervals (KAN grid extension, coarse to fine).
+
+        The spline coefficients are refitted by least squares on dense points of ``grid_range`` so
+        that every edge function is preserved there (exactly, up to rounding, when the new grid
+        refines the old one, e.g. 5 -> 10). ``chebyshev`` raises the polynomial degree, which is
+        exact everywhere. The weight is replaced by a new parameter: rebuild the optimizer after.
+        """
+        if self.basis_name == "rational":
+            raise ValueError("extend_grid does not apply to basis='rational' (it has no grid)")
+        if not isinstance(new_grid_size, int) or new_grid_size <= self.grid_size:
+            raise ValueError(f"new_grid_size must be an integer > grid_size={self.grid_size}, got {new_grid_size!r}")
+        old_basis, new_basis = self.basis, self._make_basis(new_grid_size)
+        k_old, k_new = old_basis.num_functions, new_basis.num_functions
+        coeffs = self.weight.view(self.out_features, self.in_features, 1 + k_old)
+        spline = coeffs[..., 1:].reshape(-1, k_old).double().t()  # (K_old, out * in)
+        if self.basis_name == "chebyshev":
+            refit = torch.cat([spline, spline.new_zeros(k_new - k_old, spline.shape[1])])
+        else:
+            x = torch.linspace(*self.grid_range, 16 * k_new + 1, dtype=torch.float64, device=spline.device)
+            target = old_basis.functions(x) @ spline  # (P, out * in)
+            refit = torch.linalg.lstsq(new_basis.functions(x), target).solution  # (K_new, out * in)
+        new = torch.cat([coeffs[..., :1], refit.t().reshape(self.out_features, self.in_features, k_new).to(coeffs)], -1)
+        self.weight = nn.Parameter(new.reshape(self.out_features, -1), requires_grad=self.weight.requires_grad)
+        self.basis, self.grid_size = new_basis, new_grid_size
+
+    def extra_repr(self) -> str:
+        s = f"in_features={self.in_features}, out_features={self.out_features}, basis={self.basis_name!r}"
+        if self.basis_name != "rational":
+            s += f", grid_size={self.grid_size}, spline_order={self.spline_order}, grid_range={self.grid_range}"
+        return s + f", bias={self.bias is not None}"
+
+
+# E[silu(z)^2] for z ~ N(0, 1), by quadrature; used for variance-preserving initialisation.
+_z = torch.linspace(-12, 12, 48001, dtype=torch.float64, device="cpu")
+_SILU_SECOND_MOMENT = float(torch.trapezoid(F.silu(_z) ** 2 * torch.exp(-_z * _z / 2) / math.sqrt(2 * math.pi), _z))
+del _z
+
+
+class KANFeedForward(nn.Module):
+    """A KAN feed-forward block: ``d_in -> hidden_size -> d_out`` with two KAN layers, or a single
+    ``d_in -> d_out`` KAN layer when ``hidden_size`` is 0 or None. Extra arguments go to
+    :class:`KANLinear`."""
+
+    def __init__(self, d_in: int, d_out: int, hidden_size: int | None = None, **kan_kwargs):
+        super().__init__()
+        if hidden_size:
+            self.layers = nn.ModuleList([KANLinear(d_in, hidden_size, **kan_kwargs), KANLinear(hidden_size, d_out, **kan_kwargs)])
+        else:
+            self.layers = nn.ModuleList([KANLinear(d_in, d_out, **kan_kwargs)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., d_in) -> (..., d_out)."""
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def kan_linear_num_parameters(in_features: int, out_features: int, *, basis: str = "bspline", grid_size: int = 5,
+                              spline_order: int = 3, bias: bool = True, rational_order: tuple[int, int] = (5, 4),
+                              rational_groups: int = 8, **_ignored) -> int:
+    """Parameter count of ``KANLinear(in_features, out_features, ...)`` without building it."""
+    if basis == "rational":
+        per_input = 1
+        extra = rational_groups * (rational_order[0] + 1 + rational_order[1])
+    else:
+        per_input = 1 + grid_size + spline_order
+        extra = 0
+    return out_features * in_features * per_input + (out_features if bias else 0) + extra
+
+
+def kan_block_hidden_size(d_in: int, d_out: int, target_params: int, *, tolerance: float = 0.01, **kan_kwargs) -> int | None:
+    """Hidden width of a KAN block whose parameter count best matches ``target_params``.
+
+    Returns ``None`` when a single ``d_in -> d_out`` KAN layer is within ``tolerance`` (relative) of
+    the target, else the width ``h`` of the two-layer block ``d_in -> h -> d_out`` whose count is
+    closest to it (a multiple of the groups for ``rational``). Parameters grow by about
+    ``2 * n_features * d`` per unit of ``h``, so the match is within 1% once ``h`` is over ~50
+    (GPT-2 small: h = 342, +0.14%). ``kan_kwargs`` are those of :class:`KANLinear`.
+    """
+    single = kan_linear_num_parameters(d_in, d_out, **kan_kwargs)
+    if abs(single - target_params) <= tolerance * target_params:
+        return None
+    step = kan_kwargs.get("rational_groups", 8) if kan_kwargs.get("basis") == "rational" else 1
+
+    def count(h):
+        return kan_linear_num_parameters(d_in, h, **kan_kwargs) + kan_linear_num_parameters(h, d_out, **kan_kwargs)
+
+    per_step = count(2 * step) - count(step)  # the count is affine in h
+    guess = round((target_params - (count(step) - per_step)) / per_step) * step
+    candidates = [h for h in (guess - step, guess, guess + step) if h >= step] or [step]
+    return min(candidates, key=lambda h: abs(count(h) - target_params))

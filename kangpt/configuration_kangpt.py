@@ -1,0 +1,147 @@
+"""Configuration of KAN-GPT-2: GPT-2's configuration plus the choice of feed-forward block."""
+
+from __future__ import annotations
+
+from transformers import PreTrainedConfig
+
+from .kan import BASES, kan_block_hidden_size
+
+FFN_TYPES = ("kan", "mlp")
+
+
+class KANGPT2Config(PreTrainedConfig):
+    r"""Configuration of a KAN-GPT-2 model.
+
+    GPT-2's fields keep GPT-2's names, defaults and ``attribute_map`` (``hidden_size``,
+    ``num_hidden_layers``, ...); see ``transformers.GPT2Config``. The feed-forward block of every
+    layer is chosen by:
+
+    ffn_type (`str`, defaults to `"kan"`):
+        `"kan"`: a KAN block (see ``kangpt.kan.KANFeedForward``); `"mlp"`: exactly GPT-2's MLP
+        (``n_embd -> n_inner -> n_embd`` with ``activation_function``).
+    kan_basis (`str`, defaults to `"bspline"`):
+        One of `"bspline"`, `"rbf"`, `"chebyshev"`, `"rational"`.
+    kan_grid_size (`int`, defaults to 5), kan_spline_order (`int`, defaults to 3),
+    kan_grid_range (`list[float]`, defaults to `[-2.0, 2.0]`):
+        Grid of the spline-like bases (see ``kangpt.kan.KANLinear``).
+    kan_rational_order (`list[int]`, defaults to `[5, 4]`), kan_rational_groups (`int`, defaults to 8):
+        Degrees and groups of the `"rational"` basis.
+    kan_hidden_size (`int` or `list[int]`, *optional*):
+        Width ``h`` of the KAN block ``n_embd -> h -> n_embd``; ``0`` means a single
+        ``n_embd -> n_embd`` KAN layer; a list gives one width per layer (e.g. after pruning).
+        **Leave it unset (``None``) to get a KAN block whose parameter count matches GPT-2's MLP**
+        (``n_embd -> n_inner -> n_embd``, biases included) within 1%; the matched width is computed
+        when the config is built and stored, so a saved config holds the actual number.
+
+    ``KANGPT2Config()`` is KAN-GPT-2 small: GPT-2 small's shape with parameter-matched KAN blocks.
+    Invalid values raise a ``ValueError`` that names the field.
+    """
+
+    model_type = "kangpt2"
+    keys_to_ignore_at_inference = ["cache"]
+    attribute_map = {
+        "hidden_size": "n_embd",
+        "max_position_embeddings": "n_positions",
+        "num_attention_heads": "n_head",
+        "num_hidden_layers": "n_layer",
+    }
+
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int | None = None
+    activation_function: str = "gelu_new"
+    resid_pdrop: float | int = 0.1
+    embd_pdrop: float | int = 0.1
+    attn_pdrop: float | int = 0.1
+    layer_norm_epsilon: float = 1e-5
+    initializer_range: float = 0.02
+    scale_attn_weights: bool = True
+    scale_attn_by_inverse_layer_idx: bool = False
+    use_cache: bool = True
+    bos_token_id: int | None = 50256
+    eos_token_id: int | list[int] | None = 50256
+    pad_token_id: int | None = None
+    tie_word_embeddings: bool = True
+    ffn_type: str = "kan"
+    kan_basis: str = "bspline"
+    kan_grid_size: int = 5
+    kan_spline_order: int = 3
+    kan_grid_range: list[float] | tuple[float, float] = (-2.0, 2.0)
+    kan_rational_order: list[int] | tuple[int, int] = (5, 4)
+    kan_rational_groups: int = 8
+    kan_hidden_size: int | list[int] | None = None
+
+    def __post_init__(self, **kwargs):
+        self.kan_grid_range = [float(v) for v in self.kan_grid_range]
+        self.kan_rational_order = [int(v) for v in self.kan_rational_order]
+        self._check_fields()
+        if self.ffn_type == "kan" and self.kan_hidden_size is None:
+            self.kan_hidden_size = kan_block_hidden_size(
+                self.n_embd, self.n_embd, self.mlp_num_parameters, **self.kan_layer_kwargs()
+            ) or 0
+        super().__post_init__(**kwargs)
+
+    @property
+    def mlp_num_parameters(self) -> int:
+        """Parameters of GPT-2's MLP at this shape (weights and biases of c_fc and c_proj)."""
+        inner = self.n_inner if self.n_inner is not None else 4 * self.n_embd
+        return 2 * self.n_embd * inner + inner + self.n_embd
+
+    def kan_layer_kwargs(self) -> dict:
+        """Keyword arguments of ``kangpt.kan.KANLinear`` for this config."""
+        return {
+            "basis": self.kan_basis,
+            "grid_size": self.kan_grid_size,
+            "spline_order": self.kan_spline_order,
+            "grid_range": tuple(self.kan_grid_range),
+            "rational_order": tuple(self.kan_rational_order),
+            "rational_groups": self.kan_rational_groups,
+        }
+
+    def kan_hidden_size_of_layer(self, layer_idx: int) -> int:
+        """KAN block width of layer ``layer_idx`` (0: a single KAN layer)."""
+        if isinstance(self.kan_hidden_size, list):
+            return self.kan_hidden_size[layer_idx]
+        return self.kan_hidden_size
+
+    def _check_fields(self):
+        def need(ok: bool, field: str, rule: str):
+            if not ok:
+                raise ValueError(f"KANGPT2Config.{field} {rule}, got {getattr(self, field)!r}")
+
+        def positive_int(field: str):
+            value = getattr(self, field)
+            need(isinstance(value, int) and not isinstance(value, bool) and value > 0, field, "must be a positive integer")
+
+        for field in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "kan_grid_size", "kan_rational_groups"):
+            positive_int(field)
+        need(self.n_embd % self.n_head == 0, "n_head", f"must divide n_embd={self.n_embd}")
+        need(self.n_inner is None or (isinstance(self.n_inner, int) and self.n_inner > 0), "n_inner", "must be None or > 0")
+        for field in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
+            value = getattr(self, field)
+            need(isinstance(value, (int, float)) and 0 <= value < 1, field, "must be in [0, 1)")
+        need(self.layer_norm_epsilon > 0, "layer_norm_epsilon", "must be > 0")
+        need(self.initializer_range > 0, "initializer_range", "must be > 0")
+        need(self.ffn_type in FFN_TYPES, "ffn_type", f"must be one of {FFN_TYPES}")
+        need(self.kan_basis in BASES, "kan_basis", f"must be one of {BASES}")
+        need(isinstance(self.kan_spline_order, int) and self.kan_spline_order >= 0, "kan_spline_order", "must be an integer >= 0")
+        need(len(self.kan_grid_range) == 2 and self.kan_grid_range[0] < self.kan_grid_range[1], "kan_grid_range",
+             "must be [low, high] with low < high")
+        need(len(self.kan_rational_order) == 2 and self.kan_rational_order[0] >= 0 and self.kan_rational_order[1] >= 1,
+             "kan_rational_order", "must be [m >= 0, n >= 1]")
+        widths = self.kan_hidden_size if isinstance(self.kan_hidden_size, list) else [self.kan_hidden_size]
+        need(all(w is None or (isinstance(w, int) and w >= 0) for w in widths), "kan_hidden_size",
+             "must be None, an integer >= 0 or a list of them")
+        if isinstance(self.kan_hidden_size, list):
+            need(len(self.kan_hidden_size) == self.n_layer, "kan_hidden_size", f"must have n_layer={self.n_layer} entries")
+        if self.ffn_type == "kan" and self.kan_basis == "rational":
+            groups = self.kan_rational_groups
+            need(self.n_embd % groups == 0, "kan_rational_groups", f"must divide n_embd={self.n_embd}")
+            need(all(w is None or w % groups == 0 for w in widths), "kan_hidden_size",
+                 f"must be a multiple of kan_rational_groups={groups} for the rational basis")
+
+
+__all__ = ["KANGPT2Config"]

@@ -1,0 +1,312 @@
+"""KAN-GPT-2: GPT-2 whose MLP feed-forward blocks are Kolmogorov-Arnold Network blocks.
+
+The forward pass reads top to bottom: attention, the feed-forward block (KAN or GPT-2's MLP), the
+transformer block, the base model, the language-model head. Everything except the feed-forward
+block is GPT-2 as written in ``transformers/models/gpt2/modeling_gpt2.py`` (same parameter names and
+shapes, so GPT-2 checkpoints map onto it; see :meth:`KANGPT2LMHeadModel.from_gpt2`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.pytorch_utils import Conv1D
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from .configuration_kangpt import KANGPT2Config
+from .kan import KANFeedForward
+
+
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Plain softmax attention. query: (B, H, Tq, D), key/value: (B, H, Tk, D) -> (B, Tq, H, D)."""
+    attn_weights = torch.matmul(query, key.transpose(-1, -2)) * scaling  # (B, H, Tq, Tk)
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1).type(value.dtype)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2)
+    return attn_output, attn_weights
+
+
+class KANGPT2Attention(nn.Module):
+    """GPT-2's causal self-attention (fused ``c_attn`` projection, ``c_proj`` output)."""
+
+    def __init__(self, config: KANGPT2Config, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.embed_dim = config.n_embd
+        self.num_heads = config.n_head
+        self.head_dim = self.embed_dim // self.num_heads
+        self.scaling = self.head_dim**-0.5 if config.scale_attn_weights else 1.0
+        if config.scale_attn_by_inverse_layer_idx:
+            self.scaling /= float(layer_idx + 1)
+        self.is_causal = True
+        self.c_attn = Conv1D(3 * self.embed_dim, self.embed_dim)
+        self.c_proj = Conv1D(self.embed_dim, self.embed_dim)
+        self.attn_dropout = nn.Dropout(config.attn_pdrop)
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, hidden_states, cache: Cache | None = None, attention_mask=None, **kwargs):
+        """(B, T, C) -> ((B, T, C), attention weights or None)."""
+        query, key, value = self.c_attn(hidden_states).split(self.embed_dim, dim=2)
+        shape = (*hidden_states.shape[:-1], self.num_heads, self.head_dim)
+        query, key, value = (t.view(shape).transpose(1, 2) for t in (query, key, value))  # (B, H, T, D)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.attn_dropout.p if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(*attn_output.shape[:-2], -1).contiguous()  # (B, T, C)
+        return self.resid_dropout(self.c_proj(attn_output)), attn_weights
+
+
+class KANGPT2MLP(nn.Module):
+    """GPT-2's MLP, unchanged: ``c_fc`` -> activation -> ``c_proj`` -> dropout (``ffn_type="mlp"``)."""
+
+    def __init__(self, config: KANGPT2Config, layer_idx: int):
+        super().__init__()
+        inner = config.n_inner if config.n_inner is not None else 4 * config.n_embd
+        self.c_fc = Conv1D(inner, config.n_embd)
+        self.c_proj = Conv1D(config.n_embd, inner)
+        self.act = ACT2FN[config.activation_function]
+        self.dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, hidden_states):
+        """(B, T, C) -> (B, T, C)."""
+        return self.dropout(self.c_proj(self.act(self.c_fc(hidden_states))))
+
+
+class KANGPT2KANMLP(KANFeedForward):
+    """The KAN feed-forward block (``ffn_type="kan"``): ``n_embd -> h -> n_embd`` KAN layers (or one
+    ``n_embd -> n_embd`` layer when the layer's ``kan_hidden_size`` is 0), then dropout."""
+
+    def __init__(self, config: KANGPT2Config, layer_idx: int):
+        super().__init__(config.n_embd, config.n_embd, config.kan_hidden_size_of_layer(layer_idx),
+                         **config.kan_layer_kwargs())
+        self.dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, hidden_states):
+        """(B, T, C) -> (B, T, C)."""
+        return self.dropout(super().forward(hidden_states))
+
+
+class KANGPT2Block(GradientCheckpointingLayer):
+    """Pre-norm transformer block: ``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``."""
+
+    def __init__(self, config: KANGPT2Config, layer_idx: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = KANGPT2Attention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = KANGPT2KANMLP(config, layer_idx) if config.ffn_type == "kan" else KANGPT2MLP(config, layer_idx)
+
+    def forward(self, hidden_states, cache: Cache | None = None, attention_mask=None, **kwargs):
+        """(B, T, C) -> (B, T, C)."""
+        attn_output, _ = self.attn(self.ln_1(hidden_states), cache=cache, attention_mask=attention_mask, **kwargs)
+        hidden_states = hidden_states + attn_output
+        return hidden_states + self.mlp(self.ln_2(hidden_states))
+
+
+class KANGPT2PreTrainedModel(PreTrainedModel):
+    """Weight initialisation and the transformers plumbing shared by the KAN-GPT-2 models."""
+
+    config: KANGPT2Config
+    config_class = KANGPT2Config
+    base_model_prefix = "transformer"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["KANGPT2Block"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = True
+    _can_record_outputs = {
+        "hidden_states": KANGPT2Block,
+        "attentions": OutputRecorder(KANGPT2Attention, index=1),
+    }
+    _keys_to_ignore_on_load_unexpected = [r"attn\.bias", r"attn\.masked_bias"]
+
+    def _init_weights(self, module):
+        """GPT-2's initialisation; KAN layers start from their own near-SiLU-MLP initialisation."""
+        super()._init_weights(module)
+        residual_gain = 1 / math.sqrt(2 * self.config.n_layer)  # GPT-2: residual outputs scaled by 1/sqrt(N)
+        if isinstance(module, Conv1D):
+            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+            init.zeros_(module.bias)
+        if isinstance(module, (KANGPT2Attention, KANGPT2MLP)):
+            init.normal_(module.c_proj.weight, mean=0.0, std=self.config.initializer_range * residual_gain)
+        if isinstance(module, KANGPT2KANMLP):
+            for i, layer in enumerate(module.layers):
+                gain = residual_gain if i == len(module.layers) - 1 else 1.0
+                init.copy_(layer.weight, layer.initial_weight(gain))
+                if layer.bias is not None:
+                    init.zeros_(layer.bias)
+                for name, value in layer.basis.initial_parameters().items():
+                    init.copy_(getattr(layer.basis, name), value)
+
+
+class KANGPT2Model(KANGPT2PreTrainedModel):
+    """The bare KAN-GPT-2 transformer: token + position embeddings, blocks, final layer norm."""
+
+    def __init__(self, config: KANGPT2Config):
+        super().__init__(config)
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.drop = nn.Dropout(config.embd_pdrop)
+        self.h = nn.ModuleList([KANGPT2Block(config, layer_idx=i) for i in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.wte
+
+    def set_input_embeddings(self, new_embeddings):
+        self.wte = new_embeddings
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """input_ids (B, T) or inputs_embeds (B, T, C) -> last_hidden_state (B, T, C) (+ cache)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if input_ids is not None:
+            self.warn_if_padding_and_no_attention_mask(input_ids, attention_mask)
+            inputs_embeds = self.wte(input_ids)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if position_ids is None:
+            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            position_ids = position_ids.unsqueeze(0)  # (1, T)
+
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+        )
+        hidden_states = self.drop(inputs_embeds + self.wpe(position_ids).to(inputs_embeds.device))  # (B, T, C)
+        for block in self.h:
+            hidden_states = block(hidden_states, cache, causal_mask, position_ids=position_ids, **kwargs)
+        hidden_states = self.ln_f(hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache if use_cache else None)
+
+
+class KANGPT2LMHeadModel(KANGPT2PreTrainedModel, GenerationMixin):
+    """KAN-GPT-2 with a language-modelling head tied to the input embeddings.
+
+    ``labels`` are shifted inside (pass ``labels=input_ids``); positions labelled -100 are ignored.
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+
+    def __init__(self, config: KANGPT2Config):
+        super().__init__(config)
+        self.transformer = KANGPT2Model(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Logits (B, T, vocab) and, with ``labels`` (B, T), the next-token cross-entropy."""
+        outputs: BaseModelOutputWithPast = self.transformer(
+            input_ids,
+            cache=cache,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    @classmethod
+    def from_gpt2(cls, gpt2, **config_overrides) -> KANGPT2LMHeadModel:
+        """Build a KAN-GPT-2 from a GPT-2 language model.
+
+        ``gpt2`` is a ``transformers.GPT2LMHeadModel``, a local folder holding one, or a hub name
+        (e.g. ``"openai-community/gpt2"``, when online). Embeddings, attention and layer norms are
+        copied; GPT-2's MLP too when ``ffn_type="mlp"``; with ``ffn_type="kan"`` (the default) the
+        KAN blocks are freshly initialised. ``config_overrides`` go to :class:`KANGPT2Config`.
+        """
+        from transformers import GPT2LMHeadModel
+
+        if not isinstance(gpt2, GPT2LMHeadModel):
+            gpt2 = GPT2LMHeadModel.from_pretrained(gpt2)
+        src = gpt2.config
+        shape = {name: getattr(src, name) for name in (
+            "vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "activation_function",
+            "resid_pdrop", "embd_pdrop", "attn_pdrop", "layer_norm_epsilon", "initializer_range",
+            "scale_attn_weights", "scale_attn_by_inverse_layer_idx", "bos_token_id", "eos_token_id",
+            "pad_token_id", "tie_word_embeddings",
+        )}
+        model = cls(KANGPT2Config(**{**shape, **config_overrides}))
+        state = gpt2.state_dict()
+        if model.config.ffn_type == "kan":
+            state = {k: v for k, v in state.items() if ".mlp." not in k}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if ".mlp." not in k and k != "lm_head.weight"]
+        if missing or unexpected:
+            raise ValueError(f"GPT-2 weights do not fit this config: missing {missing}, unexpected {unexpected}")
+        model.to(dtype=next(gpt2.parameters()).dtype)
+        return model
+
+
+__all__ = ["KANGPT2Block", "KANGPT2LMHeadModel", "KANGPT2Model", "KANGPT2PreTrainedModel"]

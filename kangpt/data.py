@@ -1,0 +1,472 @@
+"""Text corpora, tokenizers and packed token blocks for causal language-model training.
+
+The pipeline is::
+
+    train_docs, val_docs = load_documents("stdlib")           # or local files, or a hub dataset
+    tokenizer = load_tokenizer("bpe", train_docs, vocab_size=4096)
+    train = pack_documents(train_docs, tokenizer, block_size=256)   # column "input_ids"
+    val = pack_documents(val_docs, tokenizer, block_size=256)
+    baseline = unigram_entropy(train, val, len(tokenizer))   # nats/token the model must beat
+
+Documents are datasets with one ``"text"`` column. Packing tokenizes every document without
+special tokens, appends the EOS token, concatenates everything in order and cuts the stream into
+blocks of exactly ``block_size`` tokens (dropping the remainder). Labels are not shifted: Hugging
+Face causal-LM models shift them internally, so pass ``labels=input_ids``.
+
+The default corpus is the Python standard library's own source code, which exists on every
+machine, so the whole pipeline runs offline.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import sysconfig
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from datasets import Dataset, IterableDataset
+from datasets.distributed import split_dataset_by_node
+from datasets.table import InMemoryTable
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+__all__ = [
+    "DataError",
+    "load_documents",
+    "load_tokenizer",
+    "pack_documents",
+    "stdlib_documents",
+    "stream_blocks",
+    "unigram_entropy",
+]
+
+EOT = "<|endoftext|>"
+# Local file suffix -> `datasets` packaged builder.
+_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+# Folders of the standard library that are not library source.
+_STDLIB_SKIP = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
+# Everything that determines the trained BPE besides its texts and vocabulary size (part of the cache key).
+_BPE_SETTINGS = {"format": 1, "model": "bpe", "pre_tokenizer": "byte_level", "add_prefix_space": False,
+                 "special_tokens": [EOT], "min_frequency": 2}
+_BATCH_DOCS = 1000  # documents per tokenization batch
+
+
+class DataError(ValueError):
+    """Bad input to the data pipeline (missing file, unknown field, empty corpus, bad argument)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Documents
+
+
+def stdlib_documents() -> list[str]:
+    """Return the running interpreter's standard-library ``.py`` sources, one string per file.
+
+    Files are sorted by path relative to ``sysconfig.get_paths()["stdlib"]``; site-packages, test
+    suites (any ``test``/``tests``/``idle_test`` folder), empty files, files that are not valid UTF-8
+    and exact duplicates of an earlier file (so no text is in both training and validation) are
+    left out. The result is deterministic for a given Python installation.
+    """
+    return list(_stdlib_documents())
+
+
+@functools.lru_cache(maxsize=1)
+def _stdlib_documents() -> tuple[str, ...]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    paths = []
+    for folder, subdirs, files in os.walk(root):
+        subdirs[:] = [d for d in subdirs if d not in _STDLIB_SKIP]
+        paths += [Path(folder, f) for f in files if f.endswith(".py")]
+    docs: dict[str, None] = {}  # insertion-ordered set
+    for path in sorted(paths, key=lambda p: p.relative_to(root).as_posix()):
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        if text.strip():
+            docs.setdefault(text)
+    return tuple(docs)
+
+
+def load_documents(
+    dataset: str = "stdlib",
+    *,
+    name: str | None = None,
+    text_field: str = "text",
+    val_fraction: float = 0.01,
+    streaming: bool = False,
+    max_documents: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> tuple[Dataset | IterableDataset, Dataset | IterableDataset]:
+    """Load a corpus and return ``(train, validation)`` datasets with a single ``"text"`` column.
+
+    ``dataset`` is ``"stdlib"`` (see :func:`stdlib_documents`; write ``./stdlib`` for a local folder
+    of that name); a local file, folder (searched
+    recursively) or glob of ``.txt`` files (one document per file, universal newlines),
+    ``.jsonl``/``.json`` files (JSON lines, one document per line) or ``.parquet`` files (one document
+    per row), the text taken from ``text_field``; or a Hugging Face hub dataset name with optional
+    config ``name``. Empty documents are dropped and at most ``max_documents`` are read from each
+    split of the source.
+
+    The validation set is the source's own ``"validation"`` (else ``"test"``) split when it has one;
+    otherwise documents ``0, k, 2k, ...`` with ``k = round(1 / val_fraction)`` are held out, so the
+    split is deterministic, in corpus order and spread over the whole corpus.
+
+    With ``streaming=True`` both results are ``IterableDataset`` streams and are sharded across
+    ``world_size`` ranks with ``datasets.distributed.split_dataset_by_node`` (validation too, so
+    evaluation losses must be averaged across ranks). Map-style results are not sharded: the
+    distributed sampler of the training loop does that.
+    """
+    if not 0 < val_fraction <= 0.5:
+        raise DataError(f"val_fraction must be in (0, 0.5], got {val_fraction!r}")
+    if max_documents is not None and max_documents < 1:
+        raise DataError(f"max_documents must be a positive integer or None, got {max_documents!r}")
+    if not 0 <= rank < world_size:
+        raise DataError(f"rank must be in [0, world_size={world_size}), got {rank!r}")
+    splits, field = _load_splits(dataset, name, text_field, streaming)
+    if "train" not in splits:
+        raise DataError(f"dataset {dataset!r} has no 'train' split (splits: {sorted(splits)})")
+    train = _clean(splits["train"], field, max_documents, dataset)
+    val_split = next((s for s in ("validation", "test") if s in splits), None)
+    if val_split is None:
+        train, val = _hold_out(train, round(1 / val_fraction), dataset)
+    else:
+        val = _clean(splits[val_split], field, max_documents, f"{dataset}[{val_split}]")
+    if streaming:
+        train, val = (split_dataset_by_node(d, rank=rank, world_size=world_size) for d in (train, val))
+    return train, val
+
+
+def _load_splits(dataset: str, name: str | None, text_field: str, streaming: bool) -> tuple[dict, str]:
+    """Load every split of the source with its original columns; return them and the text column name."""
+    path = os.path.expanduser(dataset)
+    is_local = (os.path.exists(path) or any(c in dataset for c in "*?[")
+                or Path(dataset).suffix.lower() in _BUILDERS or dataset.startswith((".", "/", "~")))
+    if name is not None and (dataset == "stdlib" or is_local):
+        raise DataError(f"name={name!r} only applies to hub datasets, not to {dataset!r}")
+    if dataset == "stdlib":
+        ds = Dataset.from_dict({"text": stdlib_documents()})
+        return {"train": ds.to_iterable_dataset() if streaming else ds}, "text"
+    if is_local:
+        builder, files = _local_files(dataset)
+        args, kwargs = (builder,), {"data_files": files}
+        if builder == "text":  # text files have one "text" column whatever text_field says
+            kwargs["sample_by"], text_field = "document", "text"
+    else:  # anything that does not look like a local path is a hub dataset name
+        args, kwargs = (dataset, name), {}
+    try:
+        return dict(datasets.load_dataset(*args, streaming=streaming, **kwargs)), text_field
+    except OSError as err:  # includes FileNotFoundError (unknown dataset) and ConnectionError (offline)
+        raise DataError(f"cannot load dataset {dataset!r}: {_first_line(err)}") from err
+
+
+def _local_files(spec: str) -> tuple[str, list[str]]:
+    """Resolve a local file, folder or glob to ``(builder name, sorted absolute file paths)``."""
+    path = os.path.expanduser(spec)
+    if os.path.isdir(path):
+        files = [p for p in sorted(Path(path).rglob("*")) if p.is_file() and p.suffix.lower() in _BUILDERS
+                 and not any(part.startswith(".") for part in p.relative_to(path).parts)]
+        if not files:
+            raise DataError(f"folder {spec!r} contains no {'/'.join(_BUILDERS)} files")
+    elif any(c in spec for c in "*?["):
+        files = [Path(p) for p in sorted(glob.glob(path, recursive=True)) if os.path.isfile(p)]
+        if not files:
+            raise DataError(f"glob {spec!r} matches no files")
+    elif os.path.isfile(path):
+        files = [Path(path)]
+    else:
+        raise DataError(f"no such file or directory: {spec!r}")
+    suffixes = sorted({p.suffix.lower() for p in files})
+    unsupported = [s for s in suffixes if s not in _BUILDERS]
+    if unsupported:
+        raise DataError(f"unsupported file extension {unsupported[0] or '(none)'!r} in {spec!r}; "
+                        f"use {', '.join(_BUILDERS)}")
+    builders = {_BUILDERS[s] for s in suffixes}
+    if len(builders) > 1:
+        raise DataError(f"{spec!r} mixes file types {suffixes}; use one type per corpus")
+    return builders.pop(), [str(p.absolute()) for p in files]
+
+
+def _clean(ds, field: str, max_documents: int | None, source: str):
+    """Keep only the text field (renamed ``"text"``), drop empty documents, cap the document count."""
+    columns = ds.column_names
+    if columns is None:  # a stream whose features are unknown until read
+        first = next(iter(ds), None)
+        columns = list(first) if first else []
+    if field not in columns:
+        raise DataError(f"text field {field!r} not found in {source!r} (columns: {columns})")
+    ds = ds.select_columns([field])
+    if field != "text":
+        ds = ds.rename_column(field, "text")
+    ds = ds.filter(_is_document, input_columns="text")
+    if isinstance(ds, Dataset):
+        if max_documents is not None:
+            ds = ds.select(range(min(max_documents, len(ds))))
+        if len(ds) == 0:
+            raise DataError(f"no non-empty documents in {source!r} (field {field!r})")
+    elif max_documents is not None:
+        ds = ds.take(max_documents)
+    return ds
+
+
+def _is_document(text) -> bool:
+    return isinstance(text, str) and bool(text.strip())
+
+
+def _hold_out(ds, k: int, source: str):
+    """Split off documents ``0, k, 2k, ...`` as validation; the rest is training data."""
+    if isinstance(ds, IterableDataset):
+        return tuple(ds.filter(_in_split, with_indices=True, fn_kwargs={"k": k, "val": val})
+                     for val in (False, True))
+    if len(ds) < 2:
+        raise DataError(f"{source!r} has {len(ds)} document(s); at least 2 are needed to hold out validation")
+    return ds.select([i for i in range(len(ds)) if i % k]), ds.select(range(0, len(ds), k))
+
+
+def _in_split(_row, index: int, k: int, val: bool) -> bool:
+    return (index % k == 0) == val
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizers
+
+
+def load_tokenizer(
+    spec: str, train_texts=None, *, vocab_size: int = 4096, cache_dir: str | None = None
+) -> PreTrainedTokenizerFast:
+    """Return a ``PreTrainedTokenizerFast`` with ``pad_token`` set (to EOS when it had none).
+
+    ``spec == "bpe"`` trains a GPT-2-style byte-level BPE with ``vocab_size`` entries (fewer if the
+    texts run out of merges) on ``train_texts`` (strings, or a dataset with a ``"text"`` column),
+    whose only special token ``<|endoftext|>`` is BOS, EOS, UNK and PAD. The trained tokenizer is
+    cached under ``cache_dir`` (default ``$KANGPT_CACHE`` or ``~/.cache/kangpt``) keyed by a hash of
+    the texts, ``vocab_size`` and the tokenizer settings, so a second call with the same inputs loads
+    it instead of retraining. Any other ``spec`` goes to ``AutoTokenizer.from_pretrained`` (a local
+    directory or a hub name such as ``"gpt2"``).
+    """
+    if spec != "bpe":
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(spec)
+        except OSError as err:
+            raise DataError(f"cannot load tokenizer {spec!r}: {_first_line(err)}") from err
+        if tokenizer.eos_token is None:
+            raise DataError(f"tokenizer {spec!r} has no EOS token, which packing needs")
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return tokenizer
+    if vocab_size < 257:
+        raise DataError(f"vocab_size must be at least 257 (256 bytes + {EOT}), got {vocab_size!r}")
+    if train_texts is None:
+        raise DataError("spec 'bpe' needs train_texts to train on")
+    texts = list(_iter_texts(train_texts))
+    if not any(texts):
+        raise DataError("cannot train a BPE tokenizer: train_texts contains no text")
+    root = Path(cache_dir or os.environ.get("KANGPT_CACHE") or Path.home() / ".cache" / "kangpt")
+    path = root / "tokenizers" / f"bpe-{vocab_size}-{_bpe_key(texts, vocab_size)}"
+    if not (path / "tokenizer.json").is_file():
+        _save_atomically(_train_bpe(texts, vocab_size), path)
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def _iter_texts(texts) -> Iterator[str]:
+    """Yield the strings of a ``Dataset``/``IterableDataset`` ``"text"`` column or of an iterable."""
+    if isinstance(texts, str):
+        raise DataError("expected an iterable of documents, got a single string")
+    if isinstance(texts, Dataset):
+        for batch in _text_column(texts).iter(batch_size=_BATCH_DOCS):
+            yield from batch["text"]
+        return
+    for item in texts:
+        if isinstance(item, dict):
+            if "text" not in item:
+                raise DataError(f"document rows need a 'text' field, got fields {sorted(item)}")
+            item = item["text"]
+        if not isinstance(item, str):
+            raise DataError(f"documents must be strings, got {type(item).__name__}")
+        yield item
+
+
+def _text_column(ds: Dataset) -> Dataset:
+    if "text" not in ds.column_names:
+        raise DataError(f"dataset needs a 'text' column, got columns {ds.column_names}")
+    return ds.select_columns(["text"])
+
+
+def _bpe_key(texts: list[str], vocab_size: int) -> str:
+    digest = hashlib.sha256(json.dumps([_BPE_SETTINGS, vocab_size], sort_keys=True).encode())
+    for text in texts:
+        data = text.encode("utf-8", "surrogatepass")
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return digest.hexdigest()[:20]
+
+
+def _train_bpe(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE on ``texts`` and wrap it for ``transformers``."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=_BPE_SETTINGS["add_prefix_space"])
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=_BPE_SETTINGS["min_frequency"],
+        special_tokens=_BPE_SETTINGS["special_tokens"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=EOT, eos_token=EOT, unk_token=EOT,
+                                   pad_token=EOT, clean_up_tokenization_spaces=False)
+
+
+def _save_atomically(tokenizer: PreTrainedTokenizerFast, path: Path) -> None:
+    """``save_pretrained`` into a temporary sibling folder, then rename it to ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        tokenizer.save_pretrained(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
+        os.rename(tmp, path)
+    except OSError:
+        if not (path / "tokenizer.json").is_file():  # not just a concurrent writer that finished first
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Packing
+
+
+def pack_documents(docs, tokenizer, block_size: int, *, num_proc: int | None = None) -> Dataset:
+    """Tokenize ``docs`` and pack them into a ``Dataset`` of ``block_size``-token ``"input_ids"`` rows.
+
+    Each document is tokenized without special tokens (a literal ``<|endoftext|>`` in the text is
+    tokenized as ordinary text) and followed by the tokenizer's EOS token; the documents are
+    concatenated in order and cut into non-overlapping blocks, dropping the final partial block.
+    ``docs`` is a dataset with a ``"text"`` column or an iterable of strings. Tokenizing is a batched
+    ``Dataset.map`` (cached by fingerprint for datasets backed by files, e.g. local or hub corpora);
+    the blocks are built in memory with Arrow. ``input_ids`` are int64, usable as ``labels`` too.
+    """
+    _check_block_size(block_size)
+    eos_id = _eos_id(tokenizer)
+    if isinstance(docs, IterableDataset):
+        raise DataError("pack_documents needs a map-style dataset; use stream_blocks for an IterableDataset")
+    if not isinstance(docs, Dataset):
+        docs = Dataset.from_dict({"text": list(_iter_texts(docs))})
+    tokenized = _text_column(docs).map(
+        _tokenize_batch, batched=True, batch_size=_BATCH_DOCS, input_columns="text", remove_columns=["text"],
+        fn_kwargs={"tokenizer": tokenizer, "eos_id": eos_id}, num_proc=num_proc, desc="Tokenizing",
+    )
+    tokens = pc.list_flatten(tokenized.data.column("input_ids")).combine_chunks()
+    n_blocks = len(tokens) // block_size
+    if n_blocks == 0:
+        raise DataError(f"only {len(tokens)} tokens (with EOS), fewer than one block of {block_size}")
+    values = tokens.slice(0, n_blocks * block_size).cast(pa.int64())
+    blocks = pa.FixedSizeListArray.from_arrays(values, block_size)
+    return Dataset(InMemoryTable(pa.table({"input_ids": blocks})))
+
+
+def _tokenize_batch(texts: list[str], tokenizer, eos_id: int) -> dict:
+    # split_special_tokens: a literal "<|endoftext|>" inside a document is text, not a document boundary.
+    ids = tokenizer(texts, add_special_tokens=False, split_special_tokens=True,
+                    return_attention_mask=False)["input_ids"]
+    return {"input_ids": [doc + [eos_id] for doc in ids]}
+
+
+def stream_blocks(docs, tokenizer, block_size: int) -> IterableDataset:
+    """Pack a stream of documents like :func:`pack_documents`, lazily.
+
+    ``docs`` is an ``IterableDataset`` (or any iterable) of ``{"text": ...}`` rows or strings. The
+    result is an ``IterableDataset`` yielding ``{"input_ids": [block_size int64 ids]}``; it is a
+    single shard, so iterate it in the main process or one DataLoader worker.
+    """
+    _check_block_size(block_size)
+    features = datasets.Features({"input_ids": datasets.List(datasets.Value("int64"), length=block_size)})
+    # One shard holding the whole stream: `datasets` would treat a list argument as a list of shards.
+    kwargs = {"shards": [docs], "tokenizer": tokenizer, "eos_id": _eos_id(tokenizer),
+              "block_size": block_size}
+    return IterableDataset.from_generator(_generate_blocks, features=features, gen_kwargs=kwargs)
+
+
+def _generate_blocks(shards: list, tokenizer, eos_id: int, block_size: int) -> Iterator[dict]:
+    buffer: list[int] = []
+    texts = itertools.chain.from_iterable(_iter_texts(docs) for docs in shards)
+    for batch in _batched(texts, _BATCH_DOCS):
+        for ids in _tokenize_batch(batch, tokenizer, eos_id)["input_ids"]:
+            buffer += ids
+        end = len(buffer) - len(buffer) % block_size
+        for start in range(0, end, block_size):
+            yield {"input_ids": buffer[start:start + block_size]}
+        del buffer[:end]
+
+
+def _batched(items: Iterable, n: int) -> Iterator[list]:
+    iterator = iter(items)
+    while batch := list(itertools.islice(iterator, n)):
+        yield batch
+
+
+def _check_block_size(block_size) -> None:
+    if not isinstance(block_size, int) or block_size < 2:
+        raise DataError(f"block_size must be an integer >= 2, got {block_size!r}")
+
+
+def _eos_id(tokenizer) -> int:
+    if tokenizer.eos_token_id is None:
+        raise DataError(f"tokenizer {type(tokenizer).__name__} has no EOS token")
+    return tokenizer.eos_token_id
+
+
+# ---------------------------------------------------------------------------------------------
+# Baseline
+
+
+def unigram_entropy(dataset_blocks_train, dataset_blocks_val, vocab_size: int) -> float:
+    """Cross-entropy in nats/token of the validation tokens under the training unigram distribution.
+
+    The unigram probabilities are add-one smoothed over ``vocab_size`` entries
+    (``p(t) = (count(t) + 1) / (N + vocab_size)``), so every token has finite loss. A language model
+    that learned anything must get a validation loss below this. Arguments are packed datasets (or
+    iterables of ``{"input_ids": ...}`` rows or of id sequences); use ``len(tokenizer)`` as
+    ``vocab_size``.
+    """
+    if vocab_size < 1:
+        raise DataError(f"vocab_size must be positive, got {vocab_size!r}")
+    train = _token_counts(dataset_blocks_train, vocab_size, "train")
+    val = _token_counts(dataset_blocks_val, vocab_size, "validation")
+    log_p = np.log(train + 1.0) - np.log(train.sum() + vocab_size)
+    return float(-(val * log_p).sum() / val.sum())
+
+
+def _token_counts(blocks, vocab_size: int, which: str) -> np.ndarray:
+    if isinstance(blocks, Dataset):
+        tables = blocks.select_columns(["input_ids"]).with_format("arrow").iter(batch_size=_BATCH_DOCS)
+        chunks: Iterable = (pc.list_flatten(table["input_ids"]).to_numpy() for table in tables)
+    else:
+        chunks = (np.asarray(row["input_ids"] if isinstance(row, dict) else row).ravel() for row in blocks)
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for ids in chunks:
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+            bad = ids[(ids < 0) | (ids >= vocab_size)][0]
+            raise DataError(f"{which} token id {int(bad)} is outside the vocabulary of size {vocab_size}")
+        counts += np.bincount(ids.astype(np.int64), minlength=vocab_size)
+    if counts.sum() == 0:
+        raise DataError(f"no {which} tokens")
+    return counts

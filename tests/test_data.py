@@ -1,0 +1,375 @@
+"""Tests for kangpt.data: corpora, splits, tokenizers, packing and the unigram baseline (offline)."""
+
+import inspect
+import json
+import json.decoder
+import math
+import os
+import sysconfig
+from pathlib import Path
+
+import datasets
+import huggingface_hub.constants
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+import kangpt.data as data
+from kangpt.data import (
+    DataError,
+    load_documents,
+    load_tokenizer,
+    pack_documents,
+    stdlib_documents,
+    stream_blocks,
+    unigram_entropy,
+)
+
+EOT = "<|endoftext|>"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_caches(tmp_path, monkeypatch):
+    """Keep the kangpt and `datasets` caches out of the home directory; never touch the network."""
+    monkeypatch.setenv("KANGPT_CACHE", str(tmp_path / "kangpt-cache"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.fixture(scope="module")
+def small_docs():
+    """A few small, varied stdlib sources."""
+    docs = [d for d in stdlib_documents() if 2_000 < len(d) < 6_000]
+    return docs[:12]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(small_docs, tmp_path_factory):
+    return load_tokenizer("bpe", small_docs, vocab_size=320, cache_dir=str(tmp_path_factory.mktemp("tok")))
+
+
+def reference_stream(docs, tokenizer):
+    """Independent packing reference: per-document encode (a literal EOT is text) + EOS, concatenated."""
+    ids = []
+    for doc in docs:
+        ids += tokenizer.encode(doc, add_special_tokens=False, split_special_tokens=True)
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(text.encode("utf-8"))
+    return path
+
+
+def texts(ds):
+    return [row["text"] for row in ds]
+
+
+# ---------------------------------------------------------------------------------------------
+# Corpus
+
+
+def test_stdlib_documents_known_source_deterministic_and_no_tests():
+    docs = stdlib_documents()
+    assert len(docs) > 300 and all(isinstance(d, str) and d.strip() for d in docs)
+    assert docs == stdlib_documents() and len(set(docs)) == len(docs)
+    decoder, encoder = inspect.getsource(json.decoder), inspect.getsource(json.encoder)
+    assert decoder in docs and encoder in docs
+    assert docs.index(decoder) < docs.index(encoder)  # sorted by relative path
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    test_dirs = [root / "test", root / "unittest" / "test", root / "idlelib" / "idle_test",
+                 root / "lib2to3" / "tests"]
+    test_sources = [p.read_text("utf-8", "replace")
+                    for d in test_dirs if d.is_dir() for p in d.rglob("test_*.py")]
+    if not test_sources:
+        pytest.skip("this Python installation ships no test suites")
+    assert not set(test_sources) & set(docs)
+
+
+def test_stdlib_split_is_every_kth_document_and_deterministic():
+    expected = stdlib_documents()[:25]
+    train, val = load_documents("stdlib", val_fraction=0.1, max_documents=25)
+    assert isinstance(train, datasets.Dataset) and train.column_names == ["text"]
+    assert texts(val) == expected[0::10]
+    assert texts(train) == [d for i, d in enumerate(expected) if i % 10]
+    train2, val2 = load_documents("stdlib", val_fraction=0.1, max_documents=25)
+    assert texts(train2) == texts(train) and texts(val2) == texts(val)
+    full_train, full_val = load_documents("stdlib")  # the default 1% split of the whole corpus
+    assert len(full_val) == math.ceil(len(stdlib_documents()) / 100)
+    assert not set(texts(full_train)) & set(texts(full_val))
+    assert len(full_train) + len(full_val) == len(stdlib_documents())
+
+
+def test_stdlib_streaming_matches_map_style_and_shards_across_ranks():
+    train, val = load_documents("stdlib", val_fraction=0.25, max_documents=10)
+    s_train, s_val = load_documents("stdlib", val_fraction=0.25, max_documents=10, streaming=True)
+    assert isinstance(s_train, datasets.IterableDataset)
+    assert texts(s_train) == texts(train) and texts(s_val) == texts(val)
+    shards = [load_documents("stdlib", val_fraction=0.25, max_documents=10, streaming=True,
+                             rank=rank, world_size=2) for rank in range(2)]
+    parts = [texts(shard[0]) for shard in shards]
+    assert parts[0] and parts[1] and not set(parts[0]) & set(parts[1])
+    assert sorted(parts[0] + parts[1]) == sorted(texts(train))
+
+
+# ---------------------------------------------------------------------------------------------
+# Local files
+
+
+def test_txt_folder_glob_and_file(tmp_path):
+    docs = ["first doc\nwith lines\n", "zweites Dokument: ünïcödé ✓\n", "def f():\n    return 3\n", "last"]
+    names = ["a.txt", "b.txt", "c.txt", "sub/d.txt"]
+    paths = [write(tmp_path / "corpus" / name, doc) for name, doc in zip(names, docs, strict=True)]
+    write(tmp_path / "corpus" / "empty.txt", "  \n")
+    write(tmp_path / "corpus" / "README.md", "not a document")
+
+    train, val = load_documents(str(tmp_path / "corpus"), val_fraction=0.5)
+    assert texts(val) == docs[0::2] and texts(train) == docs[1::2]
+
+    train, val = load_documents(str(tmp_path / "corpus" / "*.txt"), val_fraction=0.5)  # top level only
+    assert texts(val) + texts(train) == [docs[0], docs[2], docs[1]]
+
+    train, val = load_documents(str(tmp_path / "corpus" / "**" / "*.txt"), val_fraction=0.5)
+    assert sorted(texts(val) + texts(train)) == sorted(docs)
+
+    with pytest.raises(DataError, match="at least 2"):
+        load_documents(str(paths[0]))
+
+
+def test_jsonl_field_extra_columns_and_empty_rows(tmp_path):
+    rows = [{"body": f"document {i} ✓", "id": i} for i in range(7)]
+    rows[3]["body"] = ""
+    rows[5]["body"] = None
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    expected = [r["body"] for r in rows if r["body"]]
+
+    train, val = load_documents(str(path), text_field="body", val_fraction=0.25)
+    assert train.column_names == ["text"] and val.column_names == ["text"]
+    assert texts(val) == expected[0::4] and texts(train) == [d for i, d in enumerate(expected) if i % 4]
+
+    s_train, s_val = load_documents(str(path), text_field="body", val_fraction=0.25, streaming=True)
+    assert texts(s_train) == texts(train) and texts(s_val) == texts(val)
+
+
+def test_parquet_column(tmp_path):
+    docs = [f"parquet document {i}\n" * (i + 1) for i in range(6)]
+    pq.write_table(pa.table({"content": docs, "n": list(range(6))}), tmp_path / "part.parquet")
+    train, val = load_documents(str(tmp_path / "part.parquet"), text_field="content", val_fraction=0.5)
+    assert texts(val) == docs[0::2] and texts(train) == docs[1::2]
+
+
+def test_hub_path_uses_config_and_own_validation_split(monkeypatch):
+    calls = []
+
+    def fake_load_dataset(*args, **kwargs):
+        calls.append((args, kwargs))
+        return datasets.DatasetDict({
+            "train": datasets.Dataset.from_dict({"story": ["a", "b", "", "c"], "x": [1, 2, 3, 4]}),
+            "validation": datasets.Dataset.from_dict({"story": ["v1", "v2"], "x": [5, 6]}),
+        })
+
+    monkeypatch.setattr(data.datasets, "load_dataset", fake_load_dataset)
+    train, val = load_documents("someone/stories", name="en", text_field="story", max_documents=2)
+    assert calls == [(("someone/stories", "en"), {"streaming": False})]
+    assert texts(train) == ["a", "b"] and texts(val) == ["v1", "v2"]
+
+
+def test_unreachable_hub_dataset_is_a_data_error():
+    with pytest.raises(DataError, match="kangpt-test/no-such-dataset"):
+        load_documents("kangpt-test/no-such-dataset")
+
+
+@pytest.mark.parametrize(
+    "spec, kwargs, match",
+    [
+        ("missing.txt", {}, "missing.txt"),
+        ("./nowhere", {}, "nowhere"),
+        ("corpus/*.jsonl", {}, r"corpus/\*\.jsonl"),
+        ("table.csv", {}, r"\.csv"),
+        ("fields.jsonl", {"text_field": "content"}, "content"),
+        ("blank", {}, "blank"),
+        ("mixed", {}, "mixed"),
+        ("fields.jsonl", {"name": "cfg"}, "cfg"),
+        ("stdlib", {"val_fraction": 0.0}, "val_fraction"),
+        ("stdlib", {"val_fraction": 0.9}, "val_fraction"),
+        ("stdlib", {"max_documents": 0}, "max_documents"),
+        ("stdlib", {"rank": 2, "world_size": 2}, "rank"),
+    ],
+)
+def test_load_documents_errors(tmp_path, monkeypatch, spec, kwargs, match):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "corpus" / "a.txt", "text")
+    write(tmp_path / "table.csv", "text\nhello\n")
+    write(tmp_path / "fields.jsonl", '{"body": "hello"}\n{"body": "world"}\n')
+    write(tmp_path / "blank" / "a.txt", "\n\n")
+    write(tmp_path / "blank" / "b.txt", " ")
+    write(tmp_path / "mixed" / "a.txt", "hello")
+    write(tmp_path / "mixed" / "b.jsonl", '{"text": "world"}\n')
+    with pytest.raises(DataError, match=match) as info:
+        load_documents(spec, **kwargs)
+    assert "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+ROUND_TRIP = [
+    "def f(x):\n\treturn x ** 2  # ünïcödé ✓\n",
+    "日本語のテキスト 😀 emoji\r\nand CRLF",
+    "   leading and trailing spaces   ",
+    f"a literal {EOT} inside",
+    "",
+]
+
+
+def test_bpe_round_trips_and_special_tokens(tokenizer):
+    assert isinstance(tokenizer, PreTrainedTokenizerFast)
+    assert len(tokenizer) == 320
+    for s in ROUND_TRIP:
+        assert tokenizer.decode(tokenizer.encode(s, add_special_tokens=False)) == s
+    assert tokenizer.eos_token == tokenizer.bos_token == tokenizer.unk_token == tokenizer.pad_token == EOT
+    assert tokenizer.convert_ids_to_tokens(tokenizer.eos_token_id) == EOT
+    assert tokenizer.encode("hi", add_special_tokens=True) == tokenizer.encode("hi", add_special_tokens=False)
+
+
+def test_bpe_is_cached_and_not_retrained(small_docs, tmp_path, monkeypatch):
+    cache = Path(os.environ["KANGPT_CACHE"])  # the default location when cache_dir is None
+    first = load_tokenizer("bpe", small_docs[:4], vocab_size=300)
+    entries = list((cache / "tokenizers").iterdir())
+    assert len(entries) == 1 and not entries[0].name.startswith(".")
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("retrained a cached tokenizer")
+
+    monkeypatch.setattr(data, "_train_bpe", no_training)
+    dataset = datasets.Dataset.from_dict({"text": small_docs[:4]})  # same texts as a dataset: same key
+    second = load_tokenizer("bpe", dataset, vocab_size=300)
+    assert second.get_vocab() == first.get_vocab()
+    with pytest.raises(AssertionError, match="retrained"):  # other settings are a different cache entry
+        load_tokenizer("bpe", small_docs[:4], vocab_size=301)
+    with pytest.raises(AssertionError, match="retrained"):
+        load_tokenizer("bpe", small_docs[:3], vocab_size=300)
+    assert len(list((cache / "tokenizers").iterdir())) == 1  # no temp folders left behind
+
+
+def test_bpe_save_and_reload_with_auto_tokenizer(tokenizer, tmp_path):
+    tokenizer.save_pretrained(tmp_path / "tok")
+    reloaded = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    for s in ROUND_TRIP:
+        assert reloaded.encode(s, add_special_tokens=False) == tokenizer.encode(s, add_special_tokens=False)
+    assert reloaded.eos_token_id == tokenizer.eos_token_id and reloaded.pad_token == EOT
+
+
+def test_pretrained_spec_gets_pad_token_from_eos(tmp_path):
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.add_special_tokens(["</s>"])
+    PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>").save_pretrained(tmp_path / "plain")
+    loaded = load_tokenizer(str(tmp_path / "plain"), None)
+    assert loaded.pad_token == "</s>" and loaded.pad_token_id == loaded.eos_token_id
+
+
+@pytest.mark.parametrize(
+    "spec, texts_, kwargs, match",
+    [
+        ("bpe", ["some text"], {"vocab_size": 100}, "vocab_size"),
+        ("bpe", None, {}, "train_texts"),
+        ("bpe", ["", ""], {}, "no text"),
+        ("bpe", "a single string", {}, "single string"),
+        ("bpe", [1, 2], {}, "int"),
+        ("/nonexistent/tokenizer-dir", None, {}, "nonexistent/tokenizer-dir"),
+    ],
+)
+def test_load_tokenizer_errors(spec, texts_, kwargs, match):
+    with pytest.raises(DataError, match=match):
+        load_tokenizer(spec, texts_, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Packing
+
+
+@pytest.mark.parametrize("as_dataset", [False, True])
+def test_pack_documents_matches_independent_tokenization(small_docs, tokenizer, as_dataset):
+    docs = small_docs[:6]
+    reference = reference_stream(docs, tokenizer)
+    block = 61
+    source = datasets.Dataset.from_dict({"text": docs}) if as_dataset else docs
+    packed = pack_documents(source, tokenizer, block)
+    rows = packed["input_ids"]
+    assert packed.column_names == ["input_ids"]
+    assert len(rows) == len(reference) // block and len(reference) % block  # a remainder was dropped
+    assert all(len(r) == block for r in rows)
+    assert [t for r in rows for t in r] == reference[: len(rows) * block]
+    batch = packed.with_format("torch")[:2]["input_ids"]
+    assert batch.dtype == torch.int64 and batch.shape == (2, block)
+
+
+def test_pack_documents_from_split_view_and_literal_eot(tokenizer, tmp_path):
+    docs = [f"doc {i}: {EOT} is text here" for i in range(9)]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+    train, _ = load_documents(str(path), val_fraction=1 / 3)  # train is a select() view
+    packed = pack_documents(train, tokenizer, 4)
+    flat = [t for r in packed["input_ids"] for t in r]
+    assert flat == reference_stream(texts(train), tokenizer)[: len(flat)]
+    eos = tokenizer.eos_token_id
+    assert tokenizer.encode(docs[0], add_special_tokens=False).count(eos) == 1  # what splitting avoids
+    reference = reference_stream(docs, tokenizer)
+    (whole,) = pack_documents(docs, tokenizer, len(reference))["input_ids"]
+    assert whole == reference and whole.count(eos) == len(docs)  # the literal EOT is text: one EOS per doc
+
+
+def test_pack_documents_too_few_tokens(tokenizer):
+    n = len(reference_stream(["tiny"], tokenizer))
+    with pytest.raises(DataError, match=f"only {n} tokens"):
+        pack_documents(["tiny"], tokenizer, 64)
+    with pytest.raises(DataError, match="block_size"):
+        pack_documents(["tiny"], tokenizer, 1)
+    with pytest.raises(DataError, match="'text' column"):
+        pack_documents(datasets.Dataset.from_dict({"body": ["x"]}), tokenizer, 2)
+
+
+def test_stream_blocks_equals_pack_documents_across_batches(small_docs, tokenizer, monkeypatch):
+    monkeypatch.setattr(data, "_BATCH_DOCS", 2)  # several tokenization batches, so blocks straddle them
+    docs = small_docs[:7]
+    expected = pack_documents(docs, tokenizer, 53)["input_ids"]
+    stream = stream_blocks(datasets.Dataset.from_dict({"text": docs}).to_iterable_dataset(), tokenizer, 53)
+    assert isinstance(stream, datasets.IterableDataset)
+    assert [row["input_ids"] for row in stream] == expected
+    assert [row["input_ids"] for row in stream_blocks(docs, tokenizer, 53)] == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# Baseline
+
+
+def test_unigram_entropy_hand_computed():
+    train, val = [[0, 0, 1], [2, 0, 1]], [[0, 3]]
+    # counts 3, 2, 1, 0 over N = 6 tokens; add-one over V = 4: p = (c + 1) / 10
+    expected = -(math.log(4 / 10) + math.log(1 / 10)) / 2
+    assert unigram_entropy(train, val, 4) == pytest.approx(expected)
+    as_datasets = [datasets.Dataset.from_dict({"input_ids": rows}) for rows in (train, val)]
+    assert unigram_entropy(*as_datasets, 4) == pytest.approx(expected)
+    view = datasets.Dataset.from_dict({"input_ids": [[9, 9, 9]] + train}).select([1, 2])
+    assert unigram_entropy(view, val, 10) == pytest.approx(-(math.log(4 / 16) + math.log(1 / 16)) / 2)
+    with pytest.raises(DataError, match="token id 4"):
+        unigram_entropy(train, [[4]], 4)
+    with pytest.raises(DataError, match="no validation tokens"):
+        unigram_entropy(train, [], 4)
+
+
+def test_unigram_entropy_on_packed_corpus_is_below_uniform(small_docs, tokenizer):
+    train = pack_documents(small_docs[1:], tokenizer, 32)
+    val = pack_documents(small_docs[:1], tokenizer, 32)
+    entropy = unigram_entropy(train, val, len(tokenizer))
+    assert 1.0 < entropy < math.log(len(tokenizer))

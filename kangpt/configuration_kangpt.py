@@ -79,9 +79,12 @@ class KANGPT2Config(PreTrainedConfig):
         self.kan_rational_order = [int(v) for v in self.kan_rational_order]
         self._check_fields()
         if self.ffn_type == "kan" and self.kan_hidden_size is None:
-            self.kan_hidden_size = kan_block_hidden_size(
-                self.n_embd, self.n_embd, self.mlp_num_parameters, **self.kan_layer_kwargs()
-            ) or 0
+            self.kan_hidden_size = (
+                kan_block_hidden_size(
+                    self.n_embd, self.n_embd, self.mlp_num_parameters, **self.kan_layer_kwargs()
+                )
+                or 0
+            )
         super().__post_init__(**kwargs)
 
     @property
@@ -114,12 +117,28 @@ class KANGPT2Config(PreTrainedConfig):
 
         def positive_int(field: str):
             value = getattr(self, field)
-            need(isinstance(value, int) and not isinstance(value, bool) and value > 0, field, "must be a positive integer")
+            need(
+                isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                field,
+                "must be a positive integer",
+            )
 
-        for field in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "kan_grid_size", "kan_rational_groups"):
+        for field in (
+            "vocab_size",
+            "n_positions",
+            "n_embd",
+            "n_layer",
+            "n_head",
+            "kan_grid_size",
+            "kan_rational_groups",
+        ):
             positive_int(field)
         need(self.n_embd % self.n_head == 0, "n_head", f"must divide n_embd={self.n_embd}")
-        need(self.n_inner is None or (isinstance(self.n_inner, int) and self.n_inner > 0), "n_inner", "must be None or > 0")
+        need(
+            self.n_inner is None or (isinstance(self.n_inner, int) and self.n_inner > 0),
+            "n_inner",
+            "must be None or > 0",
+        )
         for field in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
             value = getattr(self, field)
             need(isinstance(value, (int, float)) and 0 <= value < 1, field, "must be in [0, 1)")
@@ -127,21 +146,43 @@ class KANGPT2Config(PreTrainedConfig):
         need(self.initializer_range > 0, "initializer_range", "must be > 0")
         need(self.ffn_type in FFN_TYPES, "ffn_type", f"must be one of {FFN_TYPES}")
         need(self.kan_basis in BASES, "kan_basis", f"must be one of {BASES}")
-        need(isinstance(self.kan_spline_order, int) and self.kan_spline_order >= 0, "kan_spline_order", "must be an integer >= 0")
-        need(len(self.kan_grid_range) == 2 and self.kan_grid_range[0] < self.kan_grid_range[1], "kan_grid_range",
-             "must be [low, high] with low < high")
-        need(len(self.kan_rational_order) == 2 and self.kan_rational_order[0] >= 0 and self.kan_rational_order[1] >= 1,
-             "kan_rational_order", "must be [m >= 0, n >= 1]")
+        need(
+            isinstance(self.kan_spline_order, int) and self.kan_spline_order >= 0,
+            "kan_spline_order",
+            "must be an integer >= 0",
+        )
+        need(
+            len(self.kan_grid_range) == 2 and self.kan_grid_range[0] < self.kan_grid_range[1],
+            "kan_grid_range",
+            "must be [low, high] with low < high",
+        )
+        need(
+            len(self.kan_rational_order) == 2
+            and self.kan_rational_order[0] >= 0
+            and self.kan_rational_order[1] >= 1,
+            "kan_rational_order",
+            "must be [m >= 0, n >= 1]",
+        )
         widths = self.kan_hidden_size if isinstance(self.kan_hidden_size, list) else [self.kan_hidden_size]
-        need(all(w is None or (isinstance(w, int) and w >= 0) for w in widths), "kan_hidden_size",
-             "must be None, an integer >= 0 or a list of them")
+        need(
+            all(w is None or (isinstance(w, int) and w >= 0) for w in widths),
+            "kan_hidden_size",
+            "must be None, an integer >= 0 or a list of them",
+        )
         if isinstance(self.kan_hidden_size, list):
-            need(len(self.kan_hidden_size) == self.n_layer, "kan_hidden_size", f"must have n_layer={self.n_layer} entries")
+            need(
+                len(self.kan_hidden_size) == self.n_layer,
+                "kan_hidden_size",
+                f"must have n_layer={self.n_layer} entries",
+            )
         if self.ffn_type == "kan" and self.kan_basis == "rational":
             groups = self.kan_rational_groups
             need(self.n_embd % groups == 0, "kan_rational_groups", f"must divide n_embd={self.n_embd}")
-            need(all(w is None or w % groups == 0 for w in widths), "kan_hidden_size",
-                 f"must be a multiple of kan_rational_groups={groups} for the rational basis")
+            need(
+                all(w is None or w % groups == 0 for w in widths),
+                "kan_hidden_size",
+                f"must be a multiple of kan_rational_groups={groups} for the rational basis",
+            )
 
 
 __all__ = ["KANGPT2Config"]

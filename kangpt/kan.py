@@ -41,6 +41,17 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
+def _fp32_features(method):
+    """Run a feature method in at least fp32 with autocast off (matmuls inside stay exact)."""
+
+    @functools.wraps(method)
+    def wrapper(self, x, *args, **kwargs):
+        with torch.autocast(x.device.type, enabled=False):
+            return method(self, x.to(_compute_dtype(x)), *args, **kwargs)
+
+    return wrapper
+
+
 def _silu_and_derivative(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     sig = torch.sigmoid(x)
     return x * sig, sig * (1 + x * (1 - sig))
@@ -49,8 +60,9 @@ def _silu_and_derivative(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class SplineBasis(nn.Module):
     """Base class of the spline-like bases: features ``[silu(x), B_0(x), ..., B_{K-1}(x)]``.
 
-    Subclasses implement :meth:`functions` returning the K basis values and, when asked, their
-    derivatives. The basis holds no parameters: the coefficients live in the layer's weight.
+    Subclasses implement :meth:`_write`, which writes the K basis values into a buffer and can
+    return their vector-Jacobian product. The basis holds no parameters: the coefficients live in
+    the layer's weight.
     """
 
     def __init__(self, num_functions: int, grid_range: tuple[float, float]):
@@ -62,31 +74,42 @@ class SplineBasis(nn.Module):
     def num_features(self) -> int:
         return 1 + self.num_functions
 
-    def functions(self, x: torch.Tensor, derivative: bool = False):
-        """(..., in) -> (..., in, K) basis values, plus their d/dx when ``derivative``."""
-        raise NotImplementedError
-
     def initial_parameters(self) -> dict[str, torch.Tensor]:
         """The basis's own parameters at initialisation: none (the coefficients are the layer's)."""
         return {}
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., in) -> (..., in, 1 + K) features in fp32 (or fp64)."""
-        x = x.to(_compute_dtype(x))
-        return torch.cat([F.silu(x).unsqueeze(-1), self.functions(x)], dim=-1)
+    def _write(self, x: torch.Tensor, out: torch.Tensor, vjp: bool):
+        """Write the K basis values of ``x`` (..., in) into ``out`` (..., in, K). With ``vjp``, return
+        a function mapping d(loss)/d(values) (..., in, K) to d(loss)/dx (..., in)."""
+        raise NotImplementedError
 
-    def features_and_vjp(self, x: torch.Tensor):
+    @_fp32_features
+    def functions(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in) -> (..., in, K) basis values, in fp32 (or fp64)."""
+        out = x.new_empty(*x.shape, self.num_functions)
+        self._write(x, out, vjp=False)
+        return out
+
+    @_fp32_features
+    def features(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """(..., in) -> (..., in, 1 + K) features in fp32 (or fp64), written into ``out`` if given."""
+        out = x.new_empty(*x.shape, self.num_features) if out is None else out
+        out[..., 0] = F.silu(x)
+        self._write(x, out[..., 1:], vjp=False)
+        return out
+
+    @_fp32_features
+    def features_and_vjp(self, x: torch.Tensor, out: torch.Tensor | None = None):
         """Features of ``x`` and a function mapping d(loss)/d(features) to (d(loss)/dx, ())."""
-        x = x.to(_compute_dtype(x))
+        out = x.new_empty(*x.shape, self.num_features) if out is None else out
         silu, dsilu = _silu_and_derivative(x)
-        values, derivatives = self.functions(x, derivative=True)
-        feats = torch.cat([silu.unsqueeze(-1), values], dim=-1)
-        dfeats = torch.cat([dsilu.unsqueeze(-1), derivatives], dim=-1)
+        out[..., 0] = silu
+        spline_vjp = self._write(x, out[..., 1:], vjp=True)
 
         def vjp(grad_feats):  # (..., in, 1 + K) -> (..., in)
-            return (grad_feats * dfeats).sum(-1), ()
+            return grad_feats[..., 0] * dsilu + spline_vjp(grad_feats[..., 1:]), ()
 
-        return feats, vjp
+        return out, vjp
 
 
 class BSplineBasis(SplineBasis):
@@ -94,17 +117,19 @@ class BSplineBasis(SplineBasis):
 
     The range ``[a, b]`` is cut into ``G = grid_size`` intervals of width ``h``; the knot vector is
     extended by ``k`` knots on each side, ``t_j = a + (j - k) h``, which gives ``K = G + k`` basis
-    functions, each a shifted cardinal B-spline: ``B_j(x) = N_k((x - t_j) / h)``. ``N_k`` is
-    evaluated from the truncated-power formula folded at its centre (it is symmetric on
-    ``[0, k + 1]``), which keeps every term bounded:
+    functions, each a shifted cardinal B-spline ``B_j(x) = N_k((x - t_j) / h)``.
 
-        v = min(u, k + 1 - u),    N_k(u) = 1/k! * sum_{m < (k+1)/2} (-1)^m C(k+1, m) max(v - m, 0)^k.
-
-    No Cox-de Boor recursion runs. Parameters per edge: K coefficients + 1 SiLU weight.
+    Closed form: with ``z = (x - a) / h + k``, ``c = floor(z)`` and ``t = z - c``, exactly the k + 1
+    functions ``B_{c-m}``, ``m = 0..k``, are non-zero at x, and ``B_{c-m}(x) = N_k(t + m) = P_m(t)``
+    where ``P_m`` is the m-th polynomial piece of the cardinal B-spline (coefficients precomputed
+    from the truncated-power formula ``N_k(u) = 1/k! sum_r (-1)^r C(k+1, r) (u - r)_+^k``). So the
+    features cost k + 1 cubic evaluations of ``t in [0, 1)`` and a scatter: no Cox-de Boor
+    recursion, no cancellation. Parameters per edge: K coefficients + 1 SiLU weight.
 
     Inputs outside the grid: the B-splines near the ends fade to zero across the ``k`` extra knots
     ``[a - k h, a)`` and ``(b, b + k h]``, and are exactly zero beyond; there only the SiLU term of
-    each edge acts (as in the KAN paper). Inside ``[a, b]`` the K functions sum to one.
+    each edge acts (as in the KAN paper). Inside ``[a, b]`` the K functions sum to one. At a knot,
+    values are those of the half-open convention ``[t_j, t_{j+1})`` (it matters only for k = 0).
     """
 
     def __init__(self, grid_size: int, spline_order: int, grid_range: tuple[float, float]):
@@ -112,30 +137,48 @@ class BSplineBasis(SplineBasis):
         self.grid_size = grid_size
         self.spline_order = spline_order
         self.step = (self.grid_range[1] - self.grid_range[0]) / grid_size
-        k = spline_order
-        self._terms = [(-1) ** m * math.comb(k + 1, m) / math.factorial(k) for m in range((k + 2) // 2)]
+        self._pieces = _cardinal_bspline_pieces(spline_order)
 
-    def functions(self, x, derivative=False):
+    def _local(self, x):
+        """Columns of the k + 1 non-zero functions at x, their validity, and powers of t."""
+        k, n_fun = self.spline_order, self.num_functions
+        z = ((x - self.grid_range[0]) / self.step + k).clamp_(-1.0, n_fun + k)  # outside: all zero
+        c = z.floor()
+        t = z - c  # (..., in) in [0, 1)
+        exponents = torch.arange(k + 1, device=x.device, dtype=x.dtype)
+        powers = t.unsqueeze(-1).pow(exponents)  # (..., in, k + 1): 1, t, ..., t^k
+        cols = c.to(torch.int64).unsqueeze(-1) - torch.arange(k + 1, device=x.device)  # B_{c-m}
+        valid = ((cols >= 0) & (cols < n_fun)).to(x.dtype)
+        return cols.clamp_(0, n_fun - 1), valid, powers
+
+    def _write(self, x, out, vjp):
+        pieces = torch.tensor(self._pieces, device=x.device, dtype=x.dtype)  # (k + 1, k + 1): P_m coefs
+        cols, valid, powers = self._local(x)
+        values = (powers @ pieces.t()).mul_(valid)  # (..., in, k + 1): B_{c-m}(x)
+        out.zero_().scatter_add_(-1, cols, values)  # invalid entries add 0 to a clamped column
+        if not vjp:
+            return None
         k = self.spline_order
-        z = (x - self.grid_range[0]) / self.step + k  # position on the knot axis, in steps
-        j = torch.arange(self.num_functions, device=x.device, dtype=x.dtype)
-        u = z.unsqueeze(-1) - j  # (..., in, K): u_j = (x - t_j) / h
-        if k == 0:  # indicator of [t_j, t_{j+1}), the Cox-de Boor convention
-            values = ((u >= 0) & (u < 1)).to(x.dtype)
-            return (values, torch.zeros_like(values)) if derivative else values
-        v = torch.minimum(u, (k + 1) - u)
-        values = torch.zeros_like(v)
-        slopes = torch.zeros_like(v) if derivative else None
-        for m, coef in enumerate(self._terms):
-            r = (v - m).clamp_(min=0)
-            if derivative:
-                slopes += (coef * k) * (r.pow(k - 1) if k > 1 else (r > 0).to(x.dtype))
-            values += coef * r.pow(k)
-        if not derivative:
-            return values
-        # dv/du is +1 on the rising half of the support and -1 on the falling half.
-        sign = torch.where(u < (k + 1) / 2, 1.0 / self.step, -1.0 / self.step)
-        return values, slopes * sign
+        slopes = torch.arange(1, k + 1, device=x.device, dtype=x.dtype) * pieces[:, 1:] / self.step  # P_m'/h
+        dvalues = (powers[..., :k] @ slopes.t()).mul_(valid)  # (..., in, k + 1)
+
+        def spline_vjp(grad_values):  # (..., in, K) -> (..., in)
+            return (grad_values.gather(-1, cols) * dvalues).sum(-1)
+
+        return spline_vjp
+
+
+def _cardinal_bspline_pieces(k: int) -> list[list[float]]:
+    """Coefficients ``C[m][p]`` with ``N_k(t + m) = sum_p C[m][p] t^p`` for t in [0, 1), m = 0..k."""
+    pieces = []
+    for m in range(k + 1):
+        coefs = [0.0] * (k + 1)
+        for r in range(m + 1):  # terms (t + m - r)^k of the truncated-power formula that are active
+            w = (-1) ** r * math.comb(k + 1, r) / math.factorial(k)
+            for p in range(k + 1):
+                coefs[p] += w * math.comb(k, p) * (m - r) ** (k - p)
+        pieces.append(coefs)
+    return pieces
 
 
 class RBFBasis(SplineBasis):
@@ -151,13 +194,20 @@ class RBFBasis(SplineBasis):
         a, b = self.grid_range
         self.step = (b - a) / max(num_functions - 1, 1)
 
-    def functions(self, x, derivative=False):
+    def _distances(self, x):
         centres = torch.linspace(*self.grid_range, self.num_functions, device=x.device, dtype=x.dtype)
-        d = (x.unsqueeze(-1) - centres) / self.step  # (..., in, K)
-        values = torch.exp(-d * d)
-        if not derivative:
-            return values
-        return values, values * d * (-2.0 / self.step)
+        return x.unsqueeze(-1) / self.step - centres / self.step  # (..., in, K)
+
+    def _write(self, x, out, vjp):
+        d = self._distances(x)
+        out.copy_(torch.exp(-d * d))
+        if not vjp:
+            return None
+
+        def spline_vjp(grad_values):  # d/dx exp(-d^2) = -2 d exp(-d^2) / h
+            return (grad_values * out * d).sum(-1) * (-2.0 / self.step)
+
+        return spline_vjp
 
 
 class ChebyshevBasis(SplineBasis):
@@ -170,29 +220,39 @@ class ChebyshevBasis(SplineBasis):
     edge: K coefficients (degree K - 1) + 1 SiLU weight.
     """
 
-    def functions(self, x, derivative=False):
+    def _write(self, x, out, vjp):
         s = torch.tanh(x)
-        t = [torch.ones_like(s), s]
+        values = [torch.ones_like(s), s]
         for _ in range(2, self.num_functions):
-            t.append(2 * s * t[-1] - t[-2])
-        values = torch.stack(t[: self.num_functions], dim=-1)  # (..., in, K)
-        if not derivative:
-            return values
-        u = [torch.ones_like(s), 2 * s]
-        for _ in range(2, self.num_functions - 1):
-            u.append(2 * s * u[-1] - u[-2])
-        dtds = [torch.zeros_like(s)] + [k * u[k - 1] for k in range(1, self.num_functions)]
-        return values, torch.stack(dtds, dim=-1) * (1 - s * s).unsqueeze(-1)
+            values.append(2 * s * values[-1] - values[-2])
+        out.copy_(torch.stack(values[: self.num_functions], dim=-1))
+        if not vjp:
+            return None
+
+        def spline_vjp(grad_values):  # sum_k g_k T_k'(s) ds/dx
+            grad_s = torch.zeros_like(s)
+            u_prev, u = torch.zeros_like(s), torch.ones_like(s)  # U_{-1}, U_0
+            for k in range(1, self.num_functions):
+                grad_s += grad_values[..., k] * (k * u)
+                u_prev, u = u, 2 * s * u - u_prev
+            return grad_s * (1 - s * s)
+
+        return spline_vjp
 
 
-@functools.lru_cache(maxsize=None)
-def _rational_silu_coefficients(num_order: int, den_order: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+@functools.cache
+def _rational_silu_coefficients(
+    num_order: int, den_order: int
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Coefficients of P/(1 + |Q|) approximating SiLU on [-4, 4] (linearised least squares, fp64)."""
     x = torch.linspace(-4, 4, 801, dtype=torch.float64, device="cpu")
     y = F.silu(x)
     # P(x) - y Q(x) = y with Q assumed positive on the fit range.
     design = torch.cat(
-        [torch.stack([x**p for p in range(num_order + 1)], -1), torch.stack([-y * x**q for q in range(1, den_order + 1)], -1)],
+        [
+            torch.stack([x**p for p in range(num_order + 1)], -1),
+            torch.stack([-y * x**q for q in range(1, den_order + 1)], -1),
+        ],
         dim=-1,
     )
     sol = torch.linalg.lstsq(design, y.unsqueeze(-1)).solution.squeeze(-1)
@@ -236,25 +296,29 @@ class RationalBasis(nn.Module):
         a = self.numerator.to(x.dtype).repeat_interleave(self.group_size, dim=0)  # (in, m + 1)
         b = self.denominator.to(x.dtype).repeat_interleave(self.group_size, dim=0)  # (in, n)
         n_pow = max(self.order[0], self.order[1]) + 1
-        powers = torch.cumprod(torch.cat([torch.ones_like(x).unsqueeze(-1), x.unsqueeze(-1).expand(*x.shape, n_pow - 1)], -1), -1)
+        powers = torch.cumprod(
+            torch.cat([torch.ones_like(x).unsqueeze(-1), x.unsqueeze(-1).expand(*x.shape, n_pow - 1)], -1), -1
+        )
         num = (powers[..., : self.order[0] + 1] * a).sum(-1)  # P(x)
         den_poly = (powers[..., 1 : self.order[1] + 1] * b).sum(-1)  # Q(x)
         return powers, a, b, num, den_poly
 
-    def features(self, x):
-        """(..., in) -> (..., in, 1): R_g(x) of every input."""
-        x = x.to(_compute_dtype(x))
+    @_fp32_features
+    def features(self, x, out=None):
+        """(..., in) -> (..., in, 1): R_g(x) of every input (written into ``out`` if given)."""
         _, _, _, num, den_poly = self._terms(x)
-        return (num / (1 + den_poly.abs())).unsqueeze(-1)
+        values = num / (1 + den_poly.abs())
+        return values.unsqueeze(-1) if out is None else out.copy_(values.unsqueeze(-1))
 
-    def features_and_vjp(self, x):
+    @_fp32_features
+    def features_and_vjp(self, x, out=None):
         """Features and a function mapping d(loss)/d(features) to (d/dx, (d/da, d/db))."""
-        x = x.to(_compute_dtype(x))
         powers, a, b, num, den_poly = self._terms(x)
         m, n = self.order
         den = 1 + den_poly.abs()
         sgn = torch.sign(den_poly)
         feats = (num / den).unsqueeze(-1)
+        feats = feats if out is None else out.copy_(feats)
         ks_num = torch.arange(1, m + 1, device=x.device, dtype=x.dtype)
         ks_den = torch.arange(1, n + 1, device=x.device, dtype=x.dtype)
         dnum = (powers[..., :m] * a[:, 1:] * ks_num).sum(-1)  # P'(x)
@@ -265,11 +329,22 @@ class RationalBasis(nn.Module):
             g_num = g / den  # dL/dP
             g_den = -g * num * sgn / (den * den)  # dL/dQ
             grad_x = g_num * dnum + g_den * dden
-            grad_a = (g_num.unsqueeze(-1) * powers[..., : m + 1]).reshape(-1, self.groups, self.group_size, m + 1)
-            grad_b = (g_den.unsqueeze(-1) * powers[..., 1 : n + 1]).reshape(-1, self.groups, self.group_size, n)
+            grad_a = (g_num.unsqueeze(-1) * powers[..., : m + 1]).reshape(
+                -1, self.groups, self.group_size, m + 1
+            )
+            grad_b = (g_den.unsqueeze(-1) * powers[..., 1 : n + 1]).reshape(
+                -1, self.groups, self.group_size, n
+            )
             return grad_x, (grad_a.sum((0, 2)), grad_b.sum((0, 2)))
 
         return feats, vjp
+
+
+def _feature_buffer(x: torch.Tensor, basis: nn.Module, chunk: int) -> torch.Tensor:
+    """One (chunk, in, F) buffer reused by every chunk (no allocator churn)."""
+    return torch.empty(
+        min(chunk, x.shape[0]), x.shape[1], basis.num_features, device=x.device, dtype=_compute_dtype(x)
+    )
 
 
 class _KANLinearFunction(torch.autograd.Function):
@@ -281,12 +356,17 @@ class _KANLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, basis, chunk, *basis_params):
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else weight.dtype
+        dtype = (
+            torch.get_autocast_dtype(x.device.type)
+            if torch.is_autocast_enabled(x.device.type)
+            else weight.dtype
+        )
         w = weight.to(dtype)
         out = torch.empty(x.shape[0], weight.shape[0], device=x.device, dtype=dtype)
+        buf = _feature_buffer(x, basis, chunk)
         for s in range(0, x.shape[0], chunk):
-            feats = basis.features(x[s : s + chunk]).flatten(1).to(dtype)  # (n, in * F)
-            torch.matmul(feats, w.t(), out=out[s : s + chunk])
+            feats = basis.features(x[s : s + chunk], out=buf[: len(x[s : s + chunk])])  # (n, in, F)
+            torch.matmul(feats.flatten(1).to(dtype), w.t(), out=out[s : s + chunk])
         if bias is not None:
             out += bias.to(dtype)
         ctx.save_for_backward(x, weight, bias, *basis_params)
@@ -303,10 +383,13 @@ class _KANLinearFunction(torch.autograd.Function):
         grad_x = torch.empty_like(x) if need_x else None
         grad_w = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32))
         grad_params = [torch.zeros_like(p, dtype=grad_w.dtype) for p in basis_params]
+        buf = _feature_buffer(x, basis, chunk)
         for s in range(0, x.shape[0], chunk):
             g = grad_out[s : s + chunk]  # (n, out)
-            feats, vjp = basis.features_and_vjp(x[s : s + chunk])  # (n, in, F)
-            if need_w:
+            feats, vjp = basis.features_and_vjp(x[s : s + chunk], out=buf[: len(g)])  # (n, in, F)
+            if need_w and grad_w.dtype == dtype:
+                grad_w.addmm_(g.t(), feats.flatten(1))
+            elif need_w:  # low-precision matmul, fp32 accumulation across chunks
                 grad_w += (g.t() @ feats.flatten(1).to(dtype)).to(grad_w.dtype)
             if need_x or basis_params:
                 grad_feats = (g @ w).view(feats.shape).to(feats.dtype)  # (n, in, F)
@@ -321,7 +404,9 @@ class _KANLinearFunction(torch.autograd.Function):
         return (grad_x, grad_w, grad_b, None, None, *grad_params)
 
 
-def _check_kan_args(in_features, out_features, basis, grid_size, spline_order, grid_range, rational_order, rational_groups):
+def _check_kan_args(
+    in_features, out_features, basis, grid_size, spline_order, grid_range, rational_order, rational_groups
+):
     for name, value in (("in_features", in_features), ("out_features", out_features)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -337,7 +422,9 @@ def _check_kan_args(in_features, out_features, basis, grid_size, spline_order, g
         if len(rational_order) != 2 or rational_order[0] < 0 or rational_order[1] < 1:
             raise ValueError(f"rational_order must be (m >= 0, n >= 1), got {tuple(rational_order)!r}")
         if rational_groups < 1 or in_features % rational_groups:
-            raise ValueError(f"rational_groups must divide in_features={in_features}, got {rational_groups!r}")
+            raise ValueError(
+                f"rational_groups must divide in_features={in_features}, got {rational_groups!r}"
+            )
 
 
 class KANLinear(nn.Module):
@@ -383,7 +470,16 @@ class KANLinear(nn.Module):
         dtype=None,
     ):
         super().__init__()
-        _check_kan_args(in_features, out_features, basis, grid_size, spline_order, grid_range, rational_order, rational_groups)
+        _check_kan_args(
+            in_features,
+            out_features,
+            basis,
+            grid_size,
+            spline_order,
+            grid_range,
+            rational_order,
+            rational_groups,
+        )
         self.in_features, self.out_features = in_features, out_features
         self.basis_name = basis
         self.grid_size, self.spline_order = grid_size, spline_order
@@ -392,7 +488,9 @@ class KANLinear(nn.Module):
         self.chunk_size = chunk_size
         self.basis = self._make_basis(grid_size, rational_order, rational_groups, device, dtype)
         factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(out_features, in_features * self.basis.num_features, **factory))
+        self.weight = nn.Parameter(
+            torch.empty(out_features, in_features * self.basis.num_features, **factory)
+        )
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
         self.reset_parameters()
 
@@ -423,8 +521,13 @@ class KANLinear(nn.Module):
     def initial_weight(self, gain: float = 1.0) -> torch.Tensor:
         """A freshly drawn initial weight (out, in * n_features); see the class docstring."""
         std = gain / math.sqrt(self.in_features * _SILU_SECOND_MOMENT)
-        w = torch.empty(self.out_features, self.in_features, self.num_features, device=self.weight.device,
-                        dtype=self.weight.dtype)
+        w = torch.empty(
+            self.out_features,
+            self.in_features,
+            self.num_features,
+            device=self.weight.device,
+            dtype=self.weight.dtype,
+        )
         w[..., :1].normal_(std=std)
         if self.num_features > 1:
             w[..., 1:].normal_(std=self.spline_scale * std / math.sqrt(self.num_features - 1))
@@ -436,11 +539,17 @@ class KANLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in_features) -> (..., out_features)."""
         if x.shape[-1] != self.in_features:
-            raise ValueError(f"expected last dimension {self.in_features}, got input of shape {tuple(x.shape)}")
+            raise ValueError(
+                f"expected last dimension {self.in_features}, got input of shape {tuple(x.shape)}"
+            )
         lead = x.shape[:-1]
         x2d = x.reshape(-1, self.in_features)
         if torch.compiler.is_compiling():  # let Inductor fuse (and rematerialise) the features
-            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else self.weight.dtype
+            dtype = (
+                torch.get_autocast_dtype(x.device.type)
+                if torch.is_autocast_enabled(x.device.type)
+                else self.weight.dtype
+            )
             feats = self.basis.features(x2d).flatten(1).to(dtype)
             out = F.linear(feats, self.weight.to(dtype), None if self.bias is None else self.bias.to(dtype))
         else:
@@ -488,7 +597,9 @@ class KANLinear(nn.Module):
         if self.basis_name == "rational":
             raise ValueError("extend_grid does not apply to basis='rational' (it has no grid)")
         if not isinstance(new_grid_size, int) or new_grid_size <= self.grid_size:
-            raise ValueError(f"new_grid_size must be an integer > grid_size={self.grid_size}, got {new_grid_size!r}")
+            raise ValueError(
+                f"new_grid_size must be an integer > grid_size={self.grid_size}, got {new_grid_size!r}"
+            )
         old_basis, new_basis = self.basis, self._make_basis(new_grid_size)
         k_old, k_new = old_basis.num_functions, new_basis.num_functions
         coeffs = self.weight.view(self.out_features, self.in_features, 1 + k_old)
@@ -499,20 +610,27 @@ class KANLinear(nn.Module):
             x = torch.linspace(*self.grid_range, 16 * k_new + 1, dtype=torch.float64, device=spline.device)
             target = old_basis.functions(x) @ spline  # (P, out * in)
             refit = torch.linalg.lstsq(new_basis.functions(x), target).solution  # (K_new, out * in)
-        new = torch.cat([coeffs[..., :1], refit.t().reshape(self.out_features, self.in_features, k_new).to(coeffs)], -1)
-        self.weight = nn.Parameter(new.reshape(self.out_features, -1), requires_grad=self.weight.requires_grad)
+        new = torch.cat(
+            [coeffs[..., :1], refit.t().reshape(self.out_features, self.in_features, k_new).to(coeffs)], -1
+        )
+        self.weight = nn.Parameter(
+            new.reshape(self.out_features, -1), requires_grad=self.weight.requires_grad
+        )
         self.basis, self.grid_size = new_basis, new_grid_size
 
     def extra_repr(self) -> str:
         s = f"in_features={self.in_features}, out_features={self.out_features}, basis={self.basis_name!r}"
         if self.basis_name != "rational":
-            s += f", grid_size={self.grid_size}, spline_order={self.spline_order}, grid_range={self.grid_range}"
+            s += f", grid_size={self.grid_size}, spline_order={self.spline_order}"
+            s += f", grid_range={self.grid_range}"
         return s + f", bias={self.bias is not None}"
 
 
 # E[silu(z)^2] for z ~ N(0, 1), by quadrature; used for variance-preserving initialisation.
 _z = torch.linspace(-12, 12, 48001, dtype=torch.float64, device="cpu")
-_SILU_SECOND_MOMENT = float(torch.trapezoid(F.silu(_z) ** 2 * torch.exp(-_z * _z / 2) / math.sqrt(2 * math.pi), _z))
+_SILU_SECOND_MOMENT = float(
+    torch.trapezoid(F.silu(_z) ** 2 * torch.exp(-_z * _z / 2) / math.sqrt(2 * math.pi), _z)
+)
 del _z
 
 
@@ -524,7 +642,9 @@ class KANFeedForward(nn.Module):
     def __init__(self, d_in: int, d_out: int, hidden_size: int | None = None, **kan_kwargs):
         super().__init__()
         if hidden_size:
-            self.layers = nn.ModuleList([KANLinear(d_in, hidden_size, **kan_kwargs), KANLinear(hidden_size, d_out, **kan_kwargs)])
+            self.layers = nn.ModuleList(
+                [KANLinear(d_in, hidden_size, **kan_kwargs), KANLinear(hidden_size, d_out, **kan_kwargs)]
+            )
         else:
             self.layers = nn.ModuleList([KANLinear(d_in, d_out, **kan_kwargs)])
 
@@ -535,9 +655,18 @@ class KANFeedForward(nn.Module):
         return x
 
 
-def kan_linear_num_parameters(in_features: int, out_features: int, *, basis: str = "bspline", grid_size: int = 5,
-                              spline_order: int = 3, bias: bool = True, rational_order: tuple[int, int] = (5, 4),
-                              rational_groups: int = 8, **_ignored) -> int:
+def kan_linear_num_parameters(
+    in_features: int,
+    out_features: int,
+    *,
+    basis: str = "bspline",
+    grid_size: int = 5,
+    spline_order: int = 3,
+    bias: bool = True,
+    rational_order: tuple[int, int] = (5, 4),
+    rational_groups: int = 8,
+    **_ignored,
+) -> int:
     """Parameter count of ``KANLinear(in_features, out_features, ...)`` without building it."""
     if basis == "rational":
         per_input = 1
@@ -548,7 +677,9 @@ def kan_linear_num_parameters(in_features: int, out_features: int, *, basis: str
     return out_features * in_features * per_input + (out_features if bias else 0) + extra
 
 
-def kan_block_hidden_size(d_in: int, d_out: int, target_params: int, *, tolerance: float = 0.01, **kan_kwargs) -> int | None:
+def kan_block_hidden_size(
+    d_in: int, d_out: int, target_params: int, *, tolerance: float = 0.01, **kan_kwargs
+) -> int | None:
     """Hidden width of a KAN block whose parameter count best matches ``target_params``.
 
     Returns ``None`` when a single ``d_in -> d_out`` KAN layer is within ``tolerance`` (relative) of
@@ -563,7 +694,9 @@ def kan_block_hidden_size(d_in: int, d_out: int, target_params: int, *, toleranc
     step = kan_kwargs.get("rational_groups", 8) if kan_kwargs.get("basis") == "rational" else 1
 
     def count(h):
-        return kan_linear_num_parameters(d_in, h, **kan_kwargs) + kan_linear_num_parameters(h, d_out, **kan_kwargs)
+        return kan_linear_num_parameters(d_in, h, **kan_kwargs) + kan_linear_num_parameters(
+            h, d_out, **kan_kwargs
+        )
 
     per_step = count(2 * step) - count(step)  # the count is affine in h
     guess = round((target_params - (count(step) - per_step)) / per_step) * step

@@ -105,8 +105,12 @@ class KANGPT2KANMLP(KANFeedForward):
     ``n_embd -> n_embd`` layer when the layer's ``kan_hidden_size`` is 0), then dropout."""
 
     def __init__(self, config: KANGPT2Config, layer_idx: int):
-        super().__init__(config.n_embd, config.n_embd, config.kan_hidden_size_of_layer(layer_idx),
-                         **config.kan_layer_kwargs())
+        super().__init__(
+            config.n_embd,
+            config.n_embd,
+            config.kan_hidden_size_of_layer(layer_idx),
+            **config.kan_layer_kwargs(),
+        )
         self.dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, hidden_states):
@@ -122,11 +126,15 @@ class KANGPT2Block(GradientCheckpointingLayer):
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.attn = KANGPT2Attention(config, layer_idx)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.mlp = KANGPT2KANMLP(config, layer_idx) if config.ffn_type == "kan" else KANGPT2MLP(config, layer_idx)
+        self.mlp = (
+            KANGPT2KANMLP(config, layer_idx) if config.ffn_type == "kan" else KANGPT2MLP(config, layer_idx)
+        )
 
     def forward(self, hidden_states, cache: Cache | None = None, attention_mask=None, **kwargs):
         """(B, T, C) -> (B, T, C)."""
-        attn_output, _ = self.attn(self.ln_1(hidden_states), cache=cache, attention_mask=attention_mask, **kwargs)
+        attn_output, _ = self.attn(
+            self.ln_1(hidden_states), cache=cache, attention_mask=attention_mask, **kwargs
+        )
         hidden_states = hidden_states + attn_output
         return hidden_states + self.mlp(self.ln_2(hidden_states))
 
@@ -210,7 +218,9 @@ class KANGPT2Model(KANGPT2PreTrainedModel):
             cache = DynamicCache(config=self.config)
         if position_ids is None:
             past_seen_tokens = cache.get_seq_length() if cache is not None else 0
-            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            position_ids = (
+                torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            )
             position_ids = position_ids.unsqueeze(0)  # (1, T)
 
         causal_mask = create_causal_mask(
@@ -220,7 +230,9 @@ class KANGPT2Model(KANGPT2PreTrainedModel):
             cache=cache,
             position_ids=position_ids,
         )
-        hidden_states = self.drop(inputs_embeds + self.wpe(position_ids).to(inputs_embeds.device))  # (B, T, C)
+        hidden_states = self.drop(
+            inputs_embeds + self.wpe(position_ids).to(inputs_embeds.device)
+        )  # (B, T, C)
         for block in self.h:
             hidden_states = block(hidden_states, cache, causal_mask, position_ids=position_ids, **kwargs)
         hidden_states = self.ln_f(hidden_states)
@@ -291,12 +303,29 @@ class KANGPT2LMHeadModel(KANGPT2PreTrainedModel, GenerationMixin):
         if not isinstance(gpt2, GPT2LMHeadModel):
             gpt2 = GPT2LMHeadModel.from_pretrained(gpt2)
         src = gpt2.config
-        shape = {name: getattr(src, name) for name in (
-            "vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "activation_function",
-            "resid_pdrop", "embd_pdrop", "attn_pdrop", "layer_norm_epsilon", "initializer_range",
-            "scale_attn_weights", "scale_attn_by_inverse_layer_idx", "bos_token_id", "eos_token_id",
-            "pad_token_id", "tie_word_embeddings",
-        )}
+        shape = {
+            name: getattr(src, name)
+            for name in (
+                "vocab_size",
+                "n_positions",
+                "n_embd",
+                "n_layer",
+                "n_head",
+                "n_inner",
+                "activation_function",
+                "resid_pdrop",
+                "embd_pdrop",
+                "attn_pdrop",
+                "layer_norm_epsilon",
+                "initializer_range",
+                "scale_attn_weights",
+                "scale_attn_by_inverse_layer_idx",
+                "bos_token_id",
+                "eos_token_id",
+                "pad_token_id",
+                "tie_word_embeddings",
+            )
+        }
         model = cls(KANGPT2Config(**{**shape, **config_overrides}))
         state = gpt2.state_dict()
         if model.config.ffn_type == "kan":
@@ -304,7 +333,9 @@ class KANGPT2LMHeadModel(KANGPT2PreTrainedModel, GenerationMixin):
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if ".mlp." not in k and k != "lm_head.weight"]
         if missing or unexpected:
-            raise ValueError(f"GPT-2 weights do not fit this config: missing {missing}, unexpected {unexpected}")
+            raise ValueError(
+                f"GPT-2 weights do not fit this config: missing {missing}, unexpected {unexpected}"
+            )
         model.to(dtype=next(gpt2.parameters()).dtype)
         return model
 

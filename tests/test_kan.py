@@ -1,0 +1,289 @@
+"""Tests of the KAN layer library against slow, obvious references."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from kangpt.kan import (
+    BASES,
+    BSplineBasis,
+    KANFeedForward,
+    KANLinear,
+    kan_block_hidden_size,
+    kan_linear_num_parameters,
+)
+
+
+def cox_de_boor(x: float, knots: list[float], j: int, k: int) -> float:
+    """B_{j,k}(x) by the Cox-de Boor recursion, in plain Python floats (fp64)."""
+    if k == 0:
+        return 1.0 if knots[j] <= x < knots[j + 1] else 0.0
+    left = (x - knots[j]) / (knots[j + k] - knots[j]) * cox_de_boor(x, knots, j, k - 1)
+    right = (knots[j + k + 1] - x) / (knots[j + k + 1] - knots[j + 1]) * cox_de_boor(x, knots, j + 1, k - 1)
+    return left + right
+
+
+def reference_bsplines(xs, grid_size, k, lo, hi):
+    h = (hi - lo) / grid_size
+    knots = [lo + (i - k) * h for i in range(grid_size + 2 * k + 1)]
+    return torch.tensor(
+        [[cox_de_boor(x, knots, j, k) for j in range(grid_size + k)] for x in xs], dtype=torch.float64
+    )
+
+
+@pytest.mark.parametrize(
+    "grid_size,k,lo,hi",
+    [
+        (5, 3, -2.0, 2.0),
+        (4, 0, -2.0, 2.0),
+        (4, 1, -2.0, 2.0),
+        (7, 2, -1.5, 3.0),
+        (3, 4, 0.0, 1.0),
+        (1, 3, -1.0, 1.0),
+    ],
+)
+def test_bspline_matches_cox_de_boor_inside_at_knots_and_outside(grid_size, k, lo, hi):
+    h = (hi - lo) / grid_size
+    inside = torch.linspace(lo, hi, 97, dtype=torch.float64)[:-1].tolist()  # [lo, hi)
+    at_knots = [lo + i * h for i in range(-k, grid_size + k + 1)]
+    outside = [lo - k * h - 1.0, lo - 0.5 * h, hi + 0.3 * h, hi + k * h + 0.1, -1e4, 1e4]
+    xs = inside + at_knots + outside
+    basis = BSplineBasis(grid_size, k, (lo, hi))
+    got = basis.functions(torch.tensor(xs, dtype=torch.float64).unsqueeze(-1)).squeeze(1)
+    torch.testing.assert_close(got, reference_bsplines(xs, grid_size, k, lo, hi), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 3, 5])
+def test_bspline_partition_of_unity_inside_grid(k):
+    basis = BSplineBasis(6, k, (-2.0, 2.0))
+    x = torch.linspace(-2, 2, 1001, dtype=torch.float64)[:-1].unsqueeze(-1)
+    torch.testing.assert_close(basis.functions(x).sum(-1), torch.ones_like(x), atol=1e-12, rtol=0)
+
+
+def test_bspline_vanishes_beyond_extended_grid():
+    basis = BSplineBasis(5, 3, (-2.0, 2.0))  # h = 0.8, spline support ends at +-(2 + 3 * 0.8)
+    x = torch.tensor([[-4.41], [4.41], [-50.0], [1e4]])
+    assert basis.functions(x).abs().max() == 0
+    near = basis.functions(torch.tensor([[-4.3], [4.3]]))  # inside the extra knots: fading, not zero
+    assert (near.sum(-1) > 0).all() and (near.sum(-1) < 0.01).all()
+
+
+def reference_layer(layer: KANLinear, x: torch.Tensor) -> torch.Tensor:
+    """The obvious formula: features, then one plain matmul (autograd keeps everything)."""
+    feats = layer.basis.features(x.reshape(-1, layer.in_features)).flatten(1)
+    y = F.linear(feats, layer.weight, layer.bias)
+    return y.view(*x.shape[:-1], layer.out_features)
+
+
+@pytest.mark.parametrize("basis", BASES)
+def test_gradcheck_custom_backward_for_input_and_every_parameter(basis):
+    torch.manual_seed(0)
+    layer = KANLinear(4, 3, basis=basis, rational_groups=2, chunk_size=4, grid_range=(-1.5, 1.5)).double()
+    with torch.no_grad():  # spline coefficients as large as the SiLU weights, so they matter
+        layer.weight.normal_()
+        if layer.bias is not None:
+            layer.bias.normal_()
+    names = [n for n, _ in layer.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_() for p in layer.parameters())
+    x = (2 * torch.randn(2, 5, 4, dtype=torch.float64)).requires_grad_()
+
+    def fn(x, *ps):
+        return functional_call(layer, dict(zip(names, ps, strict=True)), (x,))
+
+    assert torch.autograd.gradcheck(fn, (x, *params))
+    assert len(params) == (4 if basis == "rational" else 2)
+
+
+@pytest.mark.parametrize("basis", BASES)
+def test_chunked_function_equals_plain_autograd(basis):
+    torch.manual_seed(1)
+    layer = KANLinear(12, 6, basis=basis, rational_groups=4, chunk_size=5)
+    x = torch.randn(4, 9, 12, requires_grad=True)
+    y = layer(x)
+    y.pow(2).sum().backward()
+    grads = [x.grad] + [p.grad for p in layer.parameters()]
+    x2 = x.detach().clone().requires_grad_()
+    layer.zero_grad()
+    y_ref = reference_layer(layer, x2)
+    y_ref.pow(2).sum().backward()
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    for g, g_ref in zip(grads, [x2.grad] + [p.grad for p in layer.parameters()], strict=True):
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("basis", BASES)
+def test_compiled_path_formula_equals_eager(basis, monkeypatch):
+    """Under torch.compile the layer uses the plain formula; it must give the same values."""
+    torch.manual_seed(2)
+    layer = KANLinear(8, 4, basis=basis, rational_groups=2)
+    x = torch.randn(5, 8)
+    eager = layer(x)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    torch.testing.assert_close(layer(x), eager)
+
+
+@pytest.mark.parametrize("basis", BASES)
+def test_saves_only_its_input_for_backward(basis):
+    layer = KANLinear(16, 8, basis=basis, chunk_size=4)
+    x = torch.randn(64, 16, requires_grad=True)
+    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    saved = []
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x).sum()
+    assert len(saved) == 1 and saved[0].data_ptr() == x.data_ptr()
+
+
+def test_shape_compatible_with_linear():
+    layer = KANLinear(6, 3)
+    for shape in [(6,), (2, 6), (2, 3, 6), (2, 1, 4, 6), (0, 6)]:
+        assert layer(torch.randn(shape)).shape == (*shape[:-1], 3)
+    with pytest.raises(ValueError, match="last dimension 6"):
+        layer(torch.randn(2, 5))
+
+
+@pytest.mark.parametrize("basis", BASES)
+def test_basis_in_fp32_under_bf16_autocast(basis):
+    torch.manual_seed(3)
+    layer = KANLinear(16, 8, basis=basis, chunk_size=8)
+    x = torch.randn(32, 16).bfloat16()
+    feats = layer.basis.features(x)
+    assert feats.dtype == torch.float32
+    torch.testing.assert_close(feats, layer.basis.features(x.float()))  # upcast first, not after
+    x = x.float().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), layer(x), rtol=0.05, atol=0.05)
+    y.float().sum().backward()
+    assert layer.weight.grad.dtype == torch.float32 and torch.isfinite(layer.weight.grad).all()
+
+
+@pytest.mark.parametrize("basis", BASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_finite_for_huge_inputs(basis, dtype):
+    layer = KANLinear(4, 3, basis=basis, rational_groups=2).to(dtype)
+    x = torch.tensor([[1e4, -1e4, 0.0, 3.0], [-1e4, 1e4, 1e3, -1e3]], dtype=dtype, requires_grad=True)
+    assert torch.isfinite(layer.basis.features(x)).all()
+    y = layer(x)
+    assert torch.isfinite(y).all()
+    y.float().sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        ({"basis": "wavelet"}, "basis"),
+        ({"grid_size": 0}, "grid_size"),
+        ({"spline_order": -1}, "spline_order"),
+        ({"grid_range": (1.0, 1.0)}, "grid_range"),
+        ({"grid_range": (2.0, -2.0)}, "grid_range"),
+        ({"basis": "rational", "rational_groups": 3}, "rational_groups"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        KANLinear(8, 4, **kwargs)
+
+
+@pytest.mark.parametrize("basis,old,new", [("bspline", 5, 10), ("bspline", 4, 12), ("chebyshev", 5, 9)])
+def test_extend_grid_preserves_the_function(basis, old, new):
+    torch.manual_seed(4)
+    layer = KANLinear(6, 4, basis=basis, grid_size=old)
+    with torch.no_grad():
+        layer.weight.normal_()  # large spline coefficients: a non-trivial function
+    x = torch.linspace(-2, 2, 513).unsqueeze(-1).expand(-1, 6)
+    before = layer(x)
+    layer.extend_grid(new)
+    assert layer.grid_size == new
+    assert layer.weight.shape == (4, 6 * (1 + new + layer.spline_order))
+    assert (layer(x) - before).abs().max() < 1e-3
+
+
+def test_extend_grid_rejects_coarsening_and_rational():
+    with pytest.raises(ValueError, match="new_grid_size"):
+        KANLinear(4, 4, grid_size=5).extend_grid(3)
+    with pytest.raises(ValueError, match="rational"):
+        KANLinear(8, 4, basis="rational", rational_groups=4).extend_grid(8)
+
+
+def test_regularization_loss_matches_hand_computation():
+    layer = KANLinear(3, 2, grid_size=1, spline_order=1)  # 1 + 2 features per edge
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[3.0, 0, 0, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 1.5, 1.5, 0]]))
+    m = torch.tensor([1.0, 1.0])  # the two non-zero edges: mean |coefficient| = 1 each
+    p = m / m.sum()
+    expected = 2 * m.sum() - 0.5 * (p * p.log()).sum()
+    torch.testing.assert_close(layer.regularization_loss(l1=2.0, entropy=0.5), expected)
+
+
+def test_edge_functions_sum_to_the_layer_output():
+    torch.manual_seed(5)
+    for basis in BASES:
+        layer = KANLinear(8, 3, basis=basis, rational_groups=4)
+        x = torch.randn(7, 8)
+        edges = layer.edge_functions(x)  # (P, out, in)
+        torch.testing.assert_close(edges.sum(-1) + layer.bias, layer(x), rtol=1e-5, atol=1e-5)
+
+
+def test_initialisation_close_to_silu_mlp_and_variance_preserving():
+    torch.manual_seed(6)
+    layer = KANLinear(512, 512)
+    x = torch.randn(4096, 512)
+    y = layer(x)
+    assert 0.85 < y.var().item() < 1.15
+    w = layer.weight.view(512, 512, -1)
+    silu_only = F.linear(F.silu(x), w[..., 0])
+    assert (y - silu_only).std() < 0.15 * y.std()
+
+
+@pytest.mark.parametrize("basis", BASES)
+def test_parameter_count_formula(basis):
+    layer = KANLinear(16, 8, basis=basis, grid_size=4, spline_order=2)
+    assert kan_linear_num_parameters(16, 8, basis=basis, grid_size=4, spline_order=2) == sum(
+        p.numel() for p in layer.parameters()
+    )
+
+
+@pytest.mark.parametrize("basis", BASES)
+def test_hidden_size_matches_gpt2_mlp_within_one_percent(basis):
+    d = 768
+    target = 2 * d * 4 * d + 4 * d + d
+    h = kan_block_hidden_size(d, d, target, basis=basis)
+    count = kan_linear_num_parameters(d, h, basis=basis) + kan_linear_num_parameters(h, d, basis=basis)
+    assert abs(count - target) <= 0.01 * target
+    best = min(
+        range(1, 8 * d),
+        key=lambda w: (
+            abs(
+                kan_linear_num_parameters(d, w, basis=basis)
+                + kan_linear_num_parameters(w, d, basis=basis)
+                - target
+            )
+            if basis != "rational" or w % 8 == 0
+            else math.inf
+        ),
+    )
+    assert h == best
+    with torch.device("meta"):
+        block = KANFeedForward(d, d, h, basis=basis)
+    assert sum(p.numel() for p in block.parameters()) == count
+
+
+def test_hidden_size_says_when_a_single_layer_fits():
+    d = 256
+    target = 8 * d * d + 5 * d
+    # grid 4 + order 3 gives 8 features per input: 8 d^2 + d parameters, within 1% of the MLP.
+    assert kan_block_hidden_size(d, d, target, grid_size=4, spline_order=3) is None
+    assert kan_block_hidden_size(d, d, target) is not None
+    block = KANFeedForward(d, d, None, grid_size=4, spline_order=3)
+    assert len(block.layers) == 1

@@ -442,14 +442,15 @@ class KANLinear(nn.Module):
         rational_order, rational_groups: numerator/denominator degrees and number of groups of the
             ``rational`` basis.
         spline_scale: the spline coefficients start at this fraction of the SiLU weights' scale.
+        init_gain: scale of the initial outputs (e.g. 1/sqrt(2 n_layer) for a residual branch).
         chunk_size: tokens per chunk when recomputing features in backward (default: about
             1M feature elements per chunk).
 
     Initialisation: the layer starts close to a SiLU MLP. The SiLU weights (or the linear map after
-    the rational) are drawn from N(0, 1 / (in_features * E[silu(z)^2])), z ~ N(0, 1), so a
-    standard-normal input gives outputs of about unit variance; the spline coefficients are drawn
-    with ``spline_scale`` times that standard deviation divided by sqrt(K), i.e. the spline part
-    starts small.
+    the rational) are drawn from N(0, init_gain^2 / (in_features * E[silu(z)^2])), z ~ N(0, 1), so
+    a standard-normal input gives outputs of about ``init_gain`` standard deviation; the spline
+    coefficients are drawn with ``spline_scale`` times that standard deviation divided by sqrt(K),
+    i.e. the spline part starts small.
     """
 
     def __init__(
@@ -465,6 +466,7 @@ class KANLinear(nn.Module):
         rational_order: tuple[int, int] = (5, 4),
         rational_groups: int = 8,
         spline_scale: float = 0.1,
+        init_gain: float = 1.0,
         chunk_size: int | None = None,
         device=None,
         dtype=None,
@@ -485,6 +487,7 @@ class KANLinear(nn.Module):
         self.grid_size, self.spline_order = grid_size, spline_order
         self.grid_range = (float(grid_range[0]), float(grid_range[1]))
         self.spline_scale = spline_scale
+        self.init_gain = init_gain
         self.chunk_size = chunk_size
         self.basis = self._make_basis(grid_size, rational_order, rational_groups, device, dtype)
         factory = {"device": device, "dtype": dtype}
@@ -509,18 +512,18 @@ class KANLinear(nn.Module):
         """Features per input: 1 + K for the spline-like bases, 1 for ``rational``."""
         return self.basis.num_features
 
-    def reset_parameters(self, gain: float = 1.0):
-        """Initialise as described in the class docstring (outputs scaled by ``gain``)."""
+    def reset_parameters(self):
+        """Initialise as described in the class docstring."""
         with torch.no_grad():
-            self.weight.copy_(self.initial_weight(gain))
+            self.weight.copy_(self.initial_weight())
             if self.bias is not None:
                 self.bias.zero_()
             for name, value in self.basis.initial_parameters().items():
                 getattr(self.basis, name).copy_(value)
 
-    def initial_weight(self, gain: float = 1.0) -> torch.Tensor:
+    def initial_weight(self) -> torch.Tensor:
         """A freshly drawn initial weight (out, in * n_features); see the class docstring."""
-        std = gain / math.sqrt(self.in_features * _SILU_SECOND_MOMENT)
+        std = self.init_gain / math.sqrt(self.in_features * _SILU_SECOND_MOMENT)
         w = torch.empty(
             self.out_features,
             self.in_features,
@@ -636,17 +639,19 @@ del _z
 
 class KANFeedForward(nn.Module):
     """A KAN feed-forward block: ``d_in -> hidden_size -> d_out`` with two KAN layers, or a single
-    ``d_in -> d_out`` KAN layer when ``hidden_size`` is 0 or None. Extra arguments go to
-    :class:`KANLinear`."""
+    ``d_in -> d_out`` KAN layer when ``hidden_size`` is 0 or None. ``output_gain`` is the last
+    layer's ``init_gain``; extra arguments go to :class:`KANLinear`."""
 
-    def __init__(self, d_in: int, d_out: int, hidden_size: int | None = None, **kan_kwargs):
+    def __init__(
+        self, d_in: int, d_out: int, hidden_size: int | None = None, output_gain: float = 1.0, **kan_kwargs
+    ):
         super().__init__()
-        if hidden_size:
-            self.layers = nn.ModuleList(
-                [KANLinear(d_in, hidden_size, **kan_kwargs), KANLinear(hidden_size, d_out, **kan_kwargs)]
-            )
-        else:
-            self.layers = nn.ModuleList([KANLinear(d_in, d_out, **kan_kwargs)])
+        widths = [d_in, hidden_size, d_out] if hidden_size else [d_in, d_out]
+        last = len(widths) - 2
+        self.layers = nn.ModuleList(
+            KANLinear(a, b, init_gain=output_gain if i == last else 1.0, **kan_kwargs)
+            for i, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=False))
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., d_in) -> (..., d_out)."""

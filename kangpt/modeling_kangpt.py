@@ -26,7 +26,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_kangpt import KANGPT2Config
-from .kan import KANFeedForward
+from .kan import KANFeedForward, KANLinear, RationalBasis
 
 
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -109,6 +109,7 @@ class KANGPT2KANMLP(KANFeedForward):
             config.n_embd,
             config.n_embd,
             config.kan_hidden_size_of_layer(layer_idx),
+            output_gain=1 / math.sqrt(2 * config.n_layer),  # GPT-2's scaling of residual branches
             **config.kan_layer_kwargs(),
         )
         self.dropout = nn.Dropout(config.resid_pdrop)
@@ -167,14 +168,15 @@ class KANGPT2PreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
         if isinstance(module, (KANGPT2Attention, KANGPT2MLP)):
             init.normal_(module.c_proj.weight, mean=0.0, std=self.config.initializer_range * residual_gain)
-        if isinstance(module, KANGPT2KANMLP):
-            for i, layer in enumerate(module.layers):
-                gain = residual_gain if i == len(module.layers) - 1 else 1.0
-                init.copy_(layer.weight, layer.initial_weight(gain))
-                if layer.bias is not None:
-                    init.zeros_(layer.bias)
-                for name, value in layer.basis.initial_parameters().items():
-                    init.copy_(getattr(layer.basis, name), value)
+        # KAN parameters are initialised where they live (custom-code models skip modules without
+        # direct parameters): layers get their own near-SiLU-MLP init, the rational basis its SiLU fit.
+        if isinstance(module, KANLinear):
+            init.copy_(module.weight, module.initial_weight())
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        if isinstance(module, RationalBasis):
+            for name, value in module.initial_parameters().items():
+                init.copy_(getattr(module, name), value)
 
 
 class KANGPT2Model(KANGPT2PreTrainedModel):

@@ -60,9 +60,11 @@ def _silu_and_derivative(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class SplineBasis(nn.Module):
     """Base class of the spline-like bases: features ``[silu(x), B_0(x), ..., B_{K-1}(x)]``.
 
-    Subclasses implement :meth:`_write`, which writes the K basis values into a buffer and can
-    return their vector-Jacobian product. The basis holds no parameters: the coefficients live in
-    the layer's weight.
+    Two evaluation paths compute the same values: :meth:`functions`, a plain differentiable
+    formula (pointwise, so that ``torch.compile`` fuses it and can recompute it in backward), and
+    :meth:`_write`, the eager fast path of the layer's custom autograd function, which fills a
+    reusable buffer and returns a hand-written vector-Jacobian product. The basis holds no
+    parameters: the coefficients live in the layer's weight.
     """
 
     def __init__(self, num_functions: int, grid_range: tuple[float, float]):
@@ -78,30 +80,39 @@ class SplineBasis(nn.Module):
         """The basis's own parameters at initialisation: none (the coefficients are the layer's)."""
         return {}
 
-    def _write(self, x: torch.Tensor, out: torch.Tensor, vjp: bool):
-        """Write the K basis values of ``x`` (..., in) into ``out`` (..., in, K). With ``vjp``, return
-        a function mapping d(loss)/d(values) (..., in, K) to d(loss)/dx (..., in)."""
+    def _functions(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in) -> (..., in, K), differentiable; ``x`` is already fp32 or fp64."""
         raise NotImplementedError
+
+    def _vjp(self, x: torch.Tensor, values: torch.Tensor):
+        """A function mapping d(loss)/d(values) (..., in, K) to d(loss)/dx (..., in)."""
+        raise NotImplementedError
+
+    def _write(self, x: torch.Tensor, out: torch.Tensor, vjp: bool):
+        """Write the K basis values of ``x`` into ``out`` (..., in, K); return :meth:`_vjp` if asked."""
+        out.copy_(self._functions(x))
+        return self._vjp(x, out) if vjp else None
 
     @_fp32_features
     def functions(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in) -> (..., in, K) basis values, in fp32 (or fp64)."""
-        out = x.new_empty(*x.shape, self.num_functions)
-        self._write(x, out, vjp=False)
-        return out
+        return self._functions(x)
 
     @_fp32_features
-    def features(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """(..., in) -> (..., in, 1 + K) features in fp32 (or fp64), written into ``out`` if given."""
-        out = x.new_empty(*x.shape, self.num_features) if out is None else out
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in) -> (..., in, 1 + K) features in fp32 (or fp64), differentiable."""
+        return torch.cat([F.silu(x).unsqueeze(-1), self._functions(x)], dim=-1)
+
+    @_fp32_features
+    def features_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The features of ``x`` written into ``out`` (..., in, 1 + K) by the fast path."""
         out[..., 0] = F.silu(x)
         self._write(x, out[..., 1:], vjp=False)
         return out
 
     @_fp32_features
-    def features_and_vjp(self, x: torch.Tensor, out: torch.Tensor | None = None):
-        """Features of ``x`` and a function mapping d(loss)/d(features) to (d(loss)/dx, ())."""
-        out = x.new_empty(*x.shape, self.num_features) if out is None else out
+    def features_and_vjp(self, x: torch.Tensor, out: torch.Tensor):
+        """:meth:`features_into`, plus a function mapping d(loss)/d(features) to (d(loss)/dx, ())."""
         silu, dsilu = _silu_and_derivative(x)
         out[..., 0] = silu
         spline_vjp = self._write(x, out[..., 1:], vjp=True)
@@ -117,14 +128,17 @@ class BSplineBasis(SplineBasis):
 
     The range ``[a, b]`` is cut into ``G = grid_size`` intervals of width ``h``; the knot vector is
     extended by ``k`` knots on each side, ``t_j = a + (j - k) h``, which gives ``K = G + k`` basis
-    functions, each a shifted cardinal B-spline ``B_j(x) = N_k((x - t_j) / h)``.
+    functions, each a shifted cardinal B-spline ``B_j(x) = N_k((x - t_j) / h)`` with the
+    truncated-power formula ``N_k(u) = 1/k! sum_r (-1)^r C(k+1, r) (u - r)_+^k``. No Cox-de Boor
+    recursion runs. Parameters per edge: K coefficients + 1 SiLU weight.
 
-    Closed form: with ``z = (x - a) / h + k``, ``c = floor(z)`` and ``t = z - c``, exactly the k + 1
-    functions ``B_{c-m}``, ``m = 0..k``, are non-zero at x, and ``B_{c-m}(x) = N_k(t + m) = P_m(t)``
-    where ``P_m`` is the m-th polynomial piece of the cardinal B-spline (coefficients precomputed
-    from the truncated-power formula ``N_k(u) = 1/k! sum_r (-1)^r C(k+1, r) (u - r)_+^k``). So the
-    features cost k + 1 cubic evaluations of ``t in [0, 1)`` and a scatter: no Cox-de Boor
-    recursion, no cancellation. Parameters per edge: K coefficients + 1 SiLU weight.
+    - Eager fast path: with ``z = (x - a) / h + k``, ``c = floor(z)``, ``t = z - c``, exactly the
+      k + 1 functions ``B_{c-m}`` (m = 0..k) are non-zero, and ``B_{c-m}(x) = P_m(t)``, the m-th
+      polynomial piece of ``N_k`` (coefficients precomputed). k + 1 polynomials in ``t in [0, 1)``
+      and one scatter per input; backward gathers the k + 1 matching gradients.
+    - Pointwise formula (compile, plotting): ``N_k`` folded at its centre, ``v = min(u, k + 1 - u)``,
+      ``N_k = 1/k! sum_{m < (k+1)/2} (-1)^m C(k+1, m) max(v - m, 0)^k`` for every j: no
+      scatter, every term bounded by ``((k+1)/2)^k``.
 
     Inputs outside the grid: the B-splines near the ends fade to zero across the ``k`` extra knots
     ``[a - k h, a)`` and ``(b, b + k h]``, and are exactly zero beyond; there only the SiLU term of
@@ -138,6 +152,17 @@ class BSplineBasis(SplineBasis):
         self.spline_order = spline_order
         self.step = (self.grid_range[1] - self.grid_range[0]) / grid_size
         self._pieces = _cardinal_bspline_pieces(spline_order)
+        k = spline_order
+        self._folded = [(-1) ** m * math.comb(k + 1, m) / math.factorial(k) for m in range((k + 2) // 2)]
+
+    def _functions(self, x):
+        k = self.spline_order
+        j = torch.arange(self.num_functions, device=x.device, dtype=x.dtype)
+        u = ((x - self.grid_range[0]) / self.step + k).unsqueeze(-1) - j  # (..., in, K): (x - t_j) / h
+        if k == 0:  # indicator of [t_j, t_{j+1})
+            return ((u >= 0) & (u < 1)).to(x.dtype)
+        v = torch.minimum(u, (k + 1) - u)
+        return sum(coef * (v - m).clamp(min=0).pow(k) for m, coef in enumerate(self._folded))
 
     def _local(self, x):
         """Columns of the k + 1 non-zero functions at x, their validity, and powers of t."""
@@ -145,8 +170,10 @@ class BSplineBasis(SplineBasis):
         z = ((x - self.grid_range[0]) / self.step + k).clamp_(-1.0, n_fun + k)  # outside: all zero
         c = z.floor()
         t = z - c  # (..., in) in [0, 1)
-        exponents = torch.arange(k + 1, device=x.device, dtype=x.dtype)
-        powers = t.unsqueeze(-1).pow(exponents)  # (..., in, k + 1): 1, t, ..., t^k
+        powers = [torch.ones_like(t), t]
+        for _ in range(2, k + 1):
+            powers.append(powers[-1] * t)
+        powers = torch.stack(powers[: k + 1], dim=-1)  # (..., in, k + 1): 1, t, ..., t^k
         cols = c.to(torch.int64).unsqueeze(-1) - torch.arange(k + 1, device=x.device)  # B_{c-m}
         valid = ((cols >= 0) & (cols < n_fun)).to(x.dtype)
         return cols.clamp_(0, n_fun - 1), valid, powers
@@ -198,14 +225,13 @@ class RBFBasis(SplineBasis):
         centres = torch.linspace(*self.grid_range, self.num_functions, device=x.device, dtype=x.dtype)
         return x.unsqueeze(-1) / self.step - centres / self.step  # (..., in, K)
 
-    def _write(self, x, out, vjp):
+    def _functions(self, x):
         d = self._distances(x)
-        out.copy_(torch.exp(-d * d))
-        if not vjp:
-            return None
+        return torch.exp(-d * d)
 
+    def _vjp(self, x, values):
         def spline_vjp(grad_values):  # d/dx exp(-d^2) = -2 d exp(-d^2) / h
-            return (grad_values * out * d).sum(-1) * (-2.0 / self.step)
+            return (grad_values * values * self._distances(x)).sum(-1) * (-2.0 / self.step)
 
         return spline_vjp
 
@@ -220,14 +246,15 @@ class ChebyshevBasis(SplineBasis):
     edge: K coefficients (degree K - 1) + 1 SiLU weight.
     """
 
-    def _write(self, x, out, vjp):
+    def _functions(self, x):
         s = torch.tanh(x)
         values = [torch.ones_like(s), s]
         for _ in range(2, self.num_functions):
             values.append(2 * s * values[-1] - values[-2])
-        out.copy_(torch.stack(values[: self.num_functions], dim=-1))
-        if not vjp:
-            return None
+        return torch.stack(values[: self.num_functions], dim=-1)
+
+    def _vjp(self, x, values):
+        s = values[..., 1] if self.num_functions > 1 else torch.tanh(x)
 
         def spline_vjp(grad_values):  # sum_k g_k T_k'(s) ds/dx
             grad_s = torch.zeros_like(s)
@@ -295,30 +322,32 @@ class RationalBasis(nn.Module):
         """Powers of x and the per-input coefficients, all (..., in, p)."""
         a = self.numerator.to(x.dtype).repeat_interleave(self.group_size, dim=0)  # (in, m + 1)
         b = self.denominator.to(x.dtype).repeat_interleave(self.group_size, dim=0)  # (in, n)
-        n_pow = max(self.order[0], self.order[1]) + 1
-        powers = torch.cumprod(
-            torch.cat([torch.ones_like(x).unsqueeze(-1), x.unsqueeze(-1).expand(*x.shape, n_pow - 1)], -1), -1
-        )
+        powers = [torch.ones_like(x), x]
+        for _ in range(2, max(self.order) + 1):
+            powers.append(powers[-1] * x)
+        powers = torch.stack(powers[: max(self.order) + 1], dim=-1)  # (..., in, p): 1, x, x^2, ...
         num = (powers[..., : self.order[0] + 1] * a).sum(-1)  # P(x)
         den_poly = (powers[..., 1 : self.order[1] + 1] * b).sum(-1)  # Q(x)
         return powers, a, b, num, den_poly
 
     @_fp32_features
-    def features(self, x, out=None):
-        """(..., in) -> (..., in, 1): R_g(x) of every input (written into ``out`` if given)."""
+    def features(self, x):
+        """(..., in) -> (..., in, 1): R_g(x) of every input, differentiable."""
         _, _, _, num, den_poly = self._terms(x)
-        values = num / (1 + den_poly.abs())
-        return values.unsqueeze(-1) if out is None else out.copy_(values.unsqueeze(-1))
+        return (num / (1 + den_poly.abs())).unsqueeze(-1)
+
+    def features_into(self, x, out):
+        """The features of ``x`` written into ``out`` (..., in, 1)."""
+        return out.copy_(self.features(x))
 
     @_fp32_features
-    def features_and_vjp(self, x, out=None):
-        """Features and a function mapping d(loss)/d(features) to (d/dx, (d/da, d/db))."""
+    def features_and_vjp(self, x, out):
+        """:meth:`features_into`, plus a function mapping d(loss)/d(features) to (d/dx, (d/da, d/db))."""
         powers, a, b, num, den_poly = self._terms(x)
         m, n = self.order
         den = 1 + den_poly.abs()
         sgn = torch.sign(den_poly)
-        feats = (num / den).unsqueeze(-1)
-        feats = feats if out is None else out.copy_(feats)
+        feats = out.copy_((num / den).unsqueeze(-1))
         ks_num = torch.arange(1, m + 1, device=x.device, dtype=x.dtype)
         ks_den = torch.arange(1, n + 1, device=x.device, dtype=x.dtype)
         dnum = (powers[..., :m] * a[:, 1:] * ks_num).sum(-1)  # P'(x)
@@ -365,7 +394,8 @@ class _KANLinearFunction(torch.autograd.Function):
         out = torch.empty(x.shape[0], weight.shape[0], device=x.device, dtype=dtype)
         buf = _feature_buffer(x, basis, chunk)
         for s in range(0, x.shape[0], chunk):
-            feats = basis.features(x[s : s + chunk], out=buf[: len(x[s : s + chunk])])  # (n, in, F)
+            xc = x[s : s + chunk]
+            feats = basis.features_into(xc, buf[: len(xc)])  # (n, in, F)
             torch.matmul(feats.flatten(1).to(dtype), w.t(), out=out[s : s + chunk])
         if bias is not None:
             out += bias.to(dtype)
@@ -386,7 +416,7 @@ class _KANLinearFunction(torch.autograd.Function):
         buf = _feature_buffer(x, basis, chunk)
         for s in range(0, x.shape[0], chunk):
             g = grad_out[s : s + chunk]  # (n, out)
-            feats, vjp = basis.features_and_vjp(x[s : s + chunk], out=buf[: len(g)])  # (n, in, F)
+            feats, vjp = basis.features_and_vjp(x[s : s + chunk], buf[: len(g)])  # (n, in, F)
             if need_w and grad_w.dtype == dtype:
                 grad_w.addmm_(g.t(), feats.flatten(1))
             elif need_w:  # low-precision matmul, fp32 accumulation across chunks

@@ -52,8 +52,12 @@ def test_bspline_matches_cox_de_boor_inside_at_knots_and_outside(grid_size, k, l
     outside = [lo - k * h - 1.0, lo - 0.5 * h, hi + 0.3 * h, hi + k * h + 0.1, -1e4, 1e4]
     xs = inside + at_knots + outside
     basis = BSplineBasis(grid_size, k, (lo, hi))
-    got = basis.functions(torch.tensor(xs, dtype=torch.float64).unsqueeze(-1)).squeeze(1)
-    torch.testing.assert_close(got, reference_bsplines(xs, grid_size, k, lo, hi), atol=1e-6, rtol=0)
+    x = torch.tensor(xs, dtype=torch.float64).unsqueeze(-1)
+    expected = reference_bsplines(xs, grid_size, k, lo, hi)
+    pointwise = basis.functions(x).squeeze(1)  # the formula torch.compile fuses
+    fast = basis.features_into(x, torch.empty(len(xs), 1, basis.num_features, dtype=torch.float64))
+    torch.testing.assert_close(pointwise, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(fast[:, 0, 1:], expected, atol=1e-6, rtol=0)  # the eager fast path
 
 
 @pytest.mark.parametrize("k", [0, 1, 2, 3, 5])

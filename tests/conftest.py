@@ -1,0 +1,6 @@
+"""Test-session settings: everything runs offline on data the tests build themselves."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

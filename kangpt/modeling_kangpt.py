@@ -6,8 +6,6 @@ block is GPT-2 as written in ``transformers/models/gpt2/modeling_gpt2.py`` (same
 shapes, so GPT-2 checkpoints map onto it; see :meth:`KANGPT2LMHeadModel.from_gpt2`).
 """
 
-from __future__ import annotations
-
 import math
 from collections.abc import Callable
 
@@ -20,8 +18,11 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
+from transformers.processing_utils import Unpack
 from transformers.pytorch_utils import Conv1D
+from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
@@ -200,6 +201,7 @@ class KANGPT2Model(KANGPT2PreTrainedModel):
 
     @merge_with_config_defaults
     @capture_outputs
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -208,7 +210,7 @@ class KANGPT2Model(KANGPT2PreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPast:
         """input_ids (B, T) or inputs_embeds (B, T, C) -> last_hidden_state (B, T, C) (+ cache)."""
         if (input_ids is None) == (inputs_embeds is None):
@@ -236,7 +238,10 @@ class KANGPT2Model(KANGPT2PreTrainedModel):
             inputs_embeds + self.wpe(position_ids).to(inputs_embeds.device)
         )  # (B, T, C)
         for block in self.h:
-            hidden_states = block(hidden_states, cache, causal_mask, position_ids=position_ids, **kwargs)
+            # cache by keyword: gradient checkpointing drops it (the recompute must not update it twice)
+            hidden_states = block(
+                hidden_states, cache=cache, attention_mask=causal_mask, position_ids=position_ids, **kwargs
+            )
         hidden_states = self.ln_f(hidden_states)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache if use_cache else None)
 
@@ -253,8 +258,11 @@ class KANGPT2LMHeadModel(KANGPT2PreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.transformer = KANGPT2Model(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.loss_type = "ForCausalLM"  # the class name does not tell transformers which loss to use
         self.post_init()
 
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -265,7 +273,7 @@ class KANGPT2LMHeadModel(KANGPT2PreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> CausalLMOutputWithPast:
         """Logits (B, T, vocab) and, with ``labels`` (B, T), the next-token cross-entropy."""
         outputs: BaseModelOutputWithPast = self.transformer(
@@ -277,9 +285,7 @@ class KANGPT2LMHeadModel(KANGPT2PreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             **kwargs,
         )
-        hidden_states = outputs.last_hidden_state
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep, :])
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
         loss = None
         if labels is not None:
             loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
@@ -292,7 +298,7 @@ class KANGPT2LMHeadModel(KANGPT2PreTrainedModel, GenerationMixin):
         )
 
     @classmethod
-    def from_gpt2(cls, gpt2, **config_overrides) -> KANGPT2LMHeadModel:
+    def from_gpt2(cls, gpt2, **config_overrides) -> "KANGPT2LMHeadModel":
         """Build a KAN-GPT-2 from a GPT-2 language model.
 
         ``gpt2`` is a ``transformers.GPT2LMHeadModel``, a local folder holding one, or a hub name

@@ -1,0 +1,136 @@
+"""The ``kangpt`` console script: ``kangpt COMMAND ...``, one subcommand per registered command.
+
+A command is a function that adds its arguments to an ``argparse`` parser and returns the function
+that runs it (namespace -> exit code), registered with :func:`command`::
+
+    @command("inspect", "show the KAN edge functions of a trained model")
+    def inspect_command(parser):
+        parser.add_argument("model_dir")
+        return run_inspect
+
+A module that registers commands is listed in ``COMMAND_MODULES``. Errors meant for the user are
+raised as :class:`CommandError` (or ``ConfigError``/``DataError``) and printed as one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
+
+from .config import ConfigError
+from .data import DataError
+
+# Modules whose import registers subcommands (besides this one).
+COMMAND_MODULES: tuple[str, ...] = ("kangpt.interpret", "kangpt.compare")
+
+Runner = Callable[[argparse.Namespace], "int | None"]
+_COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], Runner]]] = {}
+
+
+class CommandError(Exception):
+    """A problem with the command's input, reported as ``error: <message>`` and exit code 1."""
+
+
+def command(name: str, help: str):
+    """Register the decorated ``configure(parser) -> run`` function as subcommand ``name``."""
+
+    def register(configure: Callable[[argparse.ArgumentParser], Runner]):
+        _COMMANDS[name] = (help, configure)
+        return configure
+
+    return register
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` (default: ``sys.argv[1:]``), run the chosen command and return its exit code."""
+    for module in COMMAND_MODULES:
+        importlib.import_module(module)
+    parser = argparse.ArgumentParser(
+        prog="kangpt", description="KAN-GPT-2: GPT-2 with Kolmogorov-Arnold blocks."
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, configure) in _COMMANDS.items():
+        subparser = subparsers.add_parser(name, help=help_text, description=help_text)
+        subparser.set_defaults(run=configure(subparser))
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except (CommandError, ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+@command("generate", "generate text from a trained model folder, printing tokens as they are produced")
+def generate_command(parser: argparse.ArgumentParser) -> Runner:
+    parser.add_argument("model_dir", help="folder written by train.py (OUT_DIR/model), or a hub model name")
+    parser.add_argument("--prompt", default="", help="text to continue (default: start from the BOS token)")
+    parser.add_argument("--max-new-tokens", type=_positive_int, default=200,
+                        help="tokens to generate, at most the model's context minus the prompt")
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
+    parser.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens (0: all)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    return run_generate
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """Load ``args.model_dir`` and stream a continuation of ``args.prompt`` to stdout."""
+    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
+        raise CommandError("need --temperature >= 0, 0 < --top-p <= 1 and --top-k >= 0")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer, model = load_model(args.model_dir, device)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    ids = tokenizer(args.prompt, return_tensors="pt").input_ids if args.prompt else torch.tensor([[start]])
+    sampling = {"do_sample": True, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+    context = getattr(model.config, "max_position_embeddings", None) or ids.shape[1] + args.max_new_tokens
+    if ids.shape[1] >= context:
+        raise CommandError(f"the prompt has {ids.shape[1]} tokens; the model's context is {context}")
+    model.generate(
+        ids.to(device),
+        attention_mask=torch.ones_like(ids).to(device),
+        max_new_tokens=min(args.max_new_tokens, context - ids.shape[1]),
+        streamer=TextStreamer(tokenizer, skip_special_tokens=True),
+        **(sampling if args.temperature > 0 else {"do_sample": False}),
+    )
+    return 0
+
+
+def load_model(name: str, device: str):
+    """``(tokenizer, model)`` of a model folder or hub name; what cannot load is a CommandError."""
+    folder = Path(name).expanduser()
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1  # hub names are "org/name"
+    if looks_local and not folder.is_dir():
+        raise CommandError(f"no such model folder: {name!r}")
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        raise CommandError(f"{name!r} is not a model folder (no config.json)")
+    source = str(folder) if folder.is_dir() else name
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source)
+    except OSError as err:
+        raise CommandError(f"cannot load {name!r}: {str(err).strip().splitlines()[0]}") from err
+    return tokenizer, model.to(device).eval()
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,320 @@
+"""Run configuration of ``train.py``: a YAML file with ``model:``, ``data:`` and ``train:`` sections.
+
+::
+
+    model:            # any KANGPT2Config field (vocab_size and the special-token ids come from the tokenizer)
+      n_layer: 4
+    data:             # DataConfig
+      block_size: 256
+    train:            # TrainConfig
+      max_steps: 1000
+
+Command-line overrides ``--section.key=value`` (or ``--section.key value``) are applied on top;
+values are parsed as YAML (``--train.overwrite=true``, ``--model.kan_grid_range=[-1,1]``). Unknown
+sections or keys and values of the wrong type raise :class:`ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate.utils import LoggerType
+
+from .configuration_kangpt import KANGPT2Config
+
+SECTIONS = ("model", "data", "train")
+TRACKERS = tuple(t.value for t in LoggerType if t != LoggerType.ALL)
+# Model fields that the training script sets from the tokenizer.
+TOKENIZER_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot be used; the message names the offending key or file."""
+
+
+@dataclass
+class DataConfig:
+    """The ``data:`` section: corpus, tokenizer and block size (see ``kangpt.data``)."""
+
+    dataset: str = "stdlib"  # "stdlib", local files/folder/glob (.txt/.jsonl/.parquet) or a hub dataset name
+    name: str | None = None  # hub dataset config name
+    text_field: str = "text"  # column holding the text (.jsonl/.parquet/hub)
+    val_fraction: float = 0.01  # held-out fraction of documents when the dataset has no validation split
+    streaming: bool = False  # stream the corpus instead of loading it into memory (sharded across ranks)
+    max_documents: int | None = None  # read at most this many documents per split
+    tokenizer: str = (
+        "bpe"  # "bpe": train a byte-level BPE on the training split; else a tokenizer name or path
+    )
+    vocab_size: int = 4096  # vocabulary size of the trained BPE
+    tokenizer_documents: int = 10000  # the BPE is trained on the first N training documents
+    block_size: int = 256  # tokens per training sequence
+
+
+@dataclass
+class TrainConfig:
+    """The ``train:`` section: optimisation, evaluation, checkpoints and outputs."""
+
+    out_dir: str = "out/default"  # run folder: run.yaml, metrics.jsonl, checkpoints/, model/
+    seed: int = 1337
+    max_steps: int = 1000  # optimizer steps
+    batch_size: int = 16  # sequences per process per micro-step
+    gradient_accumulation_steps: int = 1  # micro-steps per optimizer step
+    learning_rate: float = 1e-3  # peak learning rate
+    min_learning_rate: float = 1e-4  # end of the cosine decay
+    warmup_steps: int = 100  # linear warmup from 0 to learning_rate
+    weight_decay: float = 0.1  # AdamW decay of matrices (not of norms, biases or rational coefficients)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    mixed_precision: str | None = None  # "no", "bf16" or "fp16"; null: as `accelerate launch` says
+    eval_interval: int = 100  # steps between validation runs (and at the last step)
+    eval_blocks: int | None = None  # evaluate on the first N validation blocks; null: all of them
+    log_interval: int = 10  # steps between metrics.jsonl / tracker records
+    save_interval: int = 500  # steps between checkpoints; 0: only at the end or on SIGINT/SIGTERM
+    keep_checkpoints: int = 2  # newest checkpoints kept
+    resume: str | None = None  # "auto" (latest checkpoint in out_dir) or a checkpoint folder
+    overwrite: bool = False  # replace a different run already in out_dir
+    gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the model
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])  # those installed are used
+    sample_prompt: str | None = None  # generate from this prompt after training
+    sample_tokens: int = 64  # tokens generated from sample_prompt
+
+
+@dataclass
+class RunConfig:
+    """A whole run: ``model`` holds KANGPT2Config keyword arguments, ``data`` and ``train`` the rest."""
+
+    model: dict
+    data: DataConfig
+    train: TrainConfig
+
+    def to_dict(self) -> dict:
+        """Plain nested dict (what ``run.yaml`` holds)."""
+        return {
+            "model": dict(self.model),
+            "data": dataclasses.asdict(self.data),
+            "train": dataclasses.asdict(self.train),
+        }
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read the YAML file ``path`` (None: all defaults), apply ``--section.key=value`` overrides, validate."""
+    parsed = _parse_overrides(overrides)
+    raw = _read_yaml(Path(path)) if path is not None else {}
+    for section, key, value in parsed:
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"section {section!r} must be a mapping of keys to values")
+        raw[section][key] = value
+    return build_config(raw)
+
+
+def parse_args(argv: list[str], default_config: str | Path | None = None) -> RunConfig:
+    """``[CONFIG] [--section.key=value ...]`` -> RunConfig; CONFIG defaults to ``default_config``."""
+    path = default_config
+    if argv and not argv[0].startswith("--"):
+        path, argv = argv[0], argv[1:]
+    return load_config(path, argv)
+
+
+def build_config(raw: dict) -> RunConfig:
+    """Validate a ``{"model": {...}, "data": {...}, "train": {...}}`` dict and build the RunConfig."""
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"a run config must be a mapping with sections {SECTIONS}, got {type(raw).__name__}"
+        )
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"unknown section {unknown[0]!r} (sections: {', '.join(SECTIONS)})")
+    sections = {}
+    for name in SECTIONS:
+        section = raw.get(name) or {}
+        if not isinstance(section, dict):
+            raise ConfigError(f"section {name!r} must be a mapping of keys to values, got {section!r}")
+        sections[name] = section
+    config = RunConfig(
+        model=_check_section("model", sections["model"], _model_field_types()),
+        data=DataConfig(**_check_section("data", sections["data"], _field_types(DataConfig))),
+        train=TrainConfig(**_check_section("train", sections["train"], _field_types(TrainConfig))),
+    )
+    _check_values(config)
+    return config
+
+
+def model_config(config: RunConfig, **tokenizer_fields) -> KANGPT2Config:
+    """The KANGPT2Config of a run, with ``tokenizer_fields`` (vocab size, special-token ids) filled in.
+
+    ``vocab_size`` from the ``model:`` section wins when it is given (e.g. padded to a multiple of 64).
+    """
+    try:
+        return KANGPT2Config(**{**tokenizer_fields, **config.model})
+    except ValueError as err:
+        raise ConfigError(f"model: {err}") from err
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read config {str(path)!r}: {err.strerror or err}") from err
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"malformed YAML in {str(path)!r}{where}: {problem}") from err
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{str(path)!r} must hold a mapping with sections {SECTIONS}, got {type(raw).__name__}"
+        )
+    return raw
+
+
+def _parse_overrides(args: list[str]) -> list[tuple[str, str, object]]:
+    """``["--train.max_steps=10", "--data.dataset", "x.txt"]`` -> ``[("train", "max_steps", 10), ...]``."""
+    parsed, args = [], list(args)
+    while args:
+        arg = args.pop(0)
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise ConfigError(f"unexpected argument {arg!r}: overrides look like --section.key=value")
+        name, sep, text = arg[2:].partition("=")
+        if not sep:
+            if not args:
+                raise ConfigError(f"override {arg!r} has no value")
+            text = args.pop(0)
+        section, _, key = name.partition(".")
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown section {section!r} in {arg!r} (sections: {', '.join(SECTIONS)})")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        parsed.append((section, key, value))
+    return parsed
+
+
+def _field_types(cls) -> dict[str, object]:
+    return typing.get_type_hints(cls)
+
+
+def _model_field_types() -> dict[str, object]:
+    hints = typing.get_type_hints(KANGPT2Config, localns={"torch": torch})
+    return {
+        f.name: hints[f.name] for f in dataclasses.fields(KANGPT2Config) if f.name not in TOKENIZER_FIELDS
+    }
+
+
+def _check_section(section: str, values: dict, types_: dict[str, object]) -> dict:
+    """Check every key of a section exists and its value has the declared type; return coerced values."""
+    checked = {}
+    for key, value in values.items():
+        if key not in types_:
+            hint = " (set from the tokenizer)" if key in TOKENIZER_FIELDS else ""
+            raise ConfigError(f"unknown key {section}.{key}{hint}")
+        try:
+            checked[key] = _coerce(value, types_[key])
+        except TypeError:
+            expected = _type_name(types_[key])
+            raise ConfigError(f"{section}.{key} must be {expected}, got {value!r}") from None
+    return checked
+
+
+def _coerce(value, annotation):
+    """Return ``value`` if it matches ``annotation``; ints and float strings ("1e-3") become floats.
+
+    PyYAML reads ``1e-3`` (no dot) as a string, so strings that parse as numbers are accepted where
+    only a float fits. Raises TypeError when nothing fits.
+    """
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if _matches(value, annotation):
+        return value
+    if isinstance(value, str) and _matches(0.0, annotation) and not _matches("", annotation):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise TypeError
+
+
+def _matches(value, annotation) -> bool:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is typing.Any:
+        return True
+    if annotation is type(None):
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in args)
+    if origin is typing.Literal:
+        return value in args
+    if origin in (list, tuple):  # YAML gives lists for both
+        if not isinstance(value, (list, tuple)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(_matches(v, a) for v, a in zip(value, args, strict=True))
+        return not args or all(_matches(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and (
+            not args or all(_matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items())
+        )
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(annotation, type) and isinstance(value, annotation)
+
+
+def _type_name(annotation) -> str:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if annotation is type(None):
+        return "null"
+    if origin in (list, tuple):
+        return f"a list of {_type_name(args[0])}" if args else "a list"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _check_values(config: RunConfig) -> None:
+    """Range checks that the types alone do not express (``model_config`` checks the model section)."""
+    data, train = config.data, config.train
+
+    def need(key: str, ok: bool, rule: str):
+        if not ok:
+            section, name = key.split(".")
+            raise ConfigError(f"{key} {rule}, got {getattr(getattr(config, section), name)!r}")
+
+    for key in ("vocab_size", "block_size"):
+        need(f"data.{key}", getattr(data, key) > 1, "must be > 1")
+    need("data.tokenizer_documents", data.tokenizer_documents > 0, "must be > 0")
+    need("data.val_fraction", 0 < data.val_fraction <= 0.5, "must be in (0, 0.5]")
+    need("data.max_documents", data.max_documents is None or data.max_documents > 0, "must be > 0")
+    n_positions = model_config(config).n_positions
+    need("data.block_size", data.block_size <= n_positions, f"must be <= model.n_positions={n_positions}")
+    for key in ("max_steps", "batch_size", "gradient_accumulation_steps", "eval_interval", "log_interval",
+                "keep_checkpoints", "sample_tokens", "learning_rate"):
+        need(f"train.{key}", getattr(train, key) > 0, "must be > 0")
+    for key in ("warmup_steps", "save_interval", "weight_decay", "grad_clip", "min_learning_rate"):
+        need(f"train.{key}", getattr(train, key) >= 0, "must be >= 0")
+    need("train.min_learning_rate", train.min_learning_rate <= train.learning_rate,
+         f"must be <= train.learning_rate={train.learning_rate}")
+    for key in ("beta1", "beta2"):
+        need(f"train.{key}", 0 <= getattr(train, key) < 1, "must be in [0, 1)")
+    need("train.eval_blocks", train.eval_blocks is None or train.eval_blocks > 0, "must be > 0")
+    need("train.mixed_precision", train.mixed_precision in (None, "no", "bf16", "fp16"),
+         "must be null, 'no', 'bf16' or 'fp16'")
+    need("train.trackers", all(t in TRACKERS for t in train.trackers), f"must name trackers among {TRACKERS}")
+    need("train.out_dir", bool(train.out_dir), "must not be empty")
+    need("train.resume", train.resume is None or bool(train.resume), "must be 'auto' or a checkpoint path")

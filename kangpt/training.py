@@ -1,0 +1,436 @@
+"""Train KAN-GPT-2 with accelerate: ``python train.py [CONFIG] [--section.key=value ...]``.
+
+The same command runs on one CPU, and under ``accelerate launch`` (DDP, FSDP, DeepSpeed) or
+``torchrun`` on several devices. :func:`train` reads top to bottom: run folder, data, model,
+optimizer, the loop (learning rate, gradient accumulation, clipping, logging, evaluation,
+checkpoints, SIGINT/SIGTERM), then the final model folder. See ``kangpt.run_dir`` for the files.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import datasets
+import torch
+import torch.nn.functional as F
+import yaml
+from accelerate import Accelerator
+from accelerate.tracking import get_available_trackers
+from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration, set_seed
+from datasets import Dataset, IterableDataset
+from datasets.distributed import split_dataset_by_node
+from torch.utils.data import DataLoader, Sampler
+from tqdm.auto import tqdm
+from transformers import GenerationConfig
+
+from .config import ConfigError, DataConfig, RunConfig, TrainConfig, model_config, parse_args
+from .data import DataError, load_documents, load_tokenizer, pack_documents, stream_blocks, unigram_entropy
+from .modeling_kangpt import KANGPT2LMHeadModel
+from .report import plot_losses, write_model_card
+from .run_dir import RunDir, publish, read_metrics, remove, temporary_name
+
+USAGE = """usage: train.py [CONFIG.yaml] [--section.key=value ...]
+
+Train KAN-GPT-2 as CONFIG.yaml (default: configs/default.yaml) says, with overrides such as
+--train.max_steps=100 --data.dataset=corpus/ --model.n_layer=6. Sections: model, data, train
+(see kangpt/config.py). Runs under `accelerate launch` and `torchrun` too."""
+
+
+def main(argv: list[str] | None = None, default_config: str | Path | None = None) -> int:
+    """Command-line entry: parse, train, and turn bad input into one ``error: ...`` line (exit code 1)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(USAGE)
+        return 0
+    try:
+        return train(parse_args(argv, default_config))
+    except (ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; complete checkpoints already written are kept", file=sys.stderr)
+        return 130
+
+
+@dataclass
+class Progress:
+    """Where training is; saved in every checkpoint (``accelerator.register_for_checkpointing``)."""
+
+    step: int = 0  # optimizer steps done
+    tokens: int = 0  # training tokens seen, all processes together
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.tokens = state["step"], state["tokens"]
+
+
+def train(config: RunConfig) -> int:
+    """Run training as ``config`` says; return the exit code (0 done, 128 + signal number if stopped)."""
+    cfg = config.train
+    run = RunDir(cfg.out_dir)
+    resume_from = run.plan(config)  # reads only: refuses a folder that holds something else
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=cfg.gradient_accumulation_steps, sync_with_dataloader=False
+        ),
+        log_with=installed_trackers(cfg.trackers) or None,
+        project_config=ProjectConfiguration(project_dir=str(run.path), logging_dir=str(run.logs)),
+    )
+    if not accelerator.is_main_process:
+        datasets.disable_progress_bars()
+    # save_state warns at every checkpoint that it drops the LM head tied to the embeddings (reloads fine).
+    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
+    set_seed(cfg.seed)
+    say(accelerator, yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip())
+
+    # Data, model, optimizer.
+    corpus = load_corpus(config.data, cfg, accelerator)
+    model = build_model(config, corpus.tokenizer)
+    optimizer = build_optimizer(model, cfg)
+    val_loader = DataLoader(corpus.val.with_format("torch"), batch_size=cfg.batch_size)
+    model, optimizer, val_loader = accelerator.prepare(model, optimizer, val_loader)
+    progress = Progress()
+    accelerator.register_for_checkpointing(progress)
+    if resume_from is not None:  # weights, optimizer, RNG states and progress come back
+        accelerator.load_state(str(resume_from))
+        say(accelerator, f"resumed from {resume_from} at step {progress.step}")
+    if accelerator.is_main_process:
+        run.start(config, resumed_at=progress.step if resume_from is not None else None)
+    accelerator.wait_for_everyone()
+    accelerator.init_trackers("kangpt", config=_flat_hparams(config))
+    micro_steps_done = progress.step * cfg.gradient_accumulation_steps
+    batches = train_batches(corpus.train, cfg, accelerator, skip=micro_steps_done)
+    tokens_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
+    tokens_per_step *= config.data.block_size
+    n_params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
+    trackers = ", ".join(t.name for t in accelerator.trackers) or "none"
+    say(accelerator, f"model: {n_params:,} parameters | {accelerator.num_processes} process(es) on "
+                     f"{accelerator.device} | {tokens_per_step:,} tokens per step | trackers: {trackers} | "
+                     f"unigram baseline {corpus.baseline:.4f} nats/token")
+
+    # The loop: one iteration per optimizer step.
+    model.train()
+    bar = tqdm(total=cfg.max_steps, initial=progress.step, desc="train", mininterval=1.0,
+               disable=not accelerator.is_main_process)
+    val_loss, stopped_by, grad_norm = None, None, None
+    loss_sum, steps_since_log, t_log = 0.0, 0, time.perf_counter()
+    with StopOnSignal() as stop:
+        while progress.step < cfg.max_steps:
+            lr = learning_rate(progress.step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            for _ in range(cfg.gradient_accumulation_steps):
+                input_ids = next(batches).to(accelerator.device)
+                with accelerator.accumulate(model):  # gradients are synced and applied on the last micro-step
+                    loss = model(input_ids=input_ids, labels=input_ids).loss  # the model shifts the labels
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and cfg.grad_clip > 0:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                loss_sum += loss.detach().float() / cfg.gradient_accumulation_steps
+            progress.step += 1
+            progress.tokens += tokens_per_step
+            steps_since_log += 1
+            step, last = progress.step, progress.step == cfg.max_steps
+            bar.update()
+
+            if step % cfg.log_interval == 0 or last:
+                train_loss = accelerator.reduce(loss_sum, "mean").item() / steps_since_log  # all processes
+                tokens_per_sec = steps_since_log * tokens_per_step / (time.perf_counter() - t_log)
+                record = {"step": step, "loss": train_loss, "lr": lr, "tokens": progress.tokens,
+                          "tokens_per_sec": tokens_per_sec}
+                if grad_norm is not None:
+                    record["grad_norm"] = float(grad_norm)
+                log_metrics(accelerator, run, record)
+                bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_sec:.0f}")
+                loss_sum, steps_since_log, t_log = 0.0, 0, time.perf_counter()
+            if step % cfg.eval_interval == 0 or last:
+                val_loss = evaluate(model, val_loader, accelerator)
+                val_record = {"step": step, "val_loss": val_loss, "val_ppl": math.exp(val_loss)}
+                log_metrics(accelerator, run, val_record)
+                say(accelerator, f"step {step}: val loss {val_loss:.4f}, perplexity {math.exp(val_loss):.2f}")
+            if stop.signum is not None:
+                accelerator.set_trigger()
+            if accelerator.check_trigger():  # some process was signalled: all stop after this same step
+                stopped_by = stop.signum or signal.SIGTERM
+            if stopped_by or last or (cfg.save_interval and step % cfg.save_interval == 0):
+                save_checkpoint(accelerator, run, step, cfg.keep_checkpoints)
+            if stopped_by:
+                break
+    bar.close()
+
+    if stopped_by:
+        say(accelerator, f"stopped by {signal.Signals(stopped_by).name} at step {progress.step}; checkpoint "
+                         f"{run.checkpoint(progress.step)}; continue with --train.resume=auto")
+        accelerator.end_training()
+        return 128 + int(stopped_by)
+    if val_loss is None:  # resumed a run that had already finished
+        val_loss = evaluate(model, val_loader, accelerator)
+    metrics = {"step": progress.step, "tokens": progress.tokens, "val_loss": val_loss,
+               "val_ppl": math.exp(val_loss), "unigram_baseline": corpus.baseline}
+    save_model(accelerator, model, corpus.tokenizer, run, config, metrics)
+    say(accelerator, f"final validation loss {val_loss:.4f} nats/token (perplexity {metrics['val_ppl']:.2f});"
+                     f" unigram baseline {corpus.baseline:.4f} nats/token\nmodel saved to {run.model}")
+    if accelerator.is_main_process and cfg.sample_prompt:
+        say(accelerator, "sample: " + sample(run.model, cfg.sample_prompt, cfg.sample_tokens))
+    accelerator.end_training()
+    return 0
+
+
+def installed_trackers(names: list[str]) -> list[str]:
+    """The trackers among ``names`` whose package is installed (metrics.jsonl is written in any case)."""
+    available = {tracker.value for tracker in get_available_trackers()}
+    return [name for name in names if name in available]
+
+
+def build_model(config: RunConfig, tokenizer) -> KANGPT2LMHeadModel:
+    """A freshly initialised KAN-GPT-2 whose vocabulary and special tokens are the tokenizer's."""
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    model = KANGPT2LMHeadModel(model_config(  # no pad_token_id: packed blocks hold no padding (as GPT-2)
+        config, vocab_size=len(tokenizer), bos_token_id=bos, eos_token_id=tokenizer.eos_token_id
+    ))
+    if model.config.vocab_size < len(tokenizer):
+        vocab = model.config.vocab_size
+        raise ConfigError(f"model.vocab_size={vocab} is smaller than the tokenizer ({len(tokenizer)} tokens)")
+    if config.train.gradient_checkpointing:
+        model.activation_checkpointing_enable()
+    if config.train.compile:
+        model.compile()  # in place: parameter names, checkpoints and save_pretrained are unchanged
+    return model
+
+
+def learning_rate(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warmup, then cosine decay to the minimum.
+
+    A function of the step alone, so it is the same for any number of processes and after resuming.
+    """
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+    decay_steps = max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))  # 1 -> 0
+    return cfg.min_learning_rate + cosine * (cfg.learning_rate - cfg.min_learning_rate)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on weight matrices only (not on norms, biases or rational coefficients)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (decay if name.endswith("weight") and param.ndim >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
+
+
+@dataclass
+class Corpus:
+    """Tokenizer, training blocks (this process's shard if streaming), validation blocks, unigram baseline."""
+
+    tokenizer: object
+    train: Dataset | IterableDataset
+    val: Dataset
+    baseline: float
+
+
+def load_corpus(data: DataConfig, train: TrainConfig, accelerator: Accelerator) -> Corpus:
+    """Load documents, get the tokenizer and pack both splits into ``data.block_size``-token blocks.
+
+    The validation blocks are the same, in the same order, on every process and in every run. With
+    ``data.streaming`` the training documents are sharded across processes, the BPE is trained on the
+    first ``data.tokenizer_documents`` of them, and validation keeps its first ``train.eval_blocks`` blocks.
+    """
+    train_docs, val_docs = load_documents(
+        data.dataset, name=data.name, text_field=data.text_field, val_fraction=data.val_fraction,
+        streaming=data.streaming, max_documents=data.max_documents,
+    )
+    if data.streaming:
+        tokenizer_docs = list(itertools.islice(train_docs, data.tokenizer_documents))
+    else:
+        tokenizer_docs = train_docs.select(range(min(data.tokenizer_documents, len(train_docs))))
+    with accelerator.main_process_first():  # the first process trains and caches the BPE, the others load it
+        tokenizer = load_tokenizer(data.tokenizer, tokenizer_docs, vocab_size=data.vocab_size)
+    if data.streaming:
+        val_stream = stream_blocks(val_docs, tokenizer, data.block_size)
+        val = Dataset.from_list(list(itertools.islice(val_stream, train.eval_blocks)))
+        if len(val) == 0:
+            raise DataError(f"the validation documents hold no block of {data.block_size} tokens")
+        rank, world_size = accelerator.process_index, accelerator.num_processes
+        blocks = stream_blocks(split_dataset_by_node(train_docs, rank=rank, world_size=world_size), tokenizer,
+                               data.block_size)
+        sample_blocks = pack_documents(tokenizer_docs, tokenizer, data.block_size)
+        baseline = unigram_entropy(sample_blocks, val, len(tokenizer))  # of the tokenizer's sample
+    else:
+        blocks = pack_documents(train_docs, tokenizer, data.block_size)
+        val = pack_documents(val_docs, tokenizer, data.block_size)
+        if train.eval_blocks is not None:
+            val = val.select(range(min(train.eval_blocks, len(val))))
+        baseline = unigram_entropy(blocks, val, len(tokenizer))
+    return Corpus(tokenizer, blocks, val, baseline)
+
+
+class ShuffledForever(Sampler):
+    """Indices ``0..n-1`` in a new seeded permutation every epoch, without end.
+
+    Batch k is the same in every run with the same seed, so a resumed run skips k batches and
+    continues exactly; the global RNG is never touched.
+    """
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+
+    def __iter__(self):
+        for epoch in itertools.count():
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            yield from torch.randperm(self.n, generator=generator).tolist()
+
+
+def train_batches(blocks: Dataset | IterableDataset, cfg: TrainConfig, accelerator: Accelerator, skip: int):
+    """Endless ``(batch_size, block_size)`` input_ids batches of this process, after skipping ``skip``."""
+    if isinstance(blocks, IterableDataset):  # already this process's shard: read in order, epoch after epoch
+        loader = DataLoader(blocks.with_format("torch"), batch_size=cfg.batch_size)
+        return itertools.islice((batch["input_ids"] for batch in _repeat(loader)), skip, None)
+    loader = DataLoader(
+        blocks.with_format("torch"),
+        batch_size=cfg.batch_size,
+        sampler=ShuffledForever(len(blocks), cfg.seed),
+        generator=torch.Generator().manual_seed(cfg.seed),  # not the global RNG, which dropout uses
+    )
+    loader = accelerator.skip_first_batches(accelerator.prepare(loader), skip)  # prepare: shards the batches
+    return (batch["input_ids"] for batch in loader)
+
+
+def _repeat(loader: DataLoader):
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise DataError("the training data holds no block")
+
+
+@torch.no_grad()
+def evaluate(model, val_loader, accelerator: Accelerator) -> float:
+    """Mean next-token cross-entropy (nats/token) over all validation blocks, each counted once."""
+    model.eval()
+    losses = []
+    for batch in val_loader:
+        input_ids = batch["input_ids"].to(accelerator.device)
+        logits = model(input_ids=input_ids).logits[:, :-1].float()  # position t predicts token t + 1
+        per_token = F.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")
+        losses.append(accelerator.gather_for_metrics(per_token.mean(dim=1)))
+    model.train()
+    return torch.cat(losses).mean().item()
+
+
+def save_checkpoint(accelerator: Accelerator, run: RunDir, step: int, keep: int) -> None:
+    """``save_state`` into a temporary folder, renamed ``checkpoints/step-N`` when whole (all processes)."""
+    final = run.checkpoint(step)
+    if final.is_dir():  # this very state is already saved (resumed and stopped at once)
+        return
+    tmp = temporary_name(final)
+    if accelerator.is_main_process:
+        remove(tmp)  # left over by a process that died while saving
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        publish(tmp, final)
+        run.prune_checkpoints(keep)
+    accelerator.wait_for_everyone()
+
+
+def save_model(
+    accelerator: Accelerator, model, tokenizer, run: RunDir, config: RunConfig, metrics: dict
+) -> None:
+    """Write ``model/``: weights, config, tokenizer, generation config, model card, loss curve, atomically."""
+    state_dict = accelerator.get_state_dict(
+        model
+    )  # gathers sharded weights (FSDP, DeepSpeed) on all processes
+    if not accelerator.is_main_process:
+        return
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=True,
+        temperature=0.8,
+        top_k=50,
+        max_new_tokens=128,
+    )
+    tmp = temporary_name(run.model)
+    remove(tmp)
+    unwrapped.save_pretrained(tmp, state_dict=state_dict)
+    tokenizer.save_pretrained(tmp)
+    has_plot = plot_losses(read_metrics(run.metrics), tmp / "loss.png", metrics["unigram_baseline"])
+    write_model_card(tmp, unwrapped, config, metrics, has_plot, published_as=run.model)
+    publish(tmp, run.model)
+
+
+def sample(model_dir: Path, prompt: str, max_new_tokens: int) -> str:
+    """Load the saved folder as a user would and complete ``prompt``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    input_ids = tokenizer(prompt, return_tensors="pt").input_ids
+    output = model.generate(input_ids, max_new_tokens=max_new_tokens)
+    return tokenizer.decode(output[0], skip_special_tokens=True)
+
+
+def log_metrics(accelerator: Accelerator, run: RunDir, record: dict) -> None:
+    """Append ``record`` to metrics.jsonl (main process) and send it to the trackers."""
+    if accelerator.is_main_process:
+        with run.metrics.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+    accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+
+def say(accelerator: Accelerator, message: str) -> None:
+    """Print on the main process without breaking the progress bar."""
+    if accelerator.is_main_process:
+        tqdm.write(message)
+
+
+class StopOnSignal:
+    """Turns SIGINT/SIGTERM into a request to stop (``signum``) while inside ``with``.
+
+    The loop then checkpoints and stops after the current step; a second signal acts as usual.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self):
+        self.signum = None
+        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        signal.signal(signum, self._previous[signum])
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def _flat_hparams(config: RunConfig) -> dict:
+    """``{"train.learning_rate": 0.001, ...}`` with only scalars, as trackers want hyper-parameters."""
+    flat = {}
+    for section, values in config.to_dict().items():
+        for key, value in values.items():
+            flat[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat

@@ -1,0 +1,81 @@
+"""The ``kangpt`` console script: command registry, ``kangpt generate`` output and errors."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from kangpt import KANGPT2Config, KANGPT2LMHeadModel, cli
+from kangpt.data import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A small untrained KAN-GPT-2 saved with a byte-level BPE, as train.py saves its model."""
+    folder = tmp_path_factory.mktemp("model")
+    texts = ["def add(a, b):\n    return a + b\n", "import os\nprint(os.getcwd())\n"] * 20
+    tokenizer = load_tokenizer("bpe", texts, vocab_size=300, cache_dir=str(tmp_path_factory.mktemp("cache")))
+    torch.manual_seed(0)
+    config = KANGPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                           bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    KANGPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_greedy_generation_prints_the_prompt_and_the_models_own_continuation(model_dir, capsys):
+    assert cli.main(["generate", str(model_dir), "--prompt", "def add", "--max-new-tokens", "12",
+                     "--temperature", "0"]) == 0
+    printed = capsys.readouterr().out
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = KANGPT2LMHeadModel.from_pretrained(model_dir).eval()
+    ids = tokenizer("def add", return_tensors="pt").input_ids
+    expected = model.generate(ids, max_new_tokens=12, do_sample=False)
+    assert printed.rstrip("\n") == tokenizer.decode(expected[0], skip_special_tokens=True)
+
+
+def test_sampling_is_reproducible_with_a_seed(model_dir, capsys):
+    args = ["generate", str(model_dir), "--prompt", "import", "--max-new-tokens", "10", "--top-k", "20",
+            "--top-p", "0.9", "--temperature", "1.5", "--seed", "3"]
+    outputs = []
+    for _ in range(2):
+        assert cli.main(args) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] and outputs[0].startswith("import")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "/no/such/folder"], "error: no such model folder: '/no/such/folder'"),
+    (["generate", "{empty}"], "is not a model folder (no config.json)"),
+    (["generate", "{model}", "--top-p", "1.5"], "need --temperature >= 0, 0 < --top-p <= 1 and --top-k >= 0"),
+])
+def test_bad_input_is_one_error_line(args, message, model_dir, tmp_path, capsys):
+    args = [a.format(empty=tmp_path, model=model_dir) for a in args]
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+
+
+def test_a_registered_command_gets_its_own_subcommand(capsys, monkeypatch):
+    monkeypatch.setattr(cli, "_COMMANDS", dict(cli._COMMANDS))
+
+    @cli.command("echo", "print a word")
+    def echo_command(parser):
+        parser.add_argument("word")
+        return lambda args: print(args.word * 2)
+
+    assert cli.main(["echo", "hi"]) == 0
+    assert capsys.readouterr().out == "hihi\n"
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    listed = capsys.readouterr().out
+    assert "echo" in listed and "generate" in listed
+
+
+def test_the_console_script_runs_as_a_module(model_dir):
+    command = [sys.executable, "-m", "kangpt.cli", "generate", str(model_dir), "--prompt", "def"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("def")

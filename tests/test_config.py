@@ -1,0 +1,209 @@
+"""Run configs: shipped files, overrides, validation errors, learning-rate schedule, run-folder decisions."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from accelerate.commands.config.config_args import load_config_from_file
+
+from kangpt import KANGPT2LMHeadModel, modeling_kangpt
+from kangpt.config import ConfigError, build_config, load_config, model_config, parse_args
+from kangpt.run_dir import RunDir, read_metrics
+from kangpt.training import learning_rate
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+SHIPPED = sorted(CONFIGS.glob("*.yaml"))
+
+
+def meta_parameter_count(config_path: Path, vocab_size: int = 50257) -> int:
+    """Parameters of the model a shipped config builds, counted without allocating them."""
+    with torch.device("meta"):
+        model = KANGPT2LMHeadModel(model_config(load_config(config_path), vocab_size=vocab_size))
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_the_shipped_configs_exist():
+    names = {p.stem for p in SHIPPED}
+    assert {"default", "gpt2-124m", "kangpt2-124m", "gpt2-355m", "kangpt2-355m"} <= names
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_every_shipped_config_loads_and_builds_a_model_config(path):
+    config = load_config(path)
+    model = model_config(config, vocab_size=50257)
+    assert config.data.block_size <= model.n_positions
+    assert config.train.out_dir.startswith("out/")
+
+
+def test_gpt2_configs_have_gpt2_shapes_and_kan_twins_match_their_size():
+    # GPT-2 small has 124,439,808 parameters and medium 354,823,168 (tied LM head, 1024 positions).
+    assert meta_parameter_count(CONFIGS / "gpt2-124m.yaml") == 124_439_808
+    assert meta_parameter_count(CONFIGS / "gpt2-355m.yaml") == 354_823_168
+    for size in ("124m", "355m"):
+        assert load_config(CONFIGS / f"gpt2-{size}.yaml").model["ffn_type"] == "mlp"
+        assert load_config(CONFIGS / f"kangpt2-{size}.yaml").model["ffn_type"] == "kan"
+        mlp, kan = (
+            meta_parameter_count(CONFIGS / f"gpt2-{size}.yaml"),
+            meta_parameter_count(CONFIGS / f"kangpt2-{size}.yaml"),
+        )
+        assert abs(kan - mlp) / mlp < 0.01
+
+
+@pytest.mark.parametrize(
+    "name, kind", [("ddp", "MULTI_GPU"), ("fsdp", "FSDP"), ("deepspeed-zero2", "DEEPSPEED")]
+)
+def test_accelerate_launch_configs_parse(name, kind):
+    launch = load_config_from_file(str(CONFIGS / "accelerate" / f"{name}.yaml"))
+    assert launch.distributed_type.value == kind
+    if kind == "FSDP":
+        wrapped = launch.fsdp_config["fsdp_transformer_layer_cls_to_wrap"]
+        assert wrapped == "KANGPT2Block" and hasattr(modeling_kangpt, wrapped)
+    if kind == "DEEPSPEED":
+        assert launch.deepspeed_config["zero_stage"] == 2
+
+
+def test_overrides_are_parsed_as_yaml_and_win_over_the_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  max_steps: 5\n  learning_rate: 1e-3\n")
+    config = parse_args(
+        [
+            str(path),
+            "--train.max_steps=7",
+            "--train.overwrite=true",
+            "--model.kan_grid_range=[-1, 1]",
+            "--data.dataset",
+            "corpus/*.txt",
+            "--train.resume=auto",
+            "--data.max_documents=null",
+        ]
+    )
+    assert config.train.max_steps == 7 and config.train.overwrite is True and config.train.resume == "auto"
+    assert config.train.learning_rate == pytest.approx(1e-3)  # PyYAML reads "1e-3" as a string
+    assert config.model == {"kan_grid_range": [-1, 1]}
+    assert config.data.dataset == "corpus/*.txt" and config.data.max_documents is None
+
+
+def test_default_config_is_used_without_a_config_argument(tmp_path):
+    default = tmp_path / "default.yaml"
+    default.write_text("train:\n  max_steps: 3\n")
+    assert parse_args(["--train.seed=1"], default_config=default).train.max_steps == 3
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"trian": {}}, "unknown section 'trian'"),
+        ({"train": {"max_step": 3}}, "unknown key train.max_step"),
+        ({"model": {"n_layers": 3}}, "unknown key model.n_layers"),
+        ({"model": {"eos_token_id": 3}}, "unknown key model.eos_token_id (set from the tokenizer)"),
+        ({"train": {"max_steps": "ten"}}, "train.max_steps must be int, got 'ten'"),
+        ({"train": {"overwrite": "maybe"}}, "train.overwrite must be bool"),
+        ({"data": {"block_size": 2.5}}, "data.block_size must be int"),
+        ({"model": {"n_layer": "four"}}, "model.n_layer must be int"),
+        ({"train": {"trackers": "tensorboard"}}, "train.trackers must be a list of str"),
+        ({"train": {"max_steps": 0}}, "train.max_steps must be > 0"),
+        ({"data": {"block_size": 2048}}, "data.block_size must be <= model.n_positions=1024"),
+        (
+            {"model": {"n_positions": 64}, "data": {"block_size": 128}},
+            "data.block_size must be <= model.n_positions=64",
+        ),
+        ({"model": {"n_embd": 100, "n_head": 3}}, "model: KANGPT2Config.n_head must divide n_embd=100"),
+        ({"train": {"trackers": ["tensorboard", "tensorbored"]}}, "train.trackers must name trackers among"),
+    ({"train": {"mixed_precision": "fp8"}}, "train.mixed_precision must be null, 'no', 'bf16' or 'fp16'"),
+        ({"train": "fast"}, "section 'train' must be a mapping"),
+    ],
+)
+def test_bad_values_name_the_key(raw, message):
+    with pytest.raises(ConfigError) as err:
+        build_config(raw)
+    assert message in str(err.value)
+
+
+def test_malformed_and_missing_files_are_reported_with_their_name(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  max_steps: 3\n   seed: [1\n")
+    with pytest.raises(ConfigError, match=r"malformed YAML in '.*bad.yaml' at line 3"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match=r"cannot read config '.*missing.yaml'"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="overrides look like --section.key=value"):
+        parse_args([str(tmp_path / "missing.yaml"), "max_steps=3"])
+
+
+def test_learning_rate_warms_up_linearly_then_follows_a_cosine_to_the_minimum():
+    cfg = build_config(
+        {"train": {"learning_rate": 1.0, "min_learning_rate": 0.1, "warmup_steps": 10, "max_steps": 110}}
+    ).train
+    assert learning_rate(0, cfg) == pytest.approx(0.1)
+    assert learning_rate(4, cfg) == pytest.approx(0.5)
+    assert learning_rate(10, cfg) == pytest.approx(1.0)  # end of warmup: the peak
+    assert learning_rate(60, cfg) == pytest.approx(
+        0.55
+    )  # half-way through the decay: the mean of peak and minimum
+    assert learning_rate(110, cfg) == pytest.approx(0.1)
+    assert all(learning_rate(s, cfg) >= learning_rate(s + 1, cfg) for s in range(10, 120))
+
+
+def make_run(path: Path, **train) -> RunDir:
+    """A run folder holding run.yaml of a default config with ``train`` overrides, and two checkpoints."""
+    config = build_config({"train": {"out_dir": str(path), **train}})
+    run = RunDir(path)
+    run.start(config, resumed_at=None)
+    for step in (5, 10):
+        run.checkpoint(step).mkdir(parents=True)
+    (run.checkpoints / ".tmp-step-000015").mkdir()  # half-written: never the latest
+    return run
+
+
+def test_run_folder_start_up_decisions(tmp_path):
+    out = tmp_path / "run"
+
+    def plan(**train):
+        return RunDir(out).plan(build_config({"train": {"out_dir": str(out), **train}}))
+
+    assert plan() is None  # no folder yet: fresh start
+    run = make_run(out)
+    assert run.latest_checkpoint() == run.checkpoint(10)
+    assert plan(resume="auto") == run.checkpoint(10)
+    assert plan(resume="auto", max_steps=5000) == run.checkpoint(10)  # training longer is the same run
+    assert plan(resume=str(run.checkpoint(5))) == run.checkpoint(5)
+    assert plan(overwrite=True) is None
+    with pytest.raises(
+        ConfigError, match="already holds this run .latest checkpoint: step-000010.; continue it"
+    ):
+        plan()
+    with pytest.raises(ConfigError, match=r"holds a different run \(train.seed: 1337 -> 1\)"):
+        plan(resume="auto", seed=1)
+    with pytest.raises(ConfigError, match="is not a checkpoint folder"):
+        plan(resume=str(tmp_path / "nowhere"))
+    with pytest.raises(ConfigError, match="exclude each other"):
+        plan(resume="auto", overwrite=True)
+
+
+def test_a_folder_of_something_else_is_never_used(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    config = build_config({"train": {"out_dir": str(tmp_path), "overwrite": True}})
+    with pytest.raises(ConfigError, match="is not empty and holds no kangpt run"):
+        RunDir(tmp_path).plan(config)
+
+
+def test_overwriting_removes_only_what_a_run_writes(tmp_path):
+    run = make_run(tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
+    run.metrics.write_text('{"step": 1}\n')
+    replacement = build_config({"train": {"out_dir": str(tmp_path), "overwrite": True, "seed": 1}})
+    run.start(replacement, resumed_at=None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "run.yaml"]
+    assert yaml.safe_load((tmp_path / "run.yaml").read_text())["train"]["seed"] == 1
+
+
+def test_resuming_drops_the_metrics_of_steps_after_the_checkpoint(tmp_path):
+    run = make_run(tmp_path / "run")
+    run.metrics.write_text("".join(f'{{"step": {step}, "loss": 1.0}}\n' for step in range(1, 8)))
+    run.start(build_config({"train": {"out_dir": str(run.path), "resume": "auto"}}), resumed_at=5)
+    assert [r["step"] for r in read_metrics(run.metrics)] == [1, 2, 3, 4, 5]
+    assert run.latest_checkpoint() == run.checkpoint(10)  # checkpoints are kept
+    elsewhere = RunDir(tmp_path / "new" / "run")  # resuming from a checkpoint path into a new folder
+    elsewhere.start(build_config({"train": {"out_dir": str(elsewhere.path)}}), resumed_at=10)
+    assert (elsewhere.path / "run.yaml").is_file() and read_metrics(elsewhere.metrics) == []

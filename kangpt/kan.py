@@ -46,8 +46,11 @@ def _fp32_features(method):
 
     @functools.wraps(method)
     def wrapper(self, x, *args, **kwargs):
+        x = x.to(_compute_dtype(x))
+        if not torch.is_autocast_enabled(x.device.type):
+            return method(self, x, *args, **kwargs)
         with torch.autocast(x.device.type, enabled=False):
-            return method(self, x.to(_compute_dtype(x)), *args, **kwargs)
+            return method(self, x, *args, **kwargs)
 
     return wrapper
 
@@ -152,6 +155,7 @@ class BSplineBasis(SplineBasis):
         self.spline_order = spline_order
         self.step = (self.grid_range[1] - self.grid_range[0]) / grid_size
         self._pieces = _cardinal_bspline_pieces(spline_order)
+        self._cache = {}
         k = spline_order
         self._folded = [(-1) ** m * math.comb(k + 1, m) / math.factorial(k) for m in range((k + 2) // 2)]
 
@@ -164,33 +168,37 @@ class BSplineBasis(SplineBasis):
         v = torch.minimum(u, (k + 1) - u)
         return sum(coef * (v - m).clamp(min=0).pow(k) for m, coef in enumerate(self._folded))
 
-    def _local(self, x):
-        """Columns of the k + 1 non-zero functions at x, their validity, and powers of t."""
-        k, n_fun = self.spline_order, self.num_functions
-        z = ((x - self.grid_range[0]) / self.step + k).clamp_(-1.0, n_fun + k)  # outside: all zero
-        c = z.floor()
-        t = z - c  # (..., in) in [0, 1)
-        powers = [torch.ones_like(t), t]
-        for _ in range(2, k + 1):
-            powers.append(powers[-1] * t)
-        powers = torch.stack(powers[: k + 1], dim=-1)  # (..., in, k + 1): 1, t, ..., t^k
-        cols = c.to(torch.int64).unsqueeze(-1) - torch.arange(k + 1, device=x.device)  # B_{c-m}
-        valid = ((cols >= 0) & (cols < n_fun)).to(x.dtype)
-        return cols.clamp_(0, n_fun - 1), valid, powers
+    def _constants(self, x):
+        """Small per-(device, dtype) tensors of the fast path, built once."""
+        key = (x.device, x.dtype)
+        if key not in self._cache:
+            k = self.spline_order
+            pieces = torch.tensor(self._pieces, device=x.device, dtype=x.dtype)  # (k + 1, k + 1): P_m coefs
+            slopes = torch.arange(1, k + 1, device=x.device, dtype=x.dtype) * pieces[:, 1:] / self.step
+            self._cache[key] = (
+                torch.arange(k + 1, device=x.device),  # m = 0..k
+                pieces.t().contiguous(),
+                slopes.t().contiguous(),  # (k, k + 1): coefficients of P_m' / h
+            )
+        return self._cache[key]
 
     def _write(self, x, out, vjp):
-        pieces = torch.tensor(self._pieces, device=x.device, dtype=x.dtype)  # (k + 1, k + 1): P_m coefs
-        cols, valid, powers = self._local(x)
-        values = (powers @ pieces.t()).mul_(valid)  # (..., in, k + 1): B_{c-m}(x)
-        out.zero_().scatter_add_(-1, cols, values)  # invalid entries add 0 to a clamped column
+        k, n_fun = self.spline_order, self.num_functions
+        shifts, pieces_t, slopes_t = self._constants(x)
+        z = (x * (1 / self.step)).add_(k - self.grid_range[0] / self.step)  # (..., in): (x - a) / h + k
+        c = z.clamp_(-1.0, n_fun + k).floor()  # beyond these bounds every function is zero anyway
+        powers = torch.linalg.vander(z.sub_(c), N=max(k + 1, 2))[..., : k + 1]  # (..., in, k + 1): t^0..t^k
+        cols = c.to(torch.int64).unsqueeze(-1) - shifts  # column of B_{c-m}
+        clamped = cols.clamp(0, n_fun - 1)
+        valid = clamped == cols
+        values = (powers @ pieces_t).mul_(valid)  # (..., in, k + 1): B_{c-m}(x)
+        out.zero_().scatter_add_(-1, clamped, values)  # invalid entries add 0 to a clamped column
         if not vjp:
             return None
-        k = self.spline_order
-        slopes = torch.arange(1, k + 1, device=x.device, dtype=x.dtype) * pieces[:, 1:] / self.step  # P_m'/h
-        dvalues = (powers[..., :k] @ slopes.t()).mul_(valid)  # (..., in, k + 1)
+        dvalues = (powers[..., :k] @ slopes_t).mul_(valid)  # (..., in, k + 1): B_{c-m}'(x)
 
         def spline_vjp(grad_values):  # (..., in, K) -> (..., in)
-            return (grad_values.gather(-1, cols) * dvalues).sum(-1)
+            return (grad_values.gather(-1, clamped) * dvalues).sum(-1)
 
         return spline_vjp
 
@@ -376,6 +384,27 @@ def _feature_buffer(x: torch.Tensor, basis: nn.Module, chunk: int) -> torch.Tens
     )
 
 
+def _matmul_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The autocast dtype where autocast is on (as ``nn.Linear`` would use), else the weight's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return weight.dtype
+
+
+def _forward_chunks(x, weight, bias, basis, chunk, dtype) -> torch.Tensor:
+    """(tokens, in) -> (tokens, out): features of ``chunk`` tokens at a time, one matmul each."""
+    w = weight.to(dtype)
+    out = torch.empty(x.shape[0], weight.shape[0], device=x.device, dtype=dtype)
+    buf = _feature_buffer(x, basis, chunk)
+    for s in range(0, x.shape[0], chunk):
+        xc = x[s : s + chunk]
+        feats = basis.features_into(xc, buf[: len(xc)])  # (n, in, F)
+        torch.matmul(feats.flatten(1).to(dtype), w.t(), out=out[s : s + chunk])
+    if bias is not None:
+        out += bias.to(dtype)
+    return out
+
+
 class _KANLinearFunction(torch.autograd.Function):
     """``y = features(x) @ weight.T + bias``, saving only ``x``; features are recomputed in backward.
 
@@ -385,23 +414,10 @@ class _KANLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, basis, chunk, *basis_params):
-        dtype = (
-            torch.get_autocast_dtype(x.device.type)
-            if torch.is_autocast_enabled(x.device.type)
-            else weight.dtype
-        )
-        w = weight.to(dtype)
-        out = torch.empty(x.shape[0], weight.shape[0], device=x.device, dtype=dtype)
-        buf = _feature_buffer(x, basis, chunk)
-        for s in range(0, x.shape[0], chunk):
-            xc = x[s : s + chunk]
-            feats = basis.features_into(xc, buf[: len(xc)])  # (n, in, F)
-            torch.matmul(feats.flatten(1).to(dtype), w.t(), out=out[s : s + chunk])
-        if bias is not None:
-            out += bias.to(dtype)
+        dtype = _matmul_dtype(x, weight)
         ctx.save_for_backward(x, weight, bias, *basis_params)
         ctx.basis, ctx.chunk, ctx.dtype = basis, chunk, dtype
-        return out
+        return _forward_chunks(x, weight, bias, basis, chunk, dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -577,17 +593,15 @@ class KANLinear(nn.Module):
             )
         lead = x.shape[:-1]
         x2d = x.reshape(-1, self.in_features)
-        if torch.compiler.is_compiling():  # let Inductor fuse (and rematerialise) the features
-            dtype = (
-                torch.get_autocast_dtype(x.device.type)
-                if torch.is_autocast_enabled(x.device.type)
-                else self.weight.dtype
-            )
+        dtype = _matmul_dtype(x, self.weight)
+        params = tuple(self.basis.parameters())
+        if torch.compiler.is_compiling():  # let Inductor fuse the features into its kernels
             feats = self.basis.features(x2d).flatten(1).to(dtype)
             out = F.linear(feats, self.weight.to(dtype), None if self.bias is None else self.bias.to(dtype))
-        else:
-            params = tuple(self.basis.parameters())
+        elif torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
             out = _KANLinearFunction.apply(x2d, self.weight, self.bias, self.basis, self._chunk(), *params)
+        else:  # inference: the same computation without autograd bookkeeping
+            out = _forward_chunks(x2d, self.weight, self.bias, self.basis, self._chunk(), dtype)
         return out.view(*lead, self.out_features)
 
     def edge_functions(self, x: torch.Tensor) -> torch.Tensor:

@@ -23,19 +23,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
-import subprocess
-import sys
-import time
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kangpt.kan import BASES, KANFeedForward, kan_block_hidden_size
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from kangpt.measure import (
+    DTYPES,
+    PeakMemory,
+    SavedTensorBytes,
+    autocast,
+    interleaved_median_times,
+    run_fresh_process,
+)
 
 
 class NaiveKANLinear(nn.Module):
@@ -84,97 +86,30 @@ def build(name: str, d: int) -> nn.Module:
     return KANFeedForward(d, d, h, basis=name)
 
 
-def saved_bytes(model, x, autocast) -> int:
+def saved_bytes(model, x, dtype) -> int:
     """Bytes of the tensors autograd keeps for backward (each storage once, parameters excluded)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast():
+    with SavedTensorBytes(model.parameters()) as saved, autocast(x.device, dtype):
         model(x).float().sum()
-    return sum(seen.values())
+    return saved.bytes
 
 
-def step(model, x, autocast):
-    with autocast():
+def step(model, x, dtype):
+    """One forward + backward of ``model`` on ``x`` (autocast to ``dtype``)."""
+    with autocast(x.device, dtype):
         loss = model(x).float().pow(2).mean()
     loss.backward()
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def peak_bytes(model, x, dtype) -> int:
+    """Memory growth during one step: on CUDA in this process, on CPU only in a fresh one."""
+    with PeakMemory(x.device) as peak:
+        step(model, x, dtype)
+    return peak.growth
 
 
-def peak_bytes_cuda(model, x, autocast) -> int:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    step(model, x, autocast)
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - before
-
-
-def peak_bytes_cpu_child(args, name) -> int:
-    """Run one step of ``name`` in a fresh process and return its peak RSS growth in bytes."""
-    cmd = [
-        sys.executable,
-        __file__,
-        "--peak-child",
-        name,
-        "--tokens",
-        str(args.tokens),
-        "--width",
-        str(args.width),
-        "--dtype",
-        args.dtype,
-        "--seed",
-        str(args.seed),
-    ]
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
-    return int(out.stdout.strip().splitlines()[-1])
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak RSS (VmHWM; unlike ru_maxrss it is not inherited across exec)."""
-    with open("/proc/self/status") as f:
-        line = next(line for line in f if line.startswith("VmHWM:"))
-    return int(line.split()[1]) * 1024
-
-
-def make_inputs(args, device):
+def make_input(args, device):
     torch.manual_seed(args.seed)
-    x = torch.randn(args.tokens, args.width, device=device, requires_grad=True)
-    dtype = DTYPES[args.dtype]
-
-    def autocast():
-        return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-
-    return x, autocast
-
-
-def peak_child(args):
-    """Child process: one warm-free step of one block, print peak RSS growth (bytes)."""
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    device = torch.device("cpu")
-    x, autocast = make_inputs(args, device)
-    model = build(args.peak_child, args.width)
-    with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current RSS
-        f.write("5")
-    before = rss_bytes()
-    step(model, x, autocast)
-    print(max(0, peak_rss_bytes() - before))
+    return torch.randn(args.tokens, args.width, device=device, requires_grad=True)
 
 
 def main(argv=None):
@@ -195,36 +130,45 @@ def main(argv=None):
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--peak-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.peak_child:
-        return peak_child(args)
+    dtype = DTYPES[args.dtype]
+    if args.peak_child:  # a fresh process measuring one step of one block (CPU peak RSS)
+        x = make_input(args, torch.device("cpu"))
+        print(peak_bytes(build(args.peak_child, args.width), x, dtype))
+        return
 
     device = torch.device(args.device)
     names = args.models.split(",")
     if names[0] != "mlp":
         parser.error("--models must start with mlp (the reference of every ratio)")
-    x, autocast = make_inputs(args, device)
+    x = make_input(args, device)
     models = {n: build(n, args.width).to(device) for n in names}
     runners = {n: (torch.compile(m) if args.compile else m) for n, m in models.items()}
 
     rows = {n: {"params": sum(p.numel() for p in m.parameters())} for n, m in models.items()}
     for n, m in runners.items():
         for _ in range(2):  # warm-up (and compilation)
-            step(m, x, autocast)
-        rows[n]["saved"] = saved_bytes(m, x, autocast)
-        if device.type == "cuda":
-            rows[n]["peak"] = peak_bytes_cuda(m, x, autocast)
-    times = {n: [] for n in names}
-    for _ in range(args.repeats):  # interleaved, so drift in machine load hits every row alike
-        for n, m in runners.items():
-            sync(device)
-            t0 = time.perf_counter()
-            step(m, x, autocast)
-            sync(device)
-            times[n].append(time.perf_counter() - t0)
+            step(m, x, dtype)
+        rows[n]["saved"] = saved_bytes(m, x, dtype)
+        rows[n]["peak"] = peak_bytes(m, x, dtype) if device.type == "cuda" else None
+    times = interleaved_median_times(
+        {n: partial(step, m, x, dtype) for n, m in runners.items()}, args.repeats, device, warmup=0
+    )
     for n in names:
-        rows[n]["time"] = statistics.median(times[n])
-        if device.type == "cpu":
-            rows[n]["peak"] = None if args.compile else peak_bytes_cpu_child(args, n)
+        rows[n]["time"] = times[n]
+        if device.type == "cpu" and not args.compile:
+            child = [
+                "--peak-child",
+                n,
+                "--tokens",
+                str(args.tokens),
+                "--width",
+                str(args.width),
+                "--dtype",
+                args.dtype,
+                "--seed",
+                str(args.seed),
+            ]
+            rows[n]["peak"] = int(run_fresh_process([__file__, *child]).strip().splitlines()[-1])
 
     ref = rows["mlp"]
     peak_kind = "CUDA max_memory_allocated" if device.type == "cuda" else "peak RSS of a fresh process"

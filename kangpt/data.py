@@ -58,7 +58,7 @@ _BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "par
 _STDLIB_SKIP = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
 # Everything that determines the trained BPE besides its texts and vocabulary size (part of the cache key).
 _BPE_SETTINGS = {"format": 1, "model": "bpe", "pre_tokenizer": "byte_level", "add_prefix_space": False,
-                 "special_tokens": [EOT], "min_frequency": 2}
+                 "special_tokens": [EOT], "min_frequency": 2, "padding_side": "left"}
 _BATCH_DOCS = 1000  # documents per tokenization batch
 
 
@@ -332,7 +332,8 @@ def _train_bpe(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
     )
     tokenizer.train_from_iterator(texts, trainer=trainer, length=len(texts))
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=EOT, eos_token=EOT, unk_token=EOT,
-                                   pad_token=EOT, clean_up_tokenization_spaces=False)
+                                   pad_token=EOT, clean_up_tokenization_spaces=False,
+                                   padding_side="left")  # batched generation pads on the left
 
 
 def _save_atomically(tokenizer: PreTrainedTokenizerFast, path: Path) -> None:

@@ -267,6 +267,8 @@ def test_bpe_save_and_reload_with_auto_tokenizer(tokenizer, tmp_path):
     for s in ROUND_TRIP:
         assert reloaded.encode(s, add_special_tokens=False) == tokenizer.encode(s, add_special_tokens=False)
     assert reloaded.eos_token_id == tokenizer.eos_token_id and reloaded.pad_token == EOT
+    batch = reloaded(["a", "a longer text"], padding=True).input_ids  # left padding, for generation
+    assert batch[0][0] == reloaded.pad_token_id and batch[0][-1] != reloaded.pad_token_id
 
 
 def test_pretrained_spec_gets_pad_token_from_eos(tmp_path):

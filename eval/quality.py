@@ -37,7 +37,7 @@ from kangpt import training
 from kangpt.config import ConfigError, RunConfig, build_config, load_config, model_config
 from kangpt.data import DataError
 from kangpt.kan import BASES
-from kangpt.measure import MALLOC_ENV, MiB, peak_rss_bytes, reset_peak_rss, rss_bytes
+from kangpt.measure import MiB, peak_rss_bytes, reset_peak_rss, rss_bytes
 from kangpt.modeling_kangpt import KANGPT2LMHeadModel
 from kangpt.report import parameter_counts
 from kangpt.run_dir import read_metrics
@@ -118,12 +118,10 @@ def run_model(name: str, config: RunConfig, out: Path) -> dict:
     path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     print(f"\n=== {LABELS[name]}: python train.py {path} ===", file=sys.stderr, flush=True)
     start = time.perf_counter()
-    pid = os.spawnve(
-        os.P_NOWAIT,
-        sys.executable,
-        [sys.executable, __file__, "--child", str(path)],
-        {**os.environ, **MALLOC_ENV},
-    )
+    # The default allocator, not kangpt.measure.MALLOC_ENV: returning every freed block to the system
+    # would make the page faults, not the models, set the tokens/s.
+    argv = [sys.executable, __file__, "--child", str(path)]
+    pid = os.spawnve(os.P_NOWAIT, sys.executable, argv, os.environ)
     _, status, usage = os.wait4(pid, 0)
     wall = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:

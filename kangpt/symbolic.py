@@ -42,7 +42,6 @@ recedes.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -342,18 +341,6 @@ def _fit_one(name, cand, x, y, stats, iterations) -> SymbolicFit | None:
     return SymbolicFit(name, a_x, b_x, c.item() * sy, d.item() * sy + my, r2, cand.complexity, cand)
 
 
-@contextlib.contextmanager
-def _one_thread():
-    """Run torch single-threaded: the fit is many small ops, for which thread hand-offs cost more
-    than they save (on a busy machine, a lot more)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _rank(fits: list[SymbolicFit], r2_margin: float) -> list[SymbolicFit]:
     """Order fits by R^2, preferring simpler fits within ``r2_margin`` (see the module docstring)."""
     remaining, ranked = list(fits), []
@@ -409,7 +396,6 @@ def fit_symbolic(
     ys = torch.zeros_like(y) if constant else (y - my) / sy
     xs = (x - mx) / sx
     stats = (mx, sx, my, sy if not constant else 1.0, x)
-    with _one_thread():
-        fits = [_fit_one(name, cand, xs, ys, stats, iterations) for name, cand in candidates.items()]
+    fits = [_fit_one(name, cand, xs, ys, stats, iterations) for name, cand in candidates.items()]
     ranked = _rank([fit for fit in fits if fit is not None], r2_margin)
     return ranked[:top_k]

@@ -239,14 +239,12 @@ def test_many_points_numpy_input_and_no_grad():
     assert (fits[0].a, fits[0].b) == pytest.approx((1.5, 0.2), abs=1e-3)
 
 
-def test_kan_edge_functions_and_thread_count():
+def test_kan_edge_functions():
     torch.manual_seed(0)
     layer = KANLinear(2, 3)
     x = torch.linspace(-2, 2, 200)
     phi = layer.edge_functions(x)[:, 1, 0]  # requires grad: fit_symbolic must detach it
-    threads = torch.get_num_threads()
     fits = fit_symbolic(x, phi)
-    assert torch.get_num_threads() == threads
     assert all(isinstance(f, SymbolicFit) and math.isfinite(f.r2) for f in fits)
     assert fits[0].r2 > 0.9  # a freshly initialised edge is close to w * silu(x)
     assert (fits[0](x) - phi.detach().double()).abs().max() < 0.5 * phi.detach().std()

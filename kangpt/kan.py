@@ -39,6 +39,14 @@ BASES = ("bspline", "rbf", "chebyshev", "rational")
 _CHUNK_ELEMENTS = 2 << 20  # 8 MB of fp32: on CPU, faster than 1M, with a lower peak than 4M
 
 
+# E[silu(z)^2] for z ~ N(0, 1), by quadrature; used for variance-preserving initialisation.
+_z = torch.linspace(-12, 12, 48001, dtype=torch.float64, device="cpu")
+_SILU_SECOND_MOMENT = float(
+    torch.trapezoid(F.silu(_z) ** 2 * torch.exp(-_z * _z / 2) / math.sqrt(2 * math.pi), _z)
+)
+del _z
+
+
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """Features are evaluated in at least fp32 (bf16/fp16 inputs are upcast, fp64 is kept)."""
     return torch.promote_types(x.dtype, torch.float32)
@@ -703,14 +711,6 @@ class KANLinear(nn.Module):
             s += f", grid_size={self.grid_size}, spline_order={self.spline_order}"
             s += f", grid_range={self.grid_range}"
         return s + f", bias={self.bias is not None}"
-
-
-# E[silu(z)^2] for z ~ N(0, 1), by quadrature; used for variance-preserving initialisation.
-_z = torch.linspace(-12, 12, 48001, dtype=torch.float64, device="cpu")
-_SILU_SECOND_MOMENT = float(
-    torch.trapezoid(F.silu(_z) ** 2 * torch.exp(-_z * _z / 2) / math.sqrt(2 * math.pi), _z)
-)
-del _z
 
 
 class KANFeedForward(nn.Module):

@@ -9,8 +9,9 @@ intermediate), one run measures:
 - bytes saved for backward, counted with ``torch.autograd.graph.saved_tensors_hooks`` (each storage
   once, parameters excluded);
 - peak memory of one forward + backward above what was held before it: ``max_memory_allocated``
-  on CUDA; on CPU the peak resident set size of a fresh process running one step (glibc is told to
-  return large blocks at once, so the figure follows what tensors really hold).
+  on CUDA; on CPU the peak resident set size of a fresh process running one step (with
+  ``--compile``, one step after compilation and warm-up; glibc is told to return large blocks at
+  once, so the figure follows what tensors really hold).
 
 Everything is printed as one table, with every figure also as a ratio to the MLP.
 
@@ -133,7 +134,14 @@ def main(argv=None):
     dtype = DTYPES[args.dtype]
     if args.peak_child:  # a fresh process measuring one step of one block (CPU peak RSS)
         x = make_input(args, torch.device("cpu"))
-        print(peak_bytes(build(args.peak_child, args.width), x, dtype))
+        model = build(args.peak_child, args.width)
+        runner = torch.compile(model) if args.compile else model
+        if args.compile:  # compile and warm up first, then measure a step that starts from no grads
+            for _ in range(2):
+                step(runner, x, dtype)
+            model.zero_grad(set_to_none=True)
+            x.grad = None
+        print(peak_bytes(runner, x, dtype))
         return
 
     device = torch.device(args.device)
@@ -155,7 +163,7 @@ def main(argv=None):
     )
     for n in names:
         rows[n]["time"] = times[n]
-        if device.type == "cpu" and not args.compile:
+        if device.type == "cpu":
             child = [
                 "--peak-child",
                 n,
@@ -167,6 +175,7 @@ def main(argv=None):
                 args.dtype,
                 "--seed",
                 str(args.seed),
+                *(["--compile"] if args.compile else []),
             ]
             rows[n]["peak"] = int(run_fresh_process([__file__, *child]).strip().splitlines()[-1])
 

@@ -312,3 +312,24 @@ def test_torch_compile_matches_eager_and_keeps_only_the_input():
         compiled(x).sum()
     feature_bytes = 64 * 16 * layer.num_features * 4
     assert sum(saved.values()) < feature_bytes / 2  # the input (and small bookkeeping), no features
+
+
+def test_rational_matches_the_group_formula():
+    """Every input goes through its group's P(x) / (1 + |Q(x)|), written out term by term."""
+    torch.manual_seed(4)
+    layer = KANLinear(6, 2, basis="rational", rational_groups=3, rational_order=(3, 2)).double()
+    with torch.no_grad():
+        layer.basis.numerator.normal_()
+        layer.basis.denominator.normal_()
+    x = 2 * torch.randn(5, 6, dtype=torch.float64)
+    a, b = layer.basis.numerator.tolist(), layer.basis.denominator.tolist()
+    expected = torch.empty(5, 6, dtype=torch.float64)
+    for t in range(5):
+        for i in range(6):
+            g, v = i // 2, x[t, i].item()
+            p = sum(c * v**power for power, c in enumerate(a[g]))
+            q = sum(c * v ** (power + 1) for power, c in enumerate(b[g]))
+            expected[t, i] = p / (1 + abs(q))
+    torch.testing.assert_close(layer.basis.features(x)[..., 0], expected, rtol=1e-12, atol=1e-12)
+    fast = layer.basis.features_into(x, torch.empty(5, 6, 1, dtype=torch.float64))
+    torch.testing.assert_close(fast[..., 0], expected, rtol=1e-12, atol=1e-12)

@@ -39,6 +39,7 @@ from kangpt.data import DataError
 from kangpt.kan import BASES
 from kangpt.measure import MiB, peak_rss_bytes, reset_peak_rss, rss_bytes
 from kangpt.modeling_kangpt import KANGPT2LMHeadModel
+from kangpt.plotting import new_figure
 from kangpt.report import parameter_counts
 from kangpt.run_dir import read_metrics
 
@@ -217,13 +218,10 @@ def markdown(results: dict) -> str:
 def plot_curves(results: dict, path: Path) -> bool:
     """Validation loss against training tokens, one line per model; False without matplotlib."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+        fig = new_figure(7, 4.5, layout=None)
+    except ModuleNotFoundError:
         return False
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax = fig.subplots()
     for row in results["models"].values():
         tokens, losses = zip(*row["curve"], strict=True)
         ax.plot([t / 1e6 for t in tokens], losses, "o-", markersize=3, label=row["label"])
@@ -237,7 +235,6 @@ def plot_curves(results: dict, path: Path) -> bool:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return True
 
 

@@ -60,6 +60,7 @@ from .measure import (
     training_state_bytes,
 )
 from .modeling_kangpt import KANGPT2LMHeadModel
+from .plotting import new_figure
 from .report import parameter_counts
 
 # Shapes. The GPT-2 ones are OpenAI's (vocabulary 50257, 1024 positions); "mini" is GPT-2 scaled
@@ -396,19 +397,17 @@ def ratios_to_gpt2(results: dict) -> dict:
 
 def plot(results: dict, out: Path) -> list[Path]:
     """Bar charts of parameters, memory and speed; returns the files written (none without matplotlib)."""
+    table = results["parameters"]
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no charts (pip install 'kangpt[plot]')", file=sys.stderr)
+        fig = new_figure(3.2 * len(table), 4, layout=None)
+    except ModuleNotFoundError as err:
+        print(f"{err} (no charts written)", file=sys.stderr)
         return []
+    from matplotlib.patches import Rectangle  # matplotlib is there: new_figure checked
+
     written = []
     colors = {"gpt2": "tab:gray", "kan": "tab:blue", "kan-wide": "tab:orange"}
-
-    table = results["parameters"]
-    fig, axes = plt.subplots(1, len(table), figsize=(3.2 * len(table), 4), squeeze=False)
+    axes = fig.subplots(1, len(table), squeeze=False)
     for ax, (size, rows) in zip(axes[0], table.items(), strict=True):
         names = list(rows)
         bottom = [0.0] * len(names)
@@ -427,12 +426,12 @@ def plot(results: dict, out: Path) -> list[Path]:
         ax.set_title(size)
         ax.set_ylabel("parameters (millions)")
     handles = [
-        plt.Rectangle((0, 0), 1, 1, facecolor="lightgray", hatch=h, edgecolor="white")
+        Rectangle((0, 0), 1, 1, facecolor="lightgray", hatch=h, edgecolor="white")
         for h in ("", "//", "..", "xx")
     ]
     fig.legend(handles, PARTS[:-1], loc="upper center", ncol=4)
     fig.tight_layout(rect=(0, 0, 1, 0.92))
-    written.append(_save(fig, out / "parameters.png", plt))
+    written.append(_save(fig, out / "parameters.png"))
 
     if "memory" in results:
         names = list(results["memory"])
@@ -449,18 +448,19 @@ def plot(results: dict, out: Path) -> list[Path]:
         }
         a = results["args"]
         title = f"{a['size']}, batch {a['batch']} × {a['seq_len']} tokens, {a['dtype']}, {a['device']}"
-        written.append(_bars(figures, names, colors, "MiB", title, out / "memory.png", plt))
+        written.append(_bars(figures, names, colors, "MiB", title, out / "memory.png"))
         speed = {
             "training tokens/s": [results["speed"][n]["train_tokens_per_s"] for n in names],
             "generation tokens/s": [results["speed"][n]["generate_tokens_per_s"] for n in names],
         }
-        written.append(_bars(speed, names, colors, "tokens/s", title, out / "speed.png", plt))
+        written.append(_bars(speed, names, colors, "tokens/s", title, out / "speed.png"))
     return written
 
 
-def _bars(figures: dict, names: list[str], colors: dict, unit: str, title: str, path: Path, plt) -> Path:
+def _bars(figures: dict, names: list[str], colors: dict, unit: str, title: str, path: Path) -> Path:
     """One bar chart per figure, each bar labelled with its ratio to the first (GPT-2)."""
-    fig, axes = plt.subplots(1, len(figures), figsize=(3.2 * len(figures), 3.9), squeeze=False)
+    fig = new_figure(3.2 * len(figures), 3.9, layout=None)
+    axes = fig.subplots(1, len(figures), squeeze=False)
     fig.suptitle(title, fontsize=10)
     for ax, (figure, values) in zip(axes[0], figures.items(), strict=True):
         bars = ax.bar(names, values, color=[colors[n] for n in names])
@@ -475,12 +475,11 @@ def _bars(figures: dict, names: list[str], colors: dict, unit: str, title: str, 
         ax.set_title(figure, fontsize=10)
         ax.set_ylabel(unit)
     fig.tight_layout()
-    return _save(fig, path, plt)
+    return _save(fig, path)
 
 
-def _save(fig, path: Path, plt) -> Path:
+def _save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 

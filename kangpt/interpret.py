@@ -57,6 +57,7 @@ from torch import nn
 from .cli import CommandError, command
 from .data import DataError, load_documents, pack_documents
 from .kan import KANLinear, RationalBasis
+from .plotting import new_figure
 from .run_dir import publish, remove, temporary_name
 from .symbolic import LIBRARY, Candidate, fit_symbolic
 
@@ -85,7 +86,6 @@ _F64 = torch.float64
 _FEATURE_CHUNK = 1 << 22  # feature elements per chunk when accumulating statistics
 _PLOT_POINTS = 200  # points per drawn edge function
 _PLOT_QUANTILES = (0.001, 0.999)  # the drawn input range: these quantiles of the sample inputs
-_PLOT_HINT = "plotting needs matplotlib: pip install 'kangpt[plot]'"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -442,18 +442,6 @@ def _write_symbolic_report(folder: Path, kan: KANLinear, edges: list[dict], bloc
 # Plots
 
 
-def _figure(width: float, height: float):
-    """A matplotlib Figure drawn by the Agg canvas (no pyplot, no global backend change)."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ModuleNotFoundError as err:
-        raise ModuleNotFoundError(_PLOT_HINT) from err
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
 def _seen_range(seen: torch.Tensor) -> torch.Tensor:
     """(_PLOT_POINTS,) points spanning the 0.1%-99.9% quantiles of sample inputs (width 1 if constant)."""
     seen = seen[_sample_mask(len(seen), 1 << 20, 0)]  # torch.quantile takes at most 2^24 values
@@ -490,7 +478,7 @@ def plot_edges(
     edges = rank_edges(edge_importance(layer, stats), top_k)
     cols = min(4, len(edges))
     rows = math.ceil(len(edges) / cols)
-    fig = _figure(3.6 * cols, 3.2 * rows)
+    fig = new_figure(3.6 * cols, 3.2 * rows)
     grid = fig.add_gridspec(rows, cols)
     for n, edge in enumerate(edges):
         i, j = edge["input"], edge["output"]
@@ -538,7 +526,7 @@ def plot_importance(
     positive = shown[shown > 0]
     vmax = positive.max().item() if len(positive) else 1.0
     vmin = max(positive.min().item() if len(positive) else vmax, vmax * 1e-4)
-    fig = _figure(min(14.0, 3 + 0.08 * len(cols)), min(10.0, 2.5 + 0.08 * len(rows)))
+    fig = new_figure(min(14.0, 3 + 0.08 * len(cols)), min(10.0, 2.5 + 0.08 * len(rows)))
     from matplotlib.colors import LogNorm  # matplotlib is there: _figure checked
 
     ax = fig.add_subplot()
@@ -571,7 +559,7 @@ def _plot_groups(layer: KANLinear, stats: LayerStats, path: Path) -> Path:
     """The group functions ``R_g`` of a rational layer over the range of their pooled inputs."""
     size = layer.basis.group_size
     cols = min(4, layer.basis.groups)
-    fig = _figure(3.2 * cols, 2.6 * math.ceil(layer.basis.groups / cols))
+    fig = new_figure(3.2 * cols, 2.6 * math.ceil(layer.basis.groups / cols))
     axes = fig.subplots(math.ceil(layer.basis.groups / cols), cols, squeeze=False).flatten()
     for g in range(layer.basis.groups):
         x = _seen_range(stats.samples[:, g * size : (g + 1) * size].flatten().to(_F64))
@@ -830,7 +818,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
         raise CommandError(f"output folder {str(out)!r} is not empty; pass --overwrite to replace it")
     try:
-        _figure(1, 1)
+        new_figure(1, 1)
     except ModuleNotFoundError as err:
         raise CommandError(str(err)) from err
     logging.disable_progress_bar()

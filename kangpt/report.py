@@ -8,6 +8,7 @@ import yaml
 from torch import nn
 
 from .config import RunConfig
+from .plotting import new_figure
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:
@@ -95,18 +96,15 @@ def plot_losses(records: list[dict], path: Path, baseline: float) -> bool:
 
     Returns False (and writes nothing) when matplotlib is not installed or there is nothing to plot.
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     if not train and not val:
         return False
-    fig, ax = plt.subplots(figsize=(7, 4))
+    try:
+        fig = new_figure(7, 4, layout=None)
+    except ModuleNotFoundError:
+        return False
+    ax = fig.subplots()
     for points, label, style in ((train, "train", "-"), (val, "validation", "o-")):
         if points:
             ax.plot(*zip(*points, strict=True), style, label=label)
@@ -116,5 +114,4 @@ def plot_losses(records: list[dict], path: Path, baseline: float) -> bool:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return True

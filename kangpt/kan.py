@@ -67,6 +67,20 @@ def _fp32_features(method):
     return wrapper
 
 
+def _horner(x: torch.Tensor, coefs, inplace: bool = False) -> torch.Tensor:
+    """``sum_p coefs[p] * x**p`` by Horner's rule; every ``coefs[p]`` broadcasts against ``x``.
+
+    With ``inplace`` the running value is updated in place (fewer allocations, not differentiable).
+    """
+    shape = torch.broadcast_shapes(x.shape, *(c.shape for c in coefs))
+    if len(coefs) < 2:
+        return coefs[0].expand(shape).clone() if coefs else x.new_zeros(shape)
+    y = torch.addcmul(coefs[-2], x, coefs[-1])  # one fused multiply-add per power
+    for c in coefs[-3::-1]:
+        y = torch.addcmul(c, y, x, out=y) if inplace else torch.addcmul(c, y, x)
+    return y
+
+
 class SplineBasis(nn.Module):
     """Base class of the spline-like bases: features ``[silu(x), B_0(x), ..., B_{K-1}(x)]``.
 
@@ -191,17 +205,6 @@ class BSplineBasis(SplineBasis):
             self._cache[key] = (shifts, pieces.contiguous(), (slopes / self.step).contiguous())
         return self._cache[key]
 
-    @staticmethod
-    def _horner(t, coefs):
-        """(..., in) t and (p, k + 1) coefficients -> (..., in, k + 1) polynomials sum_p coefs[p] t^p."""
-        if len(coefs) == 1:
-            return coefs[0].expand(*t.shape, -1).clone()
-        t = t.unsqueeze(-1)
-        values = torch.addcmul(coefs[-2], t, coefs[-1])  # one fused multiply-add per power
-        for c in coefs.flip(0)[2:]:
-            torch.addcmul(c, values, t, out=values)
-        return values
-
     def _write(self, x, out, vjp):
         k, n_fun = self.spline_order, self.num_functions
         shifts, pieces, slopes = self._constants(x)
@@ -212,11 +215,12 @@ class BSplineBasis(SplineBasis):
         clamped = cols.clamp(0, n_fun - 1)
         invalid = clamped != cols
         index = clamped.to(torch.int64)
-        values = self._horner(t, pieces).masked_fill_(invalid, 0.0)  # B_{c-m}(x)
+        t = t.unsqueeze(-1)  # against (power, k + 1) coefficients: the k + 1 pieces at once
+        values = _horner(t, pieces.unbind(0), inplace=True).masked_fill_(invalid, 0.0)  # B_{c-m}(x)
         out.zero_().scatter_add_(-1, index, values)  # invalid entries add 0 to a clamped column
         if not vjp:
             return None
-        dvalues = self._horner(t, slopes).masked_fill_(invalid, 0.0) if k else torch.zeros_like(values)
+        dvalues = _horner(t, slopes.unbind(0), inplace=True).masked_fill_(invalid, 0.0)
 
         def spline_vjp(grad_values):  # (..., in, K) -> (..., in)
             return (grad_values.gather(-1, index) * dvalues).sum(-1)
@@ -352,33 +356,29 @@ class RationalBasis(nn.Module):
         }
 
     def _coefficients(self, x):
-        """Numerator and denominator coefficients in ``x``'s dtype, and those of their derivatives."""
+        """Per-power coefficients of P, Q, P' and Q' in ``x``'s dtype, each (G, 1) (against (..., G, S))."""
         a, b = self.numerator.to(x.dtype), self.denominator.to(x.dtype)  # (G, m + 1), (G, n)
         m, n = self.order
         da = a[:, 1:] * torch.arange(1, m + 1, device=x.device, dtype=x.dtype)  # P' (G, m)
         db = b * torch.arange(1, n + 1, device=x.device, dtype=x.dtype)  # Q' (G, n)
-        return a, b, da, db
-
-    @staticmethod
-    def _horner(xg, coefs):
-        """(..., G, S) inputs and (G, p) coefficients -> (..., G, S) values of sum_i coefs[g, i] x^i."""
-        if coefs.shape[1] == 0:
-            return torch.zeros_like(xg)
-        y = coefs[:, -1:].expand_as(xg)
-        for c in coefs[:, :-1].unbind(1)[::-1]:
-            y = torch.addcmul(c.unsqueeze(-1), y, xg)
-        return y
+        return [c.unsqueeze(-1).unbind(1) for c in (a, b, da, db)]
 
     def _groups(self, x):
         return x.unflatten(-1, (self.groups, self.group_size))  # (..., in) -> (..., G, S)
+
+    @staticmethod
+    def _rational(xg, a, b):
+        """Q(x), 1 + |Q(x)| and R(x) = P(x) / (1 + |Q(x)|), each (..., G, S)."""
+        q = xg * _horner(xg, b)  # Q(x) = b_1 x + ... + b_n x^n
+        den = 1 + q.abs()
+        return q, den, _horner(xg, a) / den
 
     @_fp32_features
     def features(self, x):
         """(..., in) -> (..., in, 1): R_g(x) of every input, differentiable."""
         xg = self._groups(x)
         a, b, _, _ = self._coefficients(x)
-        q = xg * self._horner(xg, b)  # Q(x) = b_1 x + ... + b_n x^n
-        return (self._horner(xg, a) / (1 + q.abs())).flatten(-2).unsqueeze(-1)
+        return self._rational(xg, a, b)[2].flatten(-2).unsqueeze(-1)
 
     def features_into(self, x, out):
         """The features of ``x`` written into ``out`` (..., in, 1)."""
@@ -389,9 +389,7 @@ class RationalBasis(nn.Module):
         """:meth:`features_into`, plus a function mapping d(loss)/d(features) to (d/dx, (d/da, d/db))."""
         xg = self._groups(x)  # (..., G, S)
         a, b, da, db = self._coefficients(x)
-        q = xg * self._horner(xg, b)  # Q(x)
-        den = 1 + q.abs()
-        r = self._horner(xg, a) / den  # R = P / (1 + |Q|)
+        q, den, r = self._rational(xg, a, b)
         out.copy_(r.flatten(-2).unsqueeze(-1))
         sums = [d for d in range(xg.dim()) if d != xg.dim() - 2]  # every dimension but the group's
 
@@ -407,7 +405,7 @@ class RationalBasis(nn.Module):
             g = self._groups(grad_feats.squeeze(-1))
             g_num = g / den  # dL/dP
             g_q = -g_num * r * torch.sign(q)  # dL/dQ
-            grad_x = g_num * self._horner(xg, da) + g_q * self._horner(xg, db)
+            grad_x = g_num * _horner(xg, da) + g_q * _horner(xg, db)
             m, n = self.order
             return grad_x.flatten(-2), (power_sums(g_num, 0, m), power_sums(g_q, 1, n))
 

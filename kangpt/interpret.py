@@ -131,7 +131,7 @@ class _Accumulator:
         x = x.detach()
         chunk = max(1, _FEATURE_CHUNK // (self.layer.in_features * self.layer.num_features))
         for s in range(0, len(x), chunk):
-            feats = self.layer.basis.features(x[s : s + chunk].to(_F64))  # (n, in, F)
+            feats = self.layer.basis.features(x[s : s + chunk].to(_F64)).transpose(1, 2)  # (n, in, F)
             self.f_sum += feats.sum(0)
             self.ff_sum += torch.einsum("nif,nig->ifg", feats, feats)
         y = y.detach().to(_F64)
@@ -221,7 +221,7 @@ def collect_statistics(
 
 def _coefficients(layer: KANLinear) -> torch.Tensor:
     """(out, in, F) float64 CPU copy of the layer's edge coefficients."""
-    return layer.weight.detach().to("cpu", _F64).view(layer.out_features, layer.in_features, -1)
+    return layer.coefficients().detach().to("cpu", _F64)
 
 
 def edge_moments(layer: KANLinear, stats: LayerStats) -> tuple[torch.Tensor, torch.Tensor]:
@@ -307,8 +307,8 @@ def _input_features(layer: KANLinear, i: int, x: torch.Tensor) -> torch.Tensor:
     x = x.to(device=layer.weight.device, dtype=_F64)
     with torch.no_grad():
         if isinstance(layer.basis, RationalBasis):  # the rational function depends on the input's group
-            return layer.basis.features(x.unsqueeze(-1).expand(-1, layer.in_features))[:, i].cpu()
-        return layer.basis.features(x.unsqueeze(-1))[:, 0].cpu()
+            return layer.basis.features(x.unsqueeze(-1).expand(-1, layer.in_features))[..., i].cpu()
+        return layer.basis.features(x.unsqueeze(-1))[..., 0].cpu()
 
 
 def edge_values(layer: KANLinear, i: int, j: int, x: torch.Tensor) -> torch.Tensor:
@@ -632,7 +632,7 @@ def _zero_edges(state: dict, prefix: str, spread: torch.Tensor, mean: torch.Tens
     index = torch.topk(spread.flatten(), count, largest=False).indices
     rows, cols = index // n_in, index % n_in
     weight, bias = state[prefix + "weight"].clone(), state[prefix + "bias"].clone()
-    weight.view(n_out, n_in, -1)[rows.to(weight.device), cols.to(weight.device)] = 0
+    weight.view(n_out, -1, n_in)[rows.to(weight.device), :, cols.to(weight.device)] = 0  # (out, F, in)
     bias.index_add_(0, rows.to(bias.device), mean[rows, cols].to(bias))
     state[prefix + "weight"], state[prefix + "bias"] = weight, bias
     return count
@@ -689,7 +689,7 @@ def prune(
         p0, p1 = names[first] + ".", names[second] + "."
         state[p0 + "weight"] = first.weight.view(first.out_features, -1)[keep]
         state[p0 + "bias"] = first.bias[keep]
-        w2 = second.weight.view(second.out_features, second.in_features, -1)[:, keep]
+        w2 = second.weight.view(second.out_features, -1, second.in_features)[..., keep]  # (d, F, kept)
         state[p1 + "weight"] = w2.reshape(second.out_features, -1)
         state[p1 + "bias"] = second.bias + mean[:, removed.cpu()].sum(1).to(second.bias)
         kept[b], widths[b] = keep, len(keep)

@@ -11,17 +11,21 @@ so ``phi_ij(x) = w_ij * silu(x) + sum_k c_ijk * B_k(x)``. For ``rational`` (GR-K
 feature is a learnable rational function shared by a group of inputs.
 
 Because the features of every input are concatenated, the whole layer is ONE matmul against a
-2-D weight of shape ``(out_features, in_features * n_features)``: FSDP, weight-decay grouping and
-Hugging Face loading see an ordinary matrix. ``weight.view(out, in, n_features)[j, i]`` holds the
-coefficients of edge i -> j (index 0 is the SiLU weight for the spline-like bases).
+2-D weight of shape ``(out_features, n_features * in_features)``: FSDP, weight-decay grouping and
+Hugging Face loading see an ordinary matrix. Features are laid out feature-major, ``(..., F, in)``
+(feature f of every input, then feature f + 1), so that the feature kernels run over contiguous
+inputs (twice as fast as ``(..., in, F)`` on CPU); :meth:`KANLinear.coefficients` views the weight
+as ``(out, in, F)``: ``[j, i]`` holds the coefficients of edge i -> j (index 0 is the SiLU weight
+for the spline-like bases).
 
 Memory: the (tokens x in x n_features) feature tensor is never kept for backward. In eager mode
 the layer runs a custom autograd function that saves only its input and recomputes the features,
 chunk by chunk over tokens, in backward (without grad, the same chunks run with no autograd).
 Under ``torch.compile`` the plain formula runs inside a selective activation checkpoint that keeps
 the matmul outputs and recomputes the features: Inductor fuses the feature computation into one
-kernel each way, and again only the input is kept for backward; the features of all tokens are then
-transient buffers (Inductor does not keep chunks apart), so the peak is higher than in eager mode.
+kernel each way, and again only the input is kept for backward. Inductor schedules the chunks'
+buffers together, so the peak is higher than in eager mode; the chunks there keep every single
+feature buffer small enough for the CPU allocator to reuse (see ``_COMPILE_CHUNK_ELEMENTS``).
 """
 
 from __future__ import annotations
@@ -38,6 +42,12 @@ BASES = ("bspline", "rbf", "chebyshev", "rational")
 
 # Transient feature buffers are kept near this many elements per chunk of tokens.
 _CHUNK_ELEMENTS = 2 << 20  # 8 MB of fp32: on CPU, faster than 1M, with a lower peak than 4M
+
+# Under torch.compile, feature buffers are kept under this many elements (24 MiB of fp32). glibc's
+# malloc hands out blocks above its mmap threshold (at most 32 MiB) as fresh pages that fault in on
+# every step (measured at d=768, 2048 tokens: 50k page faults per step unchunked, ~7k so);
+# below it, freed blocks are reused. Smaller chunks cost more in per-matmul overhead.
+_COMPILE_CHUNK_ELEMENTS = 6 << 20
 
 
 # E[silu(z)^2] for z ~ N(0, 1), by quadrature; used for variance-preserving initialisation.
@@ -110,43 +120,44 @@ class SplineBasis(nn.Module):
         return {}
 
     def _functions(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., in) -> (..., in, K), differentiable; ``x`` is already fp32 or fp64."""
+        """(..., in) -> (..., K, in), differentiable; ``x`` is already fp32 or fp64."""
         raise NotImplementedError
 
     def _vjp(self, x: torch.Tensor, values: torch.Tensor):
-        """A function mapping d(loss)/d(values) (..., in, K) to d(loss)/dx (..., in)."""
+        """A function mapping d(loss)/d(values) (..., K, in) to d(loss)/dx (..., in)."""
         raise NotImplementedError
 
     def _write(self, x: torch.Tensor, out: torch.Tensor, vjp: bool):
-        """Write the K basis values of ``x`` into ``out`` (..., in, K); return :meth:`_vjp` if asked."""
+        """Write the K basis values of ``x`` into ``out`` (..., K, in); return :meth:`_vjp` if asked."""
         out.copy_(self._functions(x))
         return self._vjp(x, out) if vjp else None
 
     @_fp32_features
     def functions(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., in) -> (..., in, K) basis values, in fp32 (or fp64)."""
+        """(..., in) -> (..., K, in) basis values, in fp32 (or fp64)."""
         return self._functions(x)
 
     @_fp32_features
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., in) -> (..., in, 1 + K) features in fp32 (or fp64), differentiable."""
-        return torch.cat([F.silu(x).unsqueeze(-1), self._functions(x)], dim=-1)
+        """(..., in) -> (..., 1 + K, in) features in fp32 (or fp64), differentiable."""
+        return torch.cat([F.silu(x).unsqueeze(-2), self._functions(x)], dim=-2)
 
     @_fp32_features
     def features_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """The features of ``x`` written into ``out`` (..., in, 1 + K) by the fast path."""
-        out[..., 0] = F.silu(x)
-        self._write(x, out[..., 1:], vjp=False)
+        """The features of ``x`` written into ``out`` (..., 1 + K, in) by the fast path."""
+        out[..., 0, :] = F.silu(x)
+        self._write(x, out[..., 1:, :], vjp=False)
         return out
 
     @_fp32_features
     def features_and_vjp(self, x: torch.Tensor, out: torch.Tensor):
         """:meth:`features_into`, plus a function mapping d(loss)/d(features) to (d(loss)/dx, ())."""
-        out[..., 0] = F.silu(x)
-        spline_vjp = self._write(x, out[..., 1:], vjp=True)
+        out[..., 0, :] = F.silu(x)
+        spline_vjp = self._write(x, out[..., 1:, :], vjp=True)
 
-        def vjp(grad_feats):  # (..., in, 1 + K) -> (..., in)
-            return torch.ops.aten.silu_backward(grad_feats[..., 0], x) + spline_vjp(grad_feats[..., 1:]), ()
+        def vjp(grad_feats):  # (..., 1 + K, in) -> (..., in)
+            silu_grad = torch.ops.aten.silu_backward(grad_feats[..., 0, :], x)
+            return silu_grad + spline_vjp(grad_feats[..., 1:, :]), ()
 
         return out, vjp
 
@@ -186,8 +197,8 @@ class BSplineBasis(SplineBasis):
 
     def _functions(self, x):
         k = self.spline_order
-        j = torch.arange(self.num_functions, device=x.device, dtype=x.dtype)
-        u = ((x - self.grid_range[0]) / self.step + k).unsqueeze(-1) - j  # (..., in, K): (x - t_j) / h
+        j = torch.arange(self.num_functions, device=x.device, dtype=x.dtype).unsqueeze(-1)  # (K, 1)
+        u = ((x - self.grid_range[0]) / self.step + k).unsqueeze(-2) - j  # (..., K, in): (x - t_j) / h
         if k == 0:  # indicator of [t_j, t_{j+1})
             return ((u >= 0) & (u < 1)).to(x.dtype)
         v = torch.minimum(u, (k + 1) - u)
@@ -195,14 +206,17 @@ class BSplineBasis(SplineBasis):
 
     def _constants(self, x):
         """Small per-(device, dtype) tensors of the fast path, built once: the shifts m = 0..k,
-        the coefficients of every piece by power, ``pieces[p][m]``, and those of ``P_m' / h``."""
+        the coefficients of every piece by power, ``pieces[p][m]``, and those of ``P_m' / h``, each
+        with a trailing unit dimension (against (..., k + 1, in))."""
         key = (x.device, x.dtype)
         if key not in self._cache:
             k = self.spline_order
             pieces = torch.tensor(self._pieces, device=x.device, dtype=x.dtype).t()  # (power, m)
             slopes = pieces[1:] * torch.arange(1, k + 1, device=x.device, dtype=x.dtype).unsqueeze(-1)
             shifts = torch.arange(k + 1, device=x.device, dtype=x.dtype)
-            self._cache[key] = (shifts, pieces.contiguous(), (slopes / self.step).contiguous())
+            self._cache[key] = tuple(
+                c.unsqueeze(-1).contiguous() for c in (shifts, pieces, slopes / self.step)
+            )
         return self._cache[key]
 
     def _write(self, x, out, vjp):
@@ -211,19 +225,19 @@ class BSplineBasis(SplineBasis):
         z = (x * (1 / self.step)).add_(k - self.grid_range[0] / self.step)  # (..., in): (x - a) / h + k
         c = z.clamp_(-1.0, n_fun + k).floor()  # beyond these bounds every function is zero anyway
         t = z.sub_(c)  # (..., in) in [0, 1)
-        cols = c.unsqueeze(-1) - shifts  # (..., in, k + 1): column of B_{c-m}
-        clamped = cols.clamp(0, n_fun - 1)
-        invalid = clamped != cols
+        rows = c.unsqueeze(-2) - shifts  # (..., k + 1, in): row of B_{c-m}
+        clamped = rows.clamp(0, n_fun - 1)
+        invalid = clamped != rows
         index = clamped.to(torch.int64)
-        t = t.unsqueeze(-1)  # against (power, k + 1) coefficients: the k + 1 pieces at once
+        t = t.unsqueeze(-2)  # against (power, k + 1, 1) coefficients: the k + 1 pieces at once
         values = _horner(t, pieces.unbind(0), inplace=True).masked_fill_(invalid, 0.0)  # B_{c-m}(x)
-        out.zero_().scatter_add_(-1, index, values)  # invalid entries add 0 to a clamped column
+        out.zero_().scatter_add_(-2, index, values)  # invalid entries add 0 to a clamped row
         if not vjp:
             return None
         dvalues = _horner(t, slopes.unbind(0), inplace=True).masked_fill_(invalid, 0.0)
 
-        def spline_vjp(grad_values):  # (..., in, K) -> (..., in)
-            return (grad_values.gather(-1, index) * dvalues).sum(-1)
+        def spline_vjp(grad_values):  # (..., K, in) -> (..., in)
+            return (grad_values.gather(-2, index) * dvalues).sum(-2)
 
         return spline_vjp
 
@@ -256,7 +270,7 @@ class RBFBasis(SplineBasis):
 
     def _distances(self, x):
         centres = torch.linspace(*self.grid_range, self.num_functions, device=x.device, dtype=x.dtype)
-        return (x.unsqueeze(-1) - centres) * (1 / self.step)  # (..., in, K)
+        return (x.unsqueeze(-2) - centres.unsqueeze(-1)) * (1 / self.step)  # (..., K, in)
 
     def _functions(self, x):
         d = self._distances(x)
@@ -264,7 +278,7 @@ class RBFBasis(SplineBasis):
 
     def _vjp(self, x, values):
         def spline_vjp(grad_values):  # d/dx exp(-d^2) = -2 d exp(-d^2) / h
-            return (grad_values * values * self._distances(x)).sum(-1) * (-2.0 / self.step)
+            return (grad_values * values * self._distances(x)).sum(-2) * (-2.0 / self.step)
 
         return spline_vjp
 
@@ -284,16 +298,16 @@ class ChebyshevBasis(SplineBasis):
         values = [torch.ones_like(s), s]
         for _ in range(2, self.num_functions):
             values.append(2 * s * values[-1] - values[-2])
-        return torch.stack(values[: self.num_functions], dim=-1)
+        return torch.stack(values[: self.num_functions], dim=-2)
 
     def _vjp(self, x, values):
-        s = values[..., 1] if self.num_functions > 1 else torch.tanh(x)
+        s = values[..., 1, :] if self.num_functions > 1 else torch.tanh(x)
 
         def spline_vjp(grad_values):  # sum_k g_k T_k'(s) ds/dx
             grad_s = torch.zeros_like(s)
             u_prev, u = torch.zeros_like(s), torch.ones_like(s)  # U_{-1}, U_0
             for k in range(1, self.num_functions):
-                grad_s += grad_values[..., k] * (k * u)
+                grad_s += grad_values[..., k, :] * (k * u)
                 u_prev, u = u, 2 * s * u - u_prev
             return grad_s * (1 - s * s)
 
@@ -375,13 +389,13 @@ class RationalBasis(nn.Module):
 
     @_fp32_features
     def features(self, x):
-        """(..., in) -> (..., in, 1): R_g(x) of every input, differentiable."""
+        """(..., in) -> (..., 1, in): R_g(x) of every input, differentiable."""
         xg = self._groups(x)
         a, b, _, _ = self._coefficients(x)
-        return self._rational(xg, a, b)[2].flatten(-2).unsqueeze(-1)
+        return self._rational(xg, a, b)[2].flatten(-2).unsqueeze(-2)
 
     def features_into(self, x, out):
-        """The features of ``x`` written into ``out`` (..., in, 1)."""
+        """The features of ``x`` written into ``out`` (..., 1, in)."""
         return out.copy_(self.features(x))
 
     @_fp32_features
@@ -390,7 +404,7 @@ class RationalBasis(nn.Module):
         xg = self._groups(x)  # (..., G, S)
         a, b, da, db = self._coefficients(x)
         q, den, r = self._rational(xg, a, b)
-        out.copy_(r.flatten(-2).unsqueeze(-1))
+        out.copy_(r.flatten(-2).unsqueeze(-2))
         sums = [d for d in range(xg.dim()) if d != xg.dim() - 2]  # every dimension but the group's
 
         def power_sums(g, first, last):  # (G, last - first + 1): sum of g x^i for i = first..last
@@ -401,8 +415,8 @@ class RationalBasis(nn.Module):
                 cols.append(t.sum(sums))
             return torch.stack(cols, -1)
 
-        def vjp(grad_feats):  # (..., in, 1) -> (..., in), ((G, m + 1), (G, n))
-            g = self._groups(grad_feats.squeeze(-1))
+        def vjp(grad_feats):  # (..., 1, in) -> (..., in), ((G, m + 1), (G, n))
+            g = self._groups(grad_feats.squeeze(-2))
             g_num = g / den  # dL/dP
             g_q = -g_num * r * torch.sign(q)  # dL/dQ
             grad_x = g_num * _horner(xg, da) + g_q * _horner(xg, db)
@@ -413,9 +427,9 @@ class RationalBasis(nn.Module):
 
 
 def _feature_buffer(x: torch.Tensor, basis: nn.Module, chunk: int) -> torch.Tensor:
-    """One (chunk, in, F) buffer reused by every chunk (no allocator churn)."""
+    """One (chunk, F, in) buffer reused by every chunk (no allocator churn)."""
     return torch.empty(
-        min(chunk, x.shape[0]), x.shape[1], basis.num_features, device=x.device, dtype=_compute_dtype(x)
+        min(chunk, x.shape[0]), basis.num_features, x.shape[1], device=x.device, dtype=_compute_dtype(x)
     )
 
 
@@ -423,7 +437,7 @@ def _keep_matmuls(ctx, op, *args, **kwargs):
     """Selective-checkpoint policy: matmul outputs are kept, every feature op is recomputed."""
     if op in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
         return CheckpointPolicy.MUST_SAVE
-    return CheckpointPolicy.PREFER_RECOMPUTE
+    return CheckpointPolicy.MUST_RECOMPUTE
 
 
 def _recompute_features():
@@ -444,7 +458,7 @@ def _forward_chunks(x, weight, bias, basis, chunk, dtype) -> torch.Tensor:
     buf = _feature_buffer(x, basis, chunk)
     for s in range(0, x.shape[0], chunk):
         xc = x[s : s + chunk]
-        feats = basis.features_into(xc, buf[: len(xc)])  # (n, in, F)
+        feats = basis.features_into(xc, buf[: len(xc)])  # (n, F, in)
         torch.matmul(feats.flatten(1).to(dtype), w.t(), out=out[s : s + chunk])
     if bias is not None:
         out += bias.to(dtype)
@@ -455,7 +469,7 @@ class _KANLinearFunction(torch.autograd.Function):
     """``y = features(x) @ weight.T + bias``, saving only ``x``; features are recomputed in backward.
 
     Works on 2-D ``x`` (tokens, in) in chunks of ``chunk`` tokens, so the transient feature buffers
-    are (chunk, in, n_features) whatever the number of tokens.
+    are (chunk, n_features, in) whatever the number of tokens.
     """
 
     @staticmethod
@@ -478,13 +492,13 @@ class _KANLinearFunction(torch.autograd.Function):
         buf = _feature_buffer(x, basis, chunk)
         for s in range(0, x.shape[0], chunk):
             g = grad_out[s : s + chunk]  # (n, out)
-            feats, vjp = basis.features_and_vjp(x[s : s + chunk], buf[: len(g)])  # (n, in, F)
+            feats, vjp = basis.features_and_vjp(x[s : s + chunk], buf[: len(g)])  # (n, F, in)
             if need_w and grad_w.dtype == dtype:
                 grad_w.addmm_(g.t(), feats.flatten(1))
             elif need_w:  # low-precision matmul, fp32 accumulation across chunks
                 grad_w += (g.t() @ feats.flatten(1).to(dtype)).to(grad_w.dtype)
             if need_x or basis_params:
-                grad_feats = (g @ w).view(feats.shape).to(feats.dtype)  # (n, in, F)
+                grad_feats = (g @ w).view(feats.shape).to(feats.dtype)  # (n, F, in)
                 gx, gp = vjp(grad_feats)
                 if need_x:
                     grad_x[s : s + chunk] = gx
@@ -584,7 +598,7 @@ class KANLinear(nn.Module):
         self.basis = self._make_basis(grid_size, rational_order, rational_groups, device, dtype)
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(
-            torch.empty(out_features, in_features * self.basis.num_features, **factory)
+            torch.empty(out_features, self.basis.num_features * in_features, **factory)
         )
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
         self.reset_parameters()
@@ -614,19 +628,19 @@ class KANLinear(nn.Module):
                 getattr(self.basis, name).copy_(value)
 
     def initial_weight(self) -> torch.Tensor:
-        """A freshly drawn initial weight (out, in * n_features); see the class docstring."""
+        """A freshly drawn initial weight (out, n_features * in); see the class docstring."""
         std = self.init_gain / math.sqrt(self.in_features * _SILU_SECOND_MOMENT)
-        w = torch.empty(
-            self.out_features,
-            self.in_features,
-            self.num_features,
-            device=self.weight.device,
-            dtype=self.weight.dtype,
-        )
-        w[..., :1].normal_(std=std)
+        w = torch.empty_like(self.weight)
+        c = w.view(self.out_features, self.num_features, self.in_features)  # (out, F, in)
+        c[:, :1].normal_(std=std)
         if self.num_features > 1:
-            w[..., 1:].normal_(std=self.spline_scale * std / math.sqrt(self.num_features - 1))
-        return w.view_as(self.weight)
+            c[:, 1:].normal_(std=self.spline_scale * std / math.sqrt(self.num_features - 1))
+        return w
+
+    def coefficients(self) -> torch.Tensor:
+        """The weight viewed as (out, in, n_features): ``[j, i]`` holds the coefficients of edge
+        i -> j (``[j, i, 0]`` the SiLU weight for the spline-like bases). A view: writes go to the weight."""
+        return self.weight.view(self.out_features, self.num_features, self.in_features).transpose(1, 2)
 
     def _chunk(self) -> int:
         return self.chunk_size or max(16, _CHUNK_ELEMENTS // (self.in_features * self.basis.chunk_width))
@@ -650,10 +664,18 @@ class KANLinear(nn.Module):
         return out.view(*lead, self.out_features)
 
     def _formula(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """(tokens, in) -> (tokens, out) as plain differentiable ops (compile path). Not chunked:
-        Inductor schedules every chunk's buffers at once, so chunks would bound nothing there."""
+        """(tokens, in) -> (tokens, out) as plain differentiable ops (compile path), in equal
+        chunks of tokens whose feature buffers stay under ``_COMPILE_CHUNK_ELEMENTS``. A symbolic
+        token count (dynamic shapes) is not chunked: the chunk count would specialise it."""
+        w = self.weight.to(dtype)
         b = None if self.bias is None else self.bias.to(dtype)
-        return F.linear(self.basis.features(x).flatten(1).to(dtype), self.weight.to(dtype), b)
+        n = x.shape[0]
+        chunks = 1
+        if isinstance(n, int):
+            width = self.in_features * self.num_features
+            chunks = max(1, min(n, math.ceil(n * width / _COMPILE_CHUNK_ELEMENTS)))
+        outs = [F.linear(self.basis.features(xc).flatten(1).to(dtype), w, b) for xc in x.tensor_split(chunks)]
+        return torch.cat(outs) if len(outs) > 1 else outs[0]  # (tokens, out)
 
     def edge_functions(self, x: torch.Tensor) -> torch.Tensor:
         """Values of every edge function at points ``x``.
@@ -663,13 +685,12 @@ class KANLinear(nn.Module):
         """
         if x.dim() == 1:
             x = x.unsqueeze(-1).expand(-1, self.in_features)
-        feats = self.basis.features(x)  # (P, in, F)
-        w = self.weight.view(self.out_features, self.in_features, self.num_features).to(feats.dtype)
-        return torch.einsum("pif,jif->pji", feats, w)
+        feats = self.basis.features(x)  # (P, F, in)
+        return torch.einsum("pfi,jif->pji", feats, self.coefficients().to(feats.dtype))
 
     def edge_magnitudes(self) -> torch.Tensor:
         """(out, in): mean absolute coefficient of each edge, a cheap proxy for its size."""
-        return self.weight.view(self.out_features, self.in_features, self.num_features).abs().mean(-1)
+        return self.coefficients().abs().mean(-1)
 
     def regularization_loss(self, l1: float = 1.0, entropy: float = 1.0, eps: float = 1e-12) -> torch.Tensor:
         """The KAN paper's sparsity regulariser, computed from the coefficients (no activations).
@@ -700,17 +721,16 @@ class KANLinear(nn.Module):
             )
         old_basis, new_basis = self.basis, self._make_basis(new_grid_size)
         k_old, k_new = old_basis.num_functions, new_basis.num_functions
-        coeffs = self.weight.view(self.out_features, self.in_features, 1 + k_old)
-        spline = coeffs[..., 1:].reshape(-1, k_old).double().t()  # (K_old, out * in)
+        coeffs = self.weight.view(self.out_features, 1 + k_old, self.in_features)  # (out, F, in)
+        spline = coeffs[:, 1:].transpose(0, 1).reshape(k_old, -1).double()  # (K_old, out * in)
         if self.basis_name == "chebyshev":
             refit = torch.cat([spline, spline.new_zeros(k_new - k_old, spline.shape[1])])
         else:
             x = torch.linspace(*self.grid_range, 16 * k_new + 1, dtype=torch.float64, device=spline.device)
-            target = old_basis.functions(x) @ spline  # (P, out * in)
-            refit = torch.linalg.lstsq(new_basis.functions(x), target).solution  # (K_new, out * in)
-        new = torch.cat(
-            [coeffs[..., :1], refit.t().reshape(self.out_features, self.in_features, k_new).to(coeffs)], -1
-        )
+            old_values, new_values = old_basis.functions(x).t(), new_basis.functions(x).t()  # (P, K)
+            refit = torch.linalg.lstsq(new_values, old_values @ spline).solution  # (K_new, out * in)
+        refit = refit.reshape(k_new, self.out_features, self.in_features).transpose(0, 1).to(coeffs)
+        new = torch.cat([coeffs[:, :1], refit], 1)  # (out, 1 + K_new, in)
         self.weight = nn.Parameter(
             new.reshape(self.out_features, -1), requires_grad=self.weight.requires_grad
         )

@@ -62,7 +62,7 @@ def test_importance_matches_brute_force(basis):
     with torch.no_grad():
         for layer in (first, second):
             layer.weight.normal_(std=0.5)
-        second.weight.view(5, 8, -1)[:, 2] *= 0.1  # a clearly weak hidden unit
+        second.coefficients()[:, 2] *= 0.1  # a clearly weak hidden unit
     x = 1.3 * torch.randn(3000, 6, dtype=torch.float64)
     h = first(x).detach()
     for layer, inputs in ((first, x), (second, h)):
@@ -83,7 +83,7 @@ def test_importance_matches_brute_force(basis):
         removed = KANLinear(8, 5, **kwargs).double()
         removed.load_state_dict(second.state_dict())
         with torch.no_grad():
-            removed.weight.view(5, 8, -1)[:, k] = 0
+            removed.coefficients()[:, k] = 0
             removed.bias += second.edge_functions(h)[:, :, k].mean(0)
         change = (y - removed(h)).square().sum(1).mean().sqrt()
         assert units[k].item() == pytest.approx(
@@ -98,10 +98,10 @@ def test_importance_matches_brute_force(basis):
 def _set_edge(layer, i, j, fn, scale=1.0):
     """Least-squares fit of the edge i -> j's spline coefficients to fn over the grid range."""
     x = torch.linspace(*layer.grid_range, 400, dtype=torch.float64)
-    basis = layer.basis.functions(x.unsqueeze(-1))[:, 0]  # (P, K)
+    basis = layer.basis.functions(x.unsqueeze(-1))[..., 0]  # (P, K)
     coef = torch.linalg.lstsq(basis, fn(x).unsqueeze(-1)).solution.squeeze(-1)
     with torch.no_grad():
-        w = layer.weight.view(layer.out_features, layer.in_features, -1)
+        w = layer.coefficients()
         w[j, i, 0] = 0  # no SiLU part
         w[j, i, 1:] = scale * coef
 

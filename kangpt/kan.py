@@ -198,10 +198,11 @@ class BSplineBasis(SplineBasis):
     def _functions(self, x):
         k = self.spline_order
         j = torch.arange(self.num_functions, device=x.device, dtype=x.dtype).unsqueeze(-1)  # (K, 1)
-        u = ((x - self.grid_range[0]) / self.step + k).unsqueeze(-2) - j  # (..., K, in): (x - t_j) / h
+        z = x * (1 / self.step) + (k - self.grid_range[0] / self.step)  # (x - a) / h + k, no division
+        u = z.unsqueeze(-2) - j  # (..., K, in): (x - t_j) / h
         if k == 0:  # indicator of [t_j, t_{j+1})
             return ((u >= 0) & (u < 1)).to(x.dtype)
-        v = torch.minimum(u, (k + 1) - u)
+        v = (k + 1) / 2 - (u - (k + 1) / 2).abs()  # min(u, k + 1 - u), with a cheaper gradient
         return sum(coef * (v - m).clamp(min=0).pow(k) for m, coef in enumerate(self._folded))
 
     def _constants(self, x):

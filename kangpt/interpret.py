@@ -56,7 +56,7 @@ from torch import nn
 
 from .cli import CommandError, command
 from .data import DataError, load_documents, pack_documents
-from .kan import KANLinear, RationalBasis
+from .kan import KANLinear, RationalBasis, coefficient_view
 from .plotting import new_figure
 from .run_dir import publish, remove, temporary_name
 from .symbolic import LIBRARY, Candidate, fit_symbolic
@@ -527,7 +527,7 @@ def plot_importance(
     vmax = positive.max().item() if len(positive) else 1.0
     vmin = max(positive.min().item() if len(positive) else vmax, vmax * 1e-4)
     fig = new_figure(min(14.0, 3 + 0.08 * len(cols)), min(10.0, 2.5 + 0.08 * len(rows)))
-    from matplotlib.colors import LogNorm  # matplotlib is there: _figure checked
+    from matplotlib.colors import LogNorm  # matplotlib is there: new_figure checked
 
     ax = fig.add_subplot()
     picture = ax.imshow(
@@ -627,12 +627,12 @@ def _parameter_counts(model: nn.Module) -> dict[str, int]:
 def _zero_edges(state: dict, prefix: str, spread: torch.Tensor, mean: torch.Tensor, fraction: float) -> int:
     """Zero the ``fraction`` of a layer's edges with the smallest spread in ``state`` (weight and bias
     under ``prefix``, replaced by modified copies), folding their means into the bias; return how many."""
-    n_out, n_in = spread.shape
+    n_in = spread.shape[1]
     count = math.floor(fraction * spread.numel())
     index = torch.topk(spread.flatten(), count, largest=False).indices
     rows, cols = index // n_in, index % n_in
     weight, bias = state[prefix + "weight"].clone(), state[prefix + "bias"].clone()
-    weight.view(n_out, -1, n_in)[rows.to(weight.device), :, cols.to(weight.device)] = 0  # (out, F, in)
+    coefficient_view(weight, n_in)[rows.to(weight.device), cols.to(weight.device)] = 0
     bias.index_add_(0, rows.to(bias.device), mean[rows, cols].to(bias))
     state[prefix + "weight"], state[prefix + "bias"] = weight, bias
     return count

@@ -18,7 +18,7 @@ inputs (twice as fast as ``(..., in, F)`` on CPU); :meth:`KANLinear.coefficients
 as ``(out, in, F)``: ``[j, i]`` holds the coefficients of edge i -> j (index 0 is the SiLU weight
 for the spline-like bases).
 
-Memory: the (tokens x in x n_features) feature tensor is never kept for backward. In eager mode
+Memory: the (tokens x n_features x in) feature tensor is never kept for backward. In eager mode
 the layer runs a custom autograd function that saves only its input and recomputes the features,
 chunk by chunk over tokens, in backward (without grad, the same chunks run with no autograd).
 Under ``torch.compile`` the plain formula runs inside a selective activation checkpoint that keeps
@@ -535,6 +535,12 @@ def _check_kan_args(
             )
 
 
+def coefficient_view(weight: torch.Tensor, in_features: int) -> torch.Tensor:
+    """A KAN layer's 2-D weight (out, n_features * in) viewed as (out, in, n_features): ``[j, i]``
+    holds the coefficients of edge i -> j. A view: writes go to the weight."""
+    return weight.view(weight.shape[0], -1, in_features).transpose(1, 2)
+
+
 class KANLinear(nn.Module):
     """A KAN layer, shape-compatible with ``nn.Linear``: acts on the last dimension of any input.
 
@@ -642,7 +648,7 @@ class KANLinear(nn.Module):
     def coefficients(self) -> torch.Tensor:
         """The weight viewed as (out, in, n_features): ``[j, i]`` holds the coefficients of edge
         i -> j (``[j, i, 0]`` the SiLU weight for the spline-like bases). A view: writes go to the weight."""
-        return self.weight.view(self.out_features, self.num_features, self.in_features).transpose(1, 2)
+        return coefficient_view(self.weight, self.in_features)
 
     def _chunk(self) -> int:
         return self.chunk_size or max(16, _CHUNK_ELEMENTS // (self.in_features * self.basis.chunk_width))

@@ -202,6 +202,9 @@ def test_pruning_a_trained_model(trained, tmp_path):
     assert report["parameters"]["after"] < report["parameters"]["before"]
     assert report["nonzero_kan_parameters"]["after"] < report["kan_parameters"]["after"]
     assert report["zeroed_edges"] > 0
+    kan_layers = [m for m in pruned.modules() if isinstance(m, KANLinear)]
+    zero_edges = sum(int((layer.coefficients() == 0).all(-1).sum()) for layer in kan_layers)
+    assert zero_edges == report["zeroed_edges"]  # whole edges (every coefficient) are zeroed
     assert validation_loss(pruned, val[32:]) <= loss + LOSS_TOLERANCE
 
     # Removed units are replaced by their means: on the sample tokens, block 0's feed-forward output

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from kangpt import kan
 from kangpt.kan import (
     BASES,
     BSplineBasis,
@@ -124,6 +125,8 @@ def test_compiled_path_formula_equals_eager(basis, monkeypatch):
     x = torch.randn(5, 8)
     eager = layer(x)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    torch.testing.assert_close(layer(x), eager)
+    monkeypatch.setattr(kan, "_COMPILE_CHUNK_ELEMENTS", 2 * 8 * layer.num_features)  # chunks 2, 2, 1
     torch.testing.assert_close(layer(x), eager)
 
 
@@ -288,9 +291,10 @@ def test_hidden_size_says_when_a_single_layer_fits():
     assert len(block.layers) == 1
 
 
-def test_torch_compile_matches_eager_and_keeps_only_the_input():
+def test_torch_compile_matches_eager_and_keeps_only_the_input(monkeypatch):
     torch.manual_seed(7)
     layer = KANLinear(16, 8, chunk_size=24)
+    monkeypatch.setattr(kan, "_COMPILE_CHUNK_ELEMENTS", 20 * 16 * layer.num_features)  # 4 chunks
     x = torch.randn(64, 16, requires_grad=True)
     layer(x).pow(2).sum().backward()
     eager = [x.grad.clone(), layer.weight.grad.clone(), layer.bias.grad.clone()]

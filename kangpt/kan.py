@@ -454,17 +454,19 @@ def _matmul_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 
 
 def _forward_chunks(x, weight, bias, basis, chunk, dtype) -> torch.Tensor:
-    """(tokens, in) -> (tokens, out): features of ``chunk`` tokens at a time, one matmul each."""
+    """(tokens, in) -> (tokens, out): features of ``chunk`` tokens at a time, one matmul each.
+
+    The matmul is ``F.linear``: weight-only quantised weights (torchao's tensor subclasses)
+    implement it, not ``matmul(out=...)`` or a transposed view.
+    """
     w = weight.to(dtype)
-    out = torch.empty(x.shape[0], weight.shape[0], device=x.device, dtype=dtype)
+    b = None if bias is None else bias.to(dtype)
     buf = _feature_buffer(x, basis, chunk)
-    for s in range(0, x.shape[0], chunk):
-        xc = x[s : s + chunk]
-        feats = basis.features_into(xc, buf[: len(xc)])  # (n, F, in)
-        torch.matmul(feats.flatten(1).to(dtype), w.t(), out=out[s : s + chunk])
-    if bias is not None:
-        out += bias.to(dtype)
-    return out
+    outs = [
+        F.linear(basis.features_into(xc, buf[: len(xc)]).flatten(1).to(dtype), w, b)  # (n, out)
+        for xc in x.split(chunk)
+    ]
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
 class _KANLinearFunction(torch.autograd.Function):
@@ -661,22 +663,29 @@ class KANLinear(nn.Module):
             )
         lead = x.shape[:-1]
         x2d = x.reshape(-1, self.in_features)
-        dtype = _matmul_dtype(x, self.weight)
+        # Read the weight once, and decide on the tensors used, not on the module's parameters: under
+        # a parametrization (PEFT's LoRA on the weight: W + BA) ``self.weight`` is computed, and its
+        # gradient flows to parameters that live elsewhere.
+        weight, bias, basis_params = self.weight, self.bias, tuple(self.basis.parameters())
+        dtype = _matmul_dtype(x, weight)
         if torch.compiler.is_compiling():  # plain ops that Inductor fuses, recomputed in backward
-            out = checkpoint(self._formula, x2d, dtype, use_reentrant=False, context_fn=_recompute_features)
-        elif torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
-            params = tuple(self.basis.parameters())
-            out = _KANLinearFunction.apply(x2d, self.weight, self.bias, self.basis, self._chunk(), *params)
+            out = checkpoint(
+                self._formula, x2d, weight, bias, dtype, use_reentrant=False, context_fn=_recompute_features
+            )
+        elif torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, weight, bias, *basis_params)
+        ):
+            out = _KANLinearFunction.apply(x2d, weight, bias, self.basis, self._chunk(), *basis_params)
         else:  # inference: the same computation without autograd bookkeeping
-            out = _forward_chunks(x2d, self.weight, self.bias, self.basis, self._chunk(), dtype)
+            out = _forward_chunks(x2d, weight, bias, self.basis, self._chunk(), dtype)
         return out.view(*lead, self.out_features)
 
-    def _formula(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def _formula(self, x: torch.Tensor, weight, bias, dtype: torch.dtype) -> torch.Tensor:
         """(tokens, in) -> (tokens, out) as plain differentiable ops (compile path), in equal
         chunks of tokens whose feature buffers stay under ``_COMPILE_CHUNK_ELEMENTS``. A symbolic
         token count (dynamic shapes) is not chunked: the chunk count would specialise it."""
-        w = self.weight.to(dtype)
-        b = None if self.bias is None else self.bias.to(dtype)
+        w = weight.to(dtype)
+        b = None if bias is None else bias.to(dtype)
         n = x.shape[0]
         chunks = 1
         if isinstance(n, int):

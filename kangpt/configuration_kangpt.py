@@ -133,7 +133,6 @@ class KANGPT2Config(PreTrainedConfig):
             "kan_rational_groups",
         ):
             positive_int(field)
-        need(self.n_embd % self.n_head == 0, "n_head", f"must divide n_embd={self.n_embd}")
         need(
             self.n_inner is None or (isinstance(self.n_inner, int) and self.n_inner > 0),
             "n_inner",

@@ -29,6 +29,13 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from .configuration_kangpt import KANGPT2Config
 from .kan import KANFeedForward, KANLinear, RationalBasis
 
+# Every Auto class a saved folder loads with through its own code (``trust_remote_code=True``),
+# whichever of the two models saved it.
+REMOTE_CODE_AUTO_MAP = {
+    "AutoModel": "modeling_kangpt.KANGPT2Model",
+    "AutoModelForCausalLM": "modeling_kangpt.KANGPT2LMHeadModel",
+}
+
 
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     """Plain softmax attention. query: (B, H, Tq, D), key/value: (B, H, Tk, D) -> (B, Tq, H, D)."""
@@ -51,6 +58,10 @@ class KANGPT2Attention(nn.Module):
         self.embed_dim = config.n_embd
         self.num_heads = config.n_head
         self.head_dim = self.embed_dim // self.num_heads
+        if self.head_dim * self.num_heads != self.embed_dim:  # checked here, as GPT2Attention does
+            raise ValueError(
+                f"KANGPT2Config.n_head must divide n_embd={self.embed_dim}, got {self.num_heads}"
+            )
         self.scaling = self.head_dim**-0.5 if config.scale_attn_weights else 1.0
         if config.scale_attn_by_inverse_layer_idx:
             self.scaling /= float(layer_idx + 1)
@@ -160,6 +171,14 @@ class KANGPT2PreTrainedModel(PreTrainedModel):
     }
     _keys_to_ignore_on_load_unexpected = [r"attn\.bias", r"attn\.masked_bias"]
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """``PreTrainedModel.save_pretrained``; where the classes are registered for remote code
+        (``import kangpt`` does it), the folder's ``auto_map`` names ``AutoModel`` and
+        ``AutoModelForCausalLM`` both, so either loads it with ``trust_remote_code=True``."""
+        if self._auto_class is not None:
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **REMOTE_CODE_AUTO_MAP}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def _init_weights(self, module):
         """GPT-2's initialisation; KAN layers start from their own near-SiLU-MLP initialisation."""
         super()._init_weights(module)
@@ -217,11 +236,12 @@ class KANGPT2Model(KANGPT2PreTrainedModel):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if input_ids is not None:
             self.warn_if_padding_and_no_attention_mask(input_ids, attention_mask)
-            inputs_embeds = self.wte(input_ids)
+            inputs_embeds = _embed(self.wte, input_ids, "input_ids", "vocab_size")
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         if position_ids is None:
             past_seen_tokens = cache.get_seq_length() if cache is not None else 0
+            self._check_length(past_seen_tokens, inputs_embeds.shape[1])
             position_ids = (
                 torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             )
@@ -234,9 +254,8 @@ class KANGPT2Model(KANGPT2PreTrainedModel):
             cache=cache,
             position_ids=position_ids,
         )
-        hidden_states = self.drop(
-            inputs_embeds + self.wpe(position_ids).to(inputs_embeds.device)
-        )  # (B, T, C)
+        position_embeds = _embed(self.wpe, position_ids, "position_ids", "n_positions")
+        hidden_states = self.drop(inputs_embeds + position_embeds.to(inputs_embeds.device))  # (B, T, C)
         for block in self.h:
             # cache by keyword: gradient checkpointing drops it (the recompute must not update it twice)
             hidden_states = block(
@@ -244,6 +263,31 @@ class KANGPT2Model(KANGPT2PreTrainedModel):
             )
         hidden_states = self.ln_f(hidden_states)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache if use_cache else None)
+
+    def _check_length(self, past: int, new: int) -> None:
+        """A clear error for an input the position embeddings cannot take (shapes only, no sync)."""
+        if torch.compiler.is_compiling():
+            return
+        if new == 0:
+            raise ValueError("the input holds no tokens (sequence length 0)")
+        if past + new > self.config.n_positions:
+            cached = f" ({past} cached + {new} new)" if past else ""
+            raise ValueError(
+                f"the input has {past + new} tokens{cached}, more than the model's context "
+                f"n_positions={self.config.n_positions}"
+            )
+
+
+def _embed(table: nn.Embedding, ids: torch.Tensor, name: str, size_field: str) -> torch.Tensor:
+    """``table(ids)``, with an id outside the table a ValueError naming the config field instead of
+    the embedding's bare IndexError. (Eager CPU lookups raise it; on CUDA a bad id is a device-side
+    assert, and checking every id first would cost a sync per forward.)"""
+    if torch.compiler.is_compiling():
+        return table(ids)
+    try:
+        return table(ids)
+    except IndexError as err:
+        raise ValueError(f"{name} must be in [0, {size_field}={table.num_embeddings})") from err
 
 
 class KANGPT2LMHeadModel(KANGPT2PreTrainedModel, GenerationMixin):
@@ -296,6 +340,19 @@ class KANGPT2LMHeadModel(KANGPT2PreTrainedModel, GenerationMixin):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
+
+    def _validate_generated_length(self, generation_config, input_ids_length, has_default_max_length):
+        """transformers' checks of the generation length, and one more: prompt and new tokens must fit
+        in the context (``n_positions``), told before anything is generated."""
+        super()._validate_generated_length(generation_config, input_ids_length, has_default_max_length)
+        context, total = self.config.n_positions, generation_config.max_length
+        if total > context:
+            room = context - input_ids_length
+            fix = f"ask for at most {room} new tokens" if room > 0 else "shorten the prompt"
+            raise ValueError(
+                f"generation would reach {total} tokens ({input_ids_length} in the prompt), more than the "
+                f"model's context n_positions={context}; {fix}"
+            )
 
     @classmethod
     def from_gpt2(cls, gpt2, **config_overrides) -> "KANGPT2LMHeadModel":

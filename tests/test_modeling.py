@@ -82,7 +82,6 @@ def test_default_config_is_gpt2_small_shape_with_matched_kan():
         ("ffn_type", "moe"),
         ("kan_basis", "fourier"),
         ("kan_grid_size", 0),
-        ("n_head", 5),
         ("n_layer", 0),
         ("kan_spline_order", -1),
         ("kan_grid_range", [1.0, -1.0]),
@@ -93,6 +92,12 @@ def test_default_config_is_gpt2_small_shape_with_matched_kan():
 def test_invalid_config_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         KANGPT2Config(**{field: value})
+
+
+def test_heads_that_do_not_divide_the_width_are_refused_by_the_attention_as_in_gpt2():
+    config = tiny_config(n_head=5)  # GPT2Config accepts it too: GPT2Attention refuses it
+    with pytest.raises(ValueError, match=r"KANGPT2Config.n_head must divide n_embd=32, got 5"):
+        KANGPT2LMHeadModel(config)
 
 
 def test_parameter_counts_at_gpt2_small_on_meta_device():

@@ -183,3 +183,11 @@ class KANGPT2MLPModelTest(KANGPT2ModelTest):
     """The common model tests with GPT-2's MLP as the feed-forward block."""
 
     config_overrides = {"ffn_type": "mlp"}
+
+
+class KANGPT2ConfigAsGPT2Test(unittest.TestCase):
+    """transformers' ``ConfigTester`` as GPT-2's own test runs it: ``n_embd=37`` with the default
+    ``n_head`` (12), which does not divide it. The config is built anyway; the attention refuses it."""
+
+    def test_config(self):
+        ConfigTester(self, config_class=KANGPT2Config, n_embd=37).run_common_tests()

@@ -27,6 +27,7 @@ import yaml
 from accelerate.utils import LoggerType
 
 from .configuration_kangpt import KANGPT2Config
+from .modeling_kangpt import KANGPT2LMHeadModel
 
 SECTIONS = ("model", "data", "train")
 TRACKERS = tuple(t.value for t in LoggerType if t != LoggerType.ALL)
@@ -157,6 +158,19 @@ def model_config(config: RunConfig, **tokenizer_fields) -> KANGPT2Config:
         return KANGPT2Config(**{**tokenizer_fields, **config.model})
     except ValueError as err:
         raise ConfigError(f"model: {err}") from err
+
+
+def _buildable_model_config(config: RunConfig) -> KANGPT2Config:
+    """The run's model config, once the model has been built from it on the meta device (nothing is
+    allocated): the modules check what the config alone does not, as in GPT-2 (``n_head`` dividing
+    ``n_embd``), so a run that cannot build its model is refused before it loads any data."""
+    model = model_config(config)
+    try:
+        with torch.device("meta"):
+            KANGPT2LMHeadModel(model)
+    except ValueError as err:
+        raise ConfigError(f"model: {err}") from err
+    return model
 
 
 def _read_yaml(path: Path) -> dict:
@@ -301,11 +315,14 @@ def _check_values(config: RunConfig) -> None:
     need("data.tokenizer_documents", data.tokenizer_documents > 0, "must be > 0")
     need("data.val_fraction", 0 < data.val_fraction <= 0.5, "must be in (0, 0.5]")
     need("data.max_documents", data.max_documents is None or data.max_documents > 0, "must be > 0")
-    n_positions = model_config(config).n_positions
+    n_positions = _buildable_model_config(config).n_positions
     need("data.block_size", data.block_size <= n_positions, f"must be <= model.n_positions={n_positions}")
     for key in ("max_steps", "batch_size", "gradient_accumulation_steps", "eval_interval", "log_interval",
                 "keep_checkpoints", "sample_tokens", "learning_rate"):
         need(f"train.{key}", getattr(train, key) > 0, "must be > 0")
+    # The end-of-training sample needs room for its prompt inside the context.
+    need("train.sample_tokens", train.sample_prompt is None or train.sample_tokens < n_positions,
+         f"must be < model.n_positions={n_positions}")
     for key in ("warmup_steps", "save_interval", "weight_decay", "grad_clip", "min_learning_rate"):
         need(f"train.{key}", getattr(train, key) >= 0, "must be >= 0")
     need("train.min_learning_rate", train.min_learning_rate <= train.learning_rate,

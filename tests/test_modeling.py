@@ -199,18 +199,22 @@ def test_trust_remote_code_without_kangpt_installed(tmp_path):
     model.save_pretrained(folder)
     ids = input_ids()
     expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False)
-    torch.save({"ids": ids, "expected": expected}, tmp_path / "expected.pt")
+    hidden = model.transformer(ids).last_hidden_state
+    torch.save({"ids": ids, "expected": expected, "hidden": hidden}, tmp_path / "expected.pt")
     script = textwrap.dedent(f"""
         import sys
         sys.modules["kangpt"] = None  # any import of the installed package fails
         import torch
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModel, AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
         assert "kangpt" not in type(model).__module__.split(".")[0], type(model).__module__
         data = torch.load({str(tmp_path / "expected.pt")!r})
         ids = data["ids"]
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False)
         assert torch.equal(out, data["expected"]), (out, data["expected"])
+        base = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
+        assert type(base).__name__ == "KANGPT2Model", type(base)
+        torch.testing.assert_close(base(ids).last_hidden_state, data["hidden"], atol=0, rtol=0)
         print("remote-code-ok", type(model).__module__)
     """)
     env = {
@@ -224,6 +228,58 @@ def test_trust_remote_code_without_kangpt_installed(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "remote-code-ok" in result.stdout
+
+
+# ---- inputs the model cannot take -----------------------------------------------------------
+
+
+def _prefix_cache(model, length):
+    return model(input_ids(1, length), use_cache=True).cache
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (
+            lambda m: m(input_ids(1, 65)),
+            "the input has 65 tokens, more than the model's context n_positions=64",
+        ),
+        (
+            lambda m: m(input_ids(1, 5), cache=_prefix_cache(m, 60), use_cache=True),
+            "the input has 65 tokens (60 cached + 5 new), more than the model's context n_positions=64",
+        ),
+        (lambda m: m(torch.tensor([[3, 97]])), "input_ids must be in [0, vocab_size=97)"),
+        (lambda m: m(torch.tensor([[-1, 3]])), "input_ids must be in [0, vocab_size=97)"),
+        (lambda m: m(torch.zeros(1, 0, dtype=torch.long)), "the input holds no tokens (sequence length 0)"),
+        (
+            lambda m: m(input_ids(1, 2), position_ids=torch.tensor([[0, 64]])),
+            "position_ids must be in [0, n_positions=64)",
+        ),
+        (
+            lambda m: m.generate(input_ids(1, 10), max_new_tokens=60, do_sample=False),
+            "generation would reach 70 tokens (10 in the prompt), more than the model's context "
+            "n_positions=64; ask for at most 54 new tokens",
+        ),
+        (
+            lambda m: m.generate(input_ids(1, 64), max_new_tokens=1, do_sample=False),
+            "generation would reach 65 tokens (64 in the prompt), more than the model's context "
+            "n_positions=64; shorten the prompt",
+        ),
+    ],
+)
+def test_inputs_the_model_cannot_take_are_value_errors_naming_the_limit(call, message):
+    """GPT-2 dies with an IndexError inside an embedding; KAN-GPT-2 says which limit was passed."""
+    with pytest.raises(ValueError) as err:
+        call(tiny_model())
+    assert str(err.value) == message
+
+
+def test_generation_fills_the_context_exactly():
+    model = tiny_model()
+    ids = input_ids(2, 10)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=54, min_new_tokens=54,
+                         do_sample=False)
+    assert out.shape == (2, 64)
 
 
 # ---- generation -----------------------------------------------------------------------------

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
+from safetensors import SafetensorError
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TextStreamer
 
 from .config import ConfigError
 from .data import DataError
@@ -118,11 +119,22 @@ def load_model(name: str, device: str):
     source = str(folder) if folder.is_dir() else name
     transformers.utils.logging.disable_progress_bar()
     try:
+        config = AutoConfig.from_pretrained(source)  # first: a bad config is told before the tokenizer warns
+        model = AutoModelForCausalLM.from_pretrained(source, config=config)
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source)
-    except OSError as err:
-        raise CommandError(f"cannot load {name!r}: {str(err).strip().splitlines()[0]}") from err
+    except SafetensorError as err:  # a truncated or damaged weights file
+        raise CommandError(f"cannot load {name!r}: a weights file is damaged ({_first_line(err)})") from err
+    except (OSError, ValueError) as err:  # missing files, a hub that cannot be reached, a bad config
+        if not folder.is_dir():  # "org/name" was neither a folder here nor a model the hub gave
+            raise CommandError(
+                f"no such model folder: {name!r}, and no hub model of that name loaded ({_first_line(err)})"
+            ) from err
+        raise CommandError(f"cannot load {name!r}: {_first_line(err)}") from err
     return tokenizer, model.to(device).eval()
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def _positive_int(text: str) -> int:

@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cli import CommandError, command
+from .cli import CommandError, command, load_model
 from .data import DataError, load_documents, pack_documents
 from .kan import KANLinear, RationalBasis, coefficient_view
 from .plotting import new_figure
@@ -805,8 +805,6 @@ def run_inspect(args: argparse.Namespace) -> int:
     The folder is written under a temporary name and renamed when complete.
     """
     import datasets
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging
 
     _check_inspect_args(args)
     out, folder = Path(args.out).expanduser(), Path(args.model_dir).expanduser()
@@ -821,16 +819,11 @@ def run_inspect(args: argparse.Namespace) -> int:
         new_figure(1, 1)
     except ModuleNotFoundError as err:
         raise CommandError(str(err)) from err
-    logging.disable_progress_bar()
     datasets.disable_progress_bars()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        model = AutoModelForCausalLM.from_pretrained(str(folder))
-    except (OSError, ValueError) as err:
-        raise CommandError(f"cannot load {args.model_dir!r}: {str(err).strip().splitlines()[0]}") from err
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer, model = load_model(str(folder), device)
     if getattr(model.config, "ffn_type", None) != "kan":
         raise CommandError(f"{args.model_dir!r} has no KAN blocks to inspect")
-    model.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
     layers = kan_layers(model)
     block = args.block + model.config.n_layer if args.block < 0 else args.block
     if (block, args.layer) not in layers:

@@ -1,7 +1,9 @@
 """The ``kangpt`` console script: command registry, ``kangpt generate`` output and errors."""
 
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,6 +58,45 @@ def test_bad_input_is_one_error_line(args, message, model_dir, tmp_path, capsys)
     assert cli.main(args) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+
+
+def _truncate_weights(folder: Path):
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+
+
+def _unknown_basis(folder: Path):
+    config = folder / "config.json"
+    config.write_text(config.read_text().replace('"kan_basis": "bspline"', '"kan_basis": "fourier"'))
+
+
+def _snapshot(folder: Path) -> dict:
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()}
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_truncate_weights, "cannot load '{folder}': a weights file is damaged (Error while deserializing"),
+    (_unknown_basis, "cannot load '{folder}': KANGPT2Config.kan_basis must be one of ('bspline', 'rbf', "
+                     "'chebyshev', 'rational'), got 'fourier'"),
+])
+def test_a_damaged_model_folder_is_one_error_line_and_stays_as_it_was(damage, message, model_dir, tmp_path,
+                                                                        capsys):
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    damage(folder)
+    before = _snapshot(folder)
+    assert cli.main(["generate", str(folder), "--prompt", "def"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: " + message.format(folder=folder)), err
+    assert _snapshot(folder) == before
+
+
+def test_a_missing_folder_named_like_a_hub_model_says_there_is_no_such_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["generate", "mine/model"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("error: no such model folder: 'mine/model', and no hub model of that name"), err
 
 
 def test_a_registered_command_gets_its_own_subcommand(capsys, monkeypatch):

@@ -24,6 +24,7 @@ import glob
 import hashlib
 import itertools
 import json
+import logging
 import os
 import shutil
 import sysconfig
@@ -35,8 +36,10 @@ import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from datasets import Dataset, IterableDataset
 from datasets.distributed import split_dataset_by_node
+from datasets.exceptions import DatasetGenerationError
 from datasets.table import InMemoryTable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -51,6 +54,8 @@ __all__ = [
     "unigram_entropy",
 ]
 
+logger = logging.getLogger(__name__)
+
 EOT = "<|endoftext|>"
 # Local file suffix -> `datasets` packaged builder.
 _BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -60,6 +65,9 @@ _STDLIB_SKIP = {"site-packages", "dist-packages", "__pycache__", "test", "tests"
 _BPE_SETTINGS = {"format": 1, "model": "bpe", "pre_tokenizer": "byte_level", "add_prefix_space": False,
                  "special_tokens": [EOT], "min_frequency": 2, "padding_side": "left"}
 _BATCH_DOCS = 1000  # documents per tokenization batch
+# What reading a broken local file raises: a failed map-style build (wrapping the cause), a UTF-8 error
+# (JSON strings are only decoded when the text is first read) or a pyarrow parse/schema error.
+_READ_ERRORS = (DatasetGenerationError, UnicodeDecodeError, pa.ArrowException)
 
 
 class DataError(ValueError):
@@ -117,8 +125,15 @@ def load_documents(
     recursively) or glob of ``.txt`` files (one document per file, universal newlines),
     ``.jsonl``/``.json`` files (JSON lines, one document per line) or ``.parquet`` files (one document
     per row), the text taken from ``text_field``; or a Hugging Face hub dataset name with optional
-    config ``name``. Empty documents are dropped and at most ``max_documents`` are read from each
-    split of the source.
+    config ``name``. Documents whose text is missing, null, not a string or blank are dropped (for
+    map-style datasets with a logged warning giving their count) and at most ``max_documents`` are
+    read from each split of the source.
+
+    Broken local files are refused, not skipped, since skipping would silently lose user data: a
+    ``.txt`` file that is not UTF-8 (binary, or another encoding such as latin-1), a ``.jsonl`` line
+    that is not UTF-8 or not a JSON object, or an unreadable ``.parquet`` file raises a ``DataError``
+    naming the file and the byte offset or line number, to be fixed or removed from the corpus. With
+    ``streaming=True`` such an error may only surface when the stream reaches that file.
 
     The validation set is the source's own ``"validation"`` (else ``"test"``) split when it has one;
     otherwise documents ``0, k, 2k, ...`` with ``k = round(1 / val_fraction)`` are held out, so the
@@ -135,41 +150,61 @@ def load_documents(
         raise DataError(f"max_documents must be a positive integer or None, got {max_documents!r}")
     if not 0 <= rank < world_size:
         raise DataError(f"rank must be in [0, world_size={world_size}), got {rank!r}")
-    splits, field = _load_splits(dataset, name, text_field, streaming)
-    if "train" not in splits:
-        raise DataError(f"dataset {dataset!r} has no 'train' split (splits: {sorted(splits)})")
-    train = _clean(splits["train"], field, max_documents, dataset)
-    val_split = next((s for s in ("validation", "test") if s in splits), None)
-    if val_split is None:
-        train, val = _hold_out(train, round(1 / val_fraction), dataset)
-    else:
-        val = _clean(splits[val_split], field, max_documents, f"{dataset}[{val_split}]")
+    local = _local_source(dataset, name)
+    try:
+        splits, field = _load_splits(dataset, name, text_field, streaming, local)
+        train, val = _split_documents(splits, field, max_documents, val_fraction, dataset)
+    except _READ_ERRORS as err:
+        if local is None:  # hub datasets are not ours to scan
+            raise
+        raise _corpus_error(*local, err) from err
     if streaming:
         train, val = (split_dataset_by_node(d, rank=rank, world_size=world_size) for d in (train, val))
     return train, val
 
 
-def _load_splits(dataset: str, name: str | None, text_field: str, streaming: bool) -> tuple[dict, str]:
-    """Load every split of the source with its original columns; return them and the text column name."""
+def _local_source(dataset: str, name: str | None) -> tuple[str, list[str]] | None:
+    """Return ``(builder, files)`` when ``dataset`` names local files, ``None`` for the stdlib or the hub."""
     path = os.path.expanduser(dataset)
-    is_local = (os.path.exists(path) or any(c in dataset for c in "*?[")
-                or Path(dataset).suffix.lower() in _BUILDERS or dataset.startswith((".", "/", "~")))
+    is_local = dataset != "stdlib" and (
+        os.path.exists(path) or any(c in dataset for c in "*?[")
+        or Path(dataset).suffix.lower() in _BUILDERS or dataset.startswith((".", "/", "~")))
     if name is not None and (dataset == "stdlib" or is_local):
         raise DataError(f"name={name!r} only applies to hub datasets, not to {dataset!r}")
+    return _local_files(dataset) if is_local else None
+
+
+def _load_splits(dataset: str, name: str | None, text_field: str, streaming: bool,
+                 local: tuple[str, list[str]] | None) -> tuple[dict, str]:
+    """Load every split of the source with its original columns; return them and the text column name."""
     if dataset == "stdlib":
         ds = Dataset.from_dict({"text": stdlib_documents()})
         return {"train": ds.to_iterable_dataset() if streaming else ds}, "text"
-    if is_local:
-        builder, files = _local_files(dataset)
+    if local is not None:
+        builder, files = local
         args, kwargs = (builder,), {"data_files": files}
         if builder == "text":  # text files have one "text" column whatever text_field says
             kwargs["sample_by"], text_field = "document", "text"
     else:  # anything that does not look like a local path is a hub dataset name
         args, kwargs = (dataset, name), {}
     try:
-        return dict(datasets.load_dataset(*args, streaming=streaming, **kwargs)), text_field
+        splits = dict(datasets.load_dataset(*args, streaming=streaming, **kwargs))
     except OSError as err:  # includes FileNotFoundError (unknown dataset) and ConnectionError (offline)
         raise DataError(f"cannot load dataset {dataset!r}: {_first_line(err)}") from err
+    if streaming and local is not None:
+        splits = {split: _guard_stream(ds, *local) for split, ds in splits.items()}
+    return splits, text_field
+
+
+def _split_documents(splits: dict, field: str, max_documents: int | None, val_fraction: float, source: str):
+    """Clean the splits and return ``(train, validation)``: the source's own, else a hold-out of train."""
+    if "train" not in splits:
+        raise DataError(f"dataset {source!r} has no 'train' split (splits: {sorted(splits)})")
+    train = _clean(splits["train"], field, max_documents, source)
+    val_split = next((s for s in ("validation", "test") if s in splits), None)
+    if val_split is None:
+        return _hold_out(train, round(1 / val_fraction), source)
+    return train, _clean(splits[val_split], field, max_documents, f"{source}[{val_split}]")
 
 
 def _local_files(spec: str) -> tuple[str, list[str]]:
@@ -241,6 +276,113 @@ def _in_split(_row, index: int, k: int, val: bool) -> bool:
 
 def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Broken local files
+#
+# `datasets` reports a broken file as a long traceback that names neither the file nor the line.
+# Rather than validate every file up front (a full extra read of the corpus, and of a stream that may
+# never be read to its end), the errors are caught where they surface and only then are the files
+# scanned for the culprit; the happy path pays nothing.
+
+
+def _guard_stream(ds: IterableDataset, builder: str, files: list[str]) -> IterableDataset:
+    """Wrap a local stream so that a broken file, met lazily while iterating, raises a ``DataError``.
+
+    The wrapper keeps one shard per file, so ``split_dataset_by_node`` still hands out whole files,
+    and each shard knows its file, so an error names it without scanning the others.
+    """
+    if ds.num_shards == len(files):
+        shards = [ds.shard(num_shards=len(files), index=i) for i in range(len(files))]
+        names = [[file] for file in files]
+    else:  # the builder shards some other way: one shard, whose error scans all files
+        shards, names = [ds], [files]
+    return IterableDataset.from_generator(_read_guarded, features=ds.features,
+                                          gen_kwargs={"shards": shards, "files": names, "builder": builder})
+
+
+def _read_guarded(shards: list, files: list[list[str]], builder: str) -> Iterator[dict]:
+    for shard, shard_files in zip(shards, files, strict=True):
+        try:
+            yield from shard
+        except _READ_ERRORS as err:
+            raise _corpus_error(builder, shard_files, err) from err
+
+
+def _corpus_error(builder: str, files: list[str], err: BaseException) -> DataError:
+    """The ``DataError`` for ``err``, raised while reading ``files``: names the first broken file and why."""
+    for file in files:
+        problem = _FILE_PROBLEMS[builder](file)
+        if problem:
+            return DataError(f"{_display(file)} {problem}")
+    while err.__cause__ is not None:  # DatasetGenerationError wraps the informative error
+        err = err.__cause__
+    where = _display(files[0]) if len(files) == 1 else f"the {len(files)} corpus files"
+    return DataError(f"cannot read {where}: {_first_line(err)}")
+
+
+def _text_problem(path: str) -> str | None:
+    """Why ``path`` is not a UTF-8 text document, or ``None``."""
+    data = Path(path).read_bytes()  # the text builder holds a whole document in memory anyway
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return (f"is not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}); "
+                "convert it to UTF-8 or remove it from the corpus")
+    return None
+
+
+def _json_problem(path: str) -> str | None:
+    """Why ``path`` is not a JSON-lines file of objects (naming the first bad line), or ``None``."""
+    offset = 0
+    with open(path, "rb") as file:
+        for number, line in enumerate(file, 1):
+            problem = _json_line_problem(line, offset)
+            if problem:
+                # `datasets` also reads a file holding one JSON array of objects: that is no problem.
+                return None if _is_json_array(path) else f"line {number} {problem}"
+            offset += len(line)
+    return None
+
+
+def _json_line_problem(line: bytes, offset: int) -> str | None:
+    try:
+        row = json.loads(line.decode("utf-8")) if line.strip() else {}  # blank lines are skipped
+    except UnicodeDecodeError as err:
+        return (f"is not UTF-8 (byte 0x{line[err.start]:02x} at offset {offset + err.start}); "
+                "convert the file to UTF-8 or remove it from the corpus")
+    except json.JSONDecodeError as err:
+        return f"is not valid JSON ({err.msg} at column {err.colno}); fix or remove that line"
+    if not isinstance(row, dict):
+        return "is not a JSON object; write one object per line, such as {\"text\": \"...\"}"
+    return None
+
+
+def _is_json_array(path: str) -> bool:
+    try:
+        document = json.loads(Path(path).read_bytes())
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError
+        return False
+    return isinstance(document, list) and all(isinstance(row, dict) for row in document)
+
+
+def _parquet_problem(path: str) -> str | None:
+    """Why ``path`` is not a readable Parquet file (judged by its footer), or ``None``."""
+    try:
+        pq.read_metadata(path)
+    except (pa.ArrowException, OSError) as err:
+        return f"is not a readable Parquet file ({_first_line(err)}); rewrite it or remove it from the corpus"
+    return None
+
+
+_FILE_PROBLEMS = {"text": _text_problem, "json": _json_problem, "parquet": _parquet_problem}
+
+
+def _display(path: str) -> str:
+    """``path`` relative to the working directory when it lies below it, as a user would write it."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
 
 
 # ---------------------------------------------------------------------------------------------

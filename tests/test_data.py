@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from datasets.distributed import split_dataset_by_node
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -216,6 +217,83 @@ def test_load_documents_errors(tmp_path, monkeypatch, spec, kwargs, match):
     with pytest.raises(DataError, match=match) as info:
         load_documents(spec, **kwargs)
     assert "\n" not in str(info.value)
+
+
+BINARY = b"good text\n" * 30 + b"\x00\xff\xfe\x01\x02binary"
+LATIN1 = "naïve café crème\n".encode("latin-1")
+LATIN1_JSONL = b'{"text": "one"}\n{"text": "caf\xe9"}\n'
+# (file name, bytes, expected message start): the offsets are found in the bytes, not by decoding them.
+BROKEN_FILES = [
+    ("b.txt", BINARY, f"corpus/b.txt is not UTF-8 text (byte 0xff at offset {BINARY.index(0xFF)}); "
+                      "convert it to UTF-8 or remove it from the corpus"),
+    ("b.txt", LATIN1, f"corpus/b.txt is not UTF-8 text (byte 0xef at offset {LATIN1.index(0xEF)}); "
+                      "convert it to UTF-8 or remove it from the corpus"),
+    ("b.jsonl", b'{"text": "one"}\n\n{"text": "two"}\n{"text": oops}\n{"text": "three"}\n',
+     "corpus/b.jsonl line 4 is not valid JSON (Expecting value at column 10); fix or remove that line"),
+    ("b.jsonl", b'{"text": "one"}\n[1, 2]\n', "corpus/b.jsonl line 2 is not a JSON object"),
+    ("b.jsonl", LATIN1_JSONL, "corpus/b.jsonl line 2 is not UTF-8 "
+                              f"(byte 0xe9 at offset {LATIN1_JSONL.index(0xE9)}); "
+                              "convert the file to UTF-8 or remove it from the corpus"),
+    ("b.parquet", b"PAR1 this is not a parquet file", "corpus/b.parquet is not a readable Parquet file ("),
+]
+
+
+def write_good_file(path: Path) -> None:
+    """A valid two-document corpus file of the type given by ``path``'s suffix."""
+    if path.suffix == ".parquet":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table({"text": ["good", "also good"]}), path)
+    else:
+        write(path, "a good document\n" if path.suffix == ".txt" else '{"text": "good"}\n{"text": "also"}\n')
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["map", "stream"])
+@pytest.mark.parametrize("name, content, message", BROKEN_FILES)
+def test_broken_local_file_is_a_one_line_error(tmp_path, monkeypatch, streaming, name, content, message):
+    monkeypatch.chdir(tmp_path)
+    suffix = Path(name).suffix
+    write_good_file(tmp_path / "corpus" / f"a{suffix}")  # the broken file is neither first nor last
+    (tmp_path / "corpus" / name).write_bytes(content)
+    write_good_file(tmp_path / "corpus" / f"c{suffix}")
+    with pytest.raises(DataError) as info:
+        train, val = load_documents("corpus", val_fraction=0.5, streaming=streaming)
+        texts(train), texts(val)  # a stream may meet the broken file only when it is read
+    assert str(info.value).startswith(message)
+    assert "\n" not in str(info.value)
+
+
+def test_broken_file_search_spares_a_json_array_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "corpus" / "a.json", '[{"text": "x"},\n {"text": "y"}]\n')  # `datasets` reads this fine
+    write(tmp_path / "corpus" / "b.jsonl", '{"text": "z"}\n{"text": oops}\n')
+    with pytest.raises(DataError, match=r"^corpus/b\.jsonl line 2 is not valid JSON"):
+        load_documents("corpus")
+    (tmp_path / "corpus" / "b.jsonl").unlink()
+    train, val = load_documents("corpus", val_fraction=0.5)
+    assert texts(val) + texts(train) == ["x", "y"]
+
+
+def test_unexplained_read_error_names_the_file_and_the_cause(tmp_path):
+    path = str(write(tmp_path / "a.txt", "valid UTF-8 ✓"))
+    try:
+        try:
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+        except UnicodeDecodeError as cause:
+            raise datasets.exceptions.DatasetGenerationError("An error occurred") from cause
+    except datasets.exceptions.DatasetGenerationError as err:
+        error = data._corpus_error("text", [path], err)
+    assert str(error) == f"cannot read {path}: 'utf-8' codec can't decode byte 0xff in position 0: " \
+                         "invalid start byte"  # the cause, not the wrapper's "An error occurred"
+
+
+def test_guarded_stream_keeps_one_shard_per_file(tmp_path):
+    for i in range(4):
+        write(tmp_path / "corpus" / f"{i}.txt", f"document {i}")
+    train, val = load_documents(str(tmp_path / "corpus"), val_fraction=0.5, streaming=True)
+    assert train.num_shards == val.num_shards == 4  # split_dataset_by_node can still hand out whole files
+    parts = [sorted(texts(split_dataset_by_node(train, rank=rank, world_size=2))
+                    + texts(split_dataset_by_node(val, rank=rank, world_size=2))) for rank in range(2)]
+    assert parts == [["document 0", "document 2"], ["document 1", "document 3"]]  # whole files per rank
 
 
 # ---------------------------------------------------------------------------------------------

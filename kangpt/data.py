@@ -235,7 +235,7 @@ def _local_files(spec: str) -> tuple[str, list[str]]:
 
 
 def _clean(ds, field: str, max_documents: int | None, source: str):
-    """Keep only the text field (renamed ``"text"``), drop empty documents, cap the document count."""
+    """Keep only the text field (renamed ``"text"``), drop documents without text, cap the document count."""
     columns = ds.column_names
     if columns is None:  # a stream whose features are unknown until read
         first = next(iter(ds), None)
@@ -245,12 +245,16 @@ def _clean(ds, field: str, max_documents: int | None, source: str):
     ds = ds.select_columns([field])
     if field != "text":
         ds = ds.rename_column(field, "text")
+    rows = len(ds) if isinstance(ds, Dataset) else None  # a stream's length is unknown until read
     ds = ds.filter(_is_document, input_columns="text")
     if isinstance(ds, Dataset):
-        if max_documents is not None:
-            ds = ds.select(range(min(max_documents, len(ds))))
         if len(ds) == 0:
             raise DataError(f"no non-empty documents in {source!r} (field {field!r})")
+        if len(ds) < rows:  # said once: dropping a user's rows silently could hide a wrong text_field
+            logger.warning("dropped %d of %d documents of %r with no text in field %r (missing, null, "
+                           "not a string or blank)", rows - len(ds), rows, source, field)
+        if max_documents is not None:
+            ds = ds.select(range(min(max_documents, len(ds))))
     elif max_documents is not None:
         ds = ds.take(max_documents)
     return ds

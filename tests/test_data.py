@@ -144,30 +144,39 @@ def test_txt_folder_glob_and_file(tmp_path):
         load_documents(str(paths[0]))
 
 
-def test_jsonl_field_extra_columns_and_empty_rows(tmp_path):
-    rows = [{"body": f"document {i} ✓", "id": i} for i in range(7)]
+def test_jsonl_field_extra_columns_and_empty_rows(tmp_path, caplog):
+    rows = [{"body": f"document {i} ✓", "id": i} for i in range(10)]
     rows[3]["body"] = ""
     rows[5]["body"] = None
+    rows[6]["body"] = " \n\t"
+    rows[7]["body"] = 7
+    del rows[8]["body"]
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    expected = [r["body"] for r in rows if r["body"]]
+    expected = [r["body"] for r in rows if isinstance(r.get("body"), str) and r["body"].strip()]
 
-    train, val = load_documents(str(path), text_field="body", val_fraction=0.25)
-    assert train.column_names == ["text"] and val.column_names == ["text"]
+    with caplog.at_level("WARNING", logger="kangpt.data"):
+        train, val = load_documents(str(path), text_field="body", val_fraction=0.25)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"dropped 5 of 10 documents of {str(path)!r} with no text in field 'body' "
+        "(missing, null, not a string or blank)"]
+    assert len(expected) == 5 and train.column_names == ["text"] and val.column_names == ["text"]
     assert texts(val) == expected[0::4] and texts(train) == [d for i, d in enumerate(expected) if i % 4]
 
     s_train, s_val = load_documents(str(path), text_field="body", val_fraction=0.25, streaming=True)
     assert texts(s_train) == texts(train) and texts(s_val) == texts(val)
 
 
-def test_parquet_column(tmp_path):
+def test_parquet_column(tmp_path, caplog):
     docs = [f"parquet document {i}\n" * (i + 1) for i in range(6)]
     pq.write_table(pa.table({"content": docs, "n": list(range(6))}), tmp_path / "part.parquet")
-    train, val = load_documents(str(tmp_path / "part.parquet"), text_field="content", val_fraction=0.5)
+    with caplog.at_level("WARNING", logger="kangpt.data"):
+        train, val = load_documents(str(tmp_path / "part.parquet"), text_field="content", val_fraction=0.5)
     assert texts(val) == docs[0::2] and texts(train) == docs[1::2]
+    assert not caplog.records  # nothing dropped, nothing said
 
 
-def test_hub_path_uses_config_and_own_validation_split(monkeypatch):
+def test_hub_path_uses_config_and_own_validation_split(monkeypatch, caplog):
     calls = []
 
     def fake_load_dataset(*args, **kwargs):
@@ -178,9 +187,13 @@ def test_hub_path_uses_config_and_own_validation_split(monkeypatch):
         })
 
     monkeypatch.setattr(data.datasets, "load_dataset", fake_load_dataset)
-    train, val = load_documents("someone/stories", name="en", text_field="story", max_documents=2)
+    with caplog.at_level("WARNING", logger="kangpt.data"):
+        train, val = load_documents("someone/stories", name="en", text_field="story", max_documents=2)
     assert calls == [(("someone/stories", "en"), {"streaming": False})]
     assert texts(train) == ["a", "b"] and texts(val) == ["v1", "v2"]
+    assert [r.getMessage() for r in caplog.records] == [  # counted over the split, before max_documents
+        "dropped 1 of 4 documents of 'someone/stories' with no text in field 'story' "
+        "(missing, null, not a string or blank)"]
 
 
 def test_unreachable_hub_dataset_is_a_data_error():

@@ -6,18 +6,23 @@
       run.yaml                 the resolved run config; a later run must match it to resume
       metrics.jsonl            one JSON record per logged or evaluated step
       logs/                    tracker logs (tensorboard, ...)
-      checkpoints/step-000500  accelerate ``save_state`` folders, written as .tmp-* and renamed when whole
+      checkpoints/step-000500  accelerate ``save_state`` folders, written as .tmp-* and renamed when whole;
+                               manifest.json, written last, lists the size and sha256 of every file
       model/                   the final model (``from_pretrained`` loads it), also written and renamed
 
-Only names matching ``step-<digits>`` count as checkpoints, so a half-written one is never the latest.
+Only names matching ``step-<digits>`` count as checkpoints, so a half-written one is never the latest,
+and one resumes only when every file its manifest lists is there, unchanged.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -29,6 +34,7 @@ METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 LOGS = "logs"
 MODEL = "model"
+MANIFEST = "manifest.json"  # in each checkpoint: {"files": {relative path: {"size": n, "sha256": hex}}}
 # What a run writes into out_dir; --train.overwrite=true removes these and nothing else.
 RUN_ENTRIES = (RUN_FILE, METRICS_FILE, CHECKPOINTS, LOGS, MODEL)
 # Keys that may differ between a run and its resumption: they do not change what is computed.
@@ -46,18 +52,23 @@ class RunDir:
         self.metrics = self.path / METRICS_FILE
         self.logs = self.path / LOGS
         self.model = self.path / MODEL
+        self.notes: list[str] = []  # what plan() decided that the run should print
 
     def plan(self, config: RunConfig) -> Path | None:
         """Decide how ``config`` starts here: return the checkpoint to resume from, or None for a fresh start.
 
-        Reads only. Raises ConfigError when the folder holds files of something else, or a different
-        run (unless ``train.overwrite``), or a run that was not asked to be resumed.
+        Reads only. Raises ConfigError when out_dir cannot be written, holds files of something else,
+        a different run (unless ``train.overwrite``), a run that was not asked to be resumed, or nothing
+        to resume that a fresh start would not destroy. Lines the run should print about the decision
+        (a damaged checkpoint skipped, a start from step 0) are left in ``self.notes``.
         """
         train = config.train
+        self.notes = []
         if train.resume is not None and train.overwrite:
             raise ConfigError(
                 "train.resume and train.overwrite exclude each other: continue a run or replace it"
             )
+        self._check_writable()
         saved = self._saved_config()
         if saved is None and self.path.is_dir() and any(self.path.iterdir()):
             raise ConfigError(
@@ -80,13 +91,67 @@ class RunDir:
         if train.resume is None or train.overwrite:
             return None
         if train.resume == "auto":
-            return self.latest_checkpoint() if saved is not None else None
+            return self._resume_point()
         checkpoint = Path(train.resume)
         if not (checkpoint.is_dir() and _CHECKPOINT_NAME.match(checkpoint.name)):
             raise ConfigError(
                 f"train.resume: {train.resume!r} is not a checkpoint folder (checkpoints/step-N)"
             )
+        problem = checkpoint_problem(checkpoint)
+        if problem:
+            raise ConfigError(f"train.resume: checkpoint {train.resume!r} cannot be resumed: {problem}")
         return checkpoint
+
+    def _check_writable(self) -> None:
+        """Refuse an out_dir that is a file, lies under one, or cannot be written, before anything is loaded.
+
+        Where the folder exists, the entries a run writes into in place (checkpoints/, logs/, metrics.jsonl)
+        must be writable too. ``os.access`` asks the kernel, so read-only file systems are refused as well.
+        """
+        where = f"out_dir {str(self.path)!r}"
+        folder = self.path
+        while not os.path.lexists(folder):  # the nearest existing folder, which mkdir creates it in
+            folder = folder.parent
+        if not folder.is_dir():
+            kind = "a file, not a folder" if folder.is_file() else "not a folder"
+            if folder == self.path:
+                raise ConfigError(f"{where} is {kind}; choose another path")
+            raise ConfigError(f"{where} cannot be created: {str(folder)!r} is {kind}")
+        inside = [p for p in (self.checkpoints, self.logs, self.metrics) if p.exists()]
+        for target in [folder, *(inside if folder == self.path else [])]:
+            search = os.X_OK if target.is_dir() else 0
+            for mode, able in ((os.R_OK | search, "readable"), (os.W_OK | search, "writable")):
+                if os.access(target, mode):
+                    continue
+                if target == self.path:
+                    raise ConfigError(f"{where} is not {able}; choose another folder")
+                verb = "cannot be written" if folder == self.path else "cannot be created"
+                raise ConfigError(f"{where} {verb}: {str(target)!r} is not {able}; choose another folder")
+
+    def _resume_point(self) -> Path | None:
+        """For ``resume=auto``: the newest checkpoint that verifies, or None to start from step 0.
+
+        Damaged checkpoints skipped are noted; starting over is refused where it would replace a finished
+        model or checkpoints that are all damaged (--train.overwrite=true says so explicitly).
+        """
+        skipped = []
+        for checkpoint in reversed(self._checkpoints()):
+            problem = checkpoint_problem(checkpoint)
+            if problem is None:
+                self.notes += [f"skipped damaged checkpoint {str(c)!r}: {p}" for c, p in skipped]
+                return checkpoint
+            skipped.append((checkpoint, problem))
+        where = f"out_dir {str(self.path)!r}"
+        damage = f" ({skipped[0][0].name}: {skipped[0][1]})" if skipped else ""
+        if self.model.is_dir():
+            complete = "complete " if skipped else ""
+            raise ConfigError(f"{where} holds a finished model but no {complete}checkpoint to resume"
+                              f"{damage}; replace it with --train.overwrite=true")
+        if skipped:
+            raise ConfigError(f"{where} holds no complete checkpoint to resume{damage}; "
+                              "replace the run with --train.overwrite=true")
+        self.notes.append(f"no checkpoint to resume in {where}: starting from step 0")
+        return None
 
     def start(self, config: RunConfig, resumed_at: int | None) -> None:
         """Write run.yaml, once the run has loaded its data and built its model (main process).
@@ -105,7 +170,7 @@ class RunDir:
         write_text_atomically(self.path / RUN_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False))
 
     def latest_checkpoint(self) -> Path | None:
-        """The complete checkpoint with the highest step, or None."""
+        """The checkpoint folder with the highest step, or None (whole or not: see ``checkpoint_problem``)."""
         checkpoints = self._checkpoints()
         return checkpoints[-1] if checkpoints else None
 
@@ -119,7 +184,7 @@ class RunDir:
             shutil.rmtree(path)
 
     def _checkpoints(self) -> list[Path]:
-        """Complete checkpoints (``step-N`` folders), oldest first."""
+        """Checkpoint folders (``step-N``; never the ``.tmp-`` ones being written), oldest first."""
         found = [(int(m.group(1)), p) for p in _children(self.checkpoints)
                  if (m := _CHECKPOINT_NAME.match(p.name))]
         return [path for _, path in sorted(found)]
@@ -143,13 +208,58 @@ def temporary_name(path: Path) -> Path:
 
 
 def publish(tmp: Path, path: Path) -> None:
-    """Rename the finished folder ``tmp`` to ``path``; an older ``path`` is moved aside, then deleted."""
+    """Rename the finished folder ``tmp`` to ``path``; an older ``path`` is moved aside, then deleted.
+
+    Modes are first made what a plain ``open``/``mkdir`` gives under the umask (see :func:`_normalise_modes`).
+    """
+    _normalise_modes(tmp)
     old = path.with_name(f".old-{path.name}")
     remove(old)
     if path.exists():
         os.rename(path, old)
     os.rename(tmp, path)
     remove(old)
+
+
+def write_manifest(folder: Path) -> None:
+    """Write ``folder/manifest.json``: size and sha256 of every other file in it (call it last)."""
+    files = {path.relative_to(folder).as_posix(): {"size": path.stat().st_size, "sha256": _sha256(path)}
+             for path in sorted(folder.rglob("*")) if path.is_file() and path.name != MANIFEST}
+    write_text_atomically(folder / MANIFEST, json.dumps({"files": files}, indent=1) + "\n")
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why ``folder`` is not a complete checkpoint (its manifest, or a file missing or changed), or None."""
+    try:
+        files = json.loads((folder / MANIFEST).read_text())["files"]
+        expected = {name: (int(entry["size"]), str(entry["sha256"])) for name, entry in files.items()}
+    except FileNotFoundError:
+        return f"it has no {MANIFEST}, so it was never completed"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return f"its {MANIFEST} is unreadable"
+    for name, (size, _) in expected.items():  # sizes first: cheap, and what truncation changes
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, its manifest says {size}"
+    for name, (_, digest) in expected.items():
+        if _sha256(folder / name) != digest:
+            return f"{name} differs from its manifest (sha256)"
+    return None
+
+
+@contextmanager
+def writing(what: Path) -> Iterator[None]:
+    """Turn an OSError while writing ``what`` (disk full, permissions changed) into one ConfigError line.
+
+    Checkpoints and the model folder are renamed into place only when whole, so what is left is complete.
+    """
+    try:
+        yield
+    except OSError as err:
+        name = err.filename if err.filename is not None else what
+        raise ConfigError(f"cannot write {str(name)!r}: {err.strerror or err}") from err
 
 
 def write_text_atomically(path: Path, text: str) -> None:
@@ -172,6 +282,39 @@ def remove(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():
         path.unlink()
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        digest = hashlib.sha256()
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _normalise_modes(folder: Path) -> None:
+    """Give ``folder`` and everything in it mode 0666 (files) or 0777 (folders) less the umask.
+
+    safetensors writes its files 0600, so ``model.safetensors`` would be the one file of a shared
+    model folder that the group and others cannot read.
+    """
+    umask = _umask()
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def _umask() -> int:
+    """The process's umask, from /proc where it is there: setting it to read it races with other threads."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
 
 
 def _children(folder: Path) -> list[Path]:

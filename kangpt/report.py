@@ -94,16 +94,14 @@ or `kangpt generate {published_as} --prompt "..."`.
 def plot_losses(records: list[dict], path: Path, baseline: float) -> bool:
     """Plot training and validation loss against step, with the unigram baseline, to ``path``.
 
-    Returns False (and writes nothing) when matplotlib is not installed or there is nothing to plot.
+    Returns False (and writes nothing) when there is nothing to plot; raises ModuleNotFoundError (with
+    the install hint) when matplotlib is not installed, so the caller can say why there is no plot.
     """
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     if not train and not val:
         return False
-    try:
-        fig = new_figure(7, 4, layout=None)
-    except ModuleNotFoundError:
-        return False
+    fig = new_figure(7, 4, layout=None)
     ax = fig.subplots()
     for points, label, style in ((train, "train", "-"), (val, "validation", "o-")):
         if points:

@@ -35,13 +35,23 @@ from .config import ConfigError, DataConfig, RunConfig, TrainConfig, model_confi
 from .data import DataError, load_documents, load_tokenizer, pack_documents, stream_blocks, unigram_entropy
 from .modeling_kangpt import KANGPT2LMHeadModel
 from .report import plot_losses, write_model_card
-from .run_dir import RunDir, publish, read_metrics, remove, temporary_name
+from .run_dir import (
+    RunDir,
+    checkpoint_problem,
+    publish,
+    read_metrics,
+    remove,
+    temporary_name,
+    write_manifest,
+    writing,
+)
 
 USAGE = """usage: train.py [CONFIG.yaml] [--section.key=value ...]
 
 Train KAN-GPT-2 as CONFIG.yaml (default: configs/default.yaml) says, with overrides such as
 --train.max_steps=100 --data.dataset=corpus/ --model.n_layer=6. Sections: model, data, train
 (see kangpt/config.py). Runs under `accelerate launch` and `torchrun` too."""
+NO_MATPLOTLIB = "loss.png not written: matplotlib is not installed (pip install 'kangpt[plot]')"
 
 
 def main(argv: list[str] | None = None, default_config: str | Path | None = None) -> int:
@@ -87,12 +97,15 @@ def train(config: RunConfig) -> int:
         log_with=installed_trackers(cfg.trackers) or None,
         project_config=ProjectConfiguration(project_dir=str(run.path), logging_dir=str(run.logs)),
     )
+    check_mixed_precision(accelerator, cfg)
     if not accelerator.is_main_process:
         datasets.disable_progress_bars()
     # save_state warns at every checkpoint that it drops the LM head tied to the embeddings (reloads fine).
     logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
     set_seed(cfg.seed)
     say(accelerator, yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip())
+    for note in run.notes:  # the resume decision: a damaged checkpoint skipped, a start from step 0
+        say(accelerator, note)
 
     # Data, model, optimizer.
     corpus = load_corpus(config.data, cfg, accelerator)
@@ -106,9 +119,11 @@ def train(config: RunConfig) -> int:
         accelerator.load_state(str(resume_from))
         say(accelerator, f"resumed from {resume_from} at step {progress.step}")
     if accelerator.is_main_process:
-        run.start(config, resumed_at=progress.step if resume_from is not None else None)
+        with writing(run.path):
+            run.start(config, resumed_at=progress.step if resume_from is not None else None)
     accelerator.wait_for_everyone()
-    accelerator.init_trackers("kangpt", config=_flat_hparams(config))
+    with writing(run.logs):
+        accelerator.init_trackers("kangpt", config=_flat_hparams(config))
     micro_steps_done = progress.step * cfg.gradient_accumulation_steps
     batches = train_batches(corpus.train, cfg, accelerator, skip=micro_steps_done)
     tokens_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
@@ -125,7 +140,7 @@ def train(config: RunConfig) -> int:
                disable=not accelerator.is_main_process)
     val_loss, stopped_by, grad_norm = None, None, None
     loss_sum, steps_since_log, t_log = 0.0, 0, time.perf_counter()
-    with StopOnSignal() as stop:
+    with StopOnSignal() as stop, bar:  # the bar is closed before an error line is printed, not after it
         while progress.step < cfg.max_steps:
             lr = learning_rate(progress.step, cfg)
             for group in optimizer.param_groups:
@@ -169,7 +184,6 @@ def train(config: RunConfig) -> int:
                 save_checkpoint(accelerator, run, step, cfg.keep_checkpoints)
             if stopped_by:
                 break
-    bar.close()
 
     if stopped_by:
         say(accelerator, f"stopped by {signal.Signals(stopped_by).name} at step {progress.step}; checkpoint "
@@ -180,13 +194,26 @@ def train(config: RunConfig) -> int:
         val_loss = evaluate(model, val_loader, accelerator)
     metrics = {"step": progress.step, "tokens": progress.tokens, "val_loss": val_loss,
                "val_ppl": math.exp(val_loss), "unigram_baseline": corpus.baseline}
-    save_model(accelerator, model, corpus.tokenizer, run, config, metrics)
+    missing = save_model(accelerator, model, corpus.tokenizer, run, config, metrics)
     say(accelerator, f"final validation loss {val_loss:.4f} nats/token (perplexity {metrics['val_ppl']:.2f});"
                      f" unigram baseline {corpus.baseline:.4f} nats/token\nmodel saved to {run.model}")
     if accelerator.is_main_process and cfg.sample_prompt:
         say(accelerator, "sample: " + sample(run.model, cfg.sample_prompt, cfg.sample_tokens))
+    if missing:  # last, where it is seen: the model folder lacks what the README promises
+        say(accelerator, missing)
     accelerator.end_training()
     return 0
+
+
+def check_mixed_precision(accelerator: Accelerator, cfg: TrainConfig) -> None:
+    """Refuse fp16 on CPU: accelerate then neither autocasts nor scales, and trains in float32 unannounced.
+
+    bf16 on CPU is real (accelerate autocasts to bfloat16), so it is kept.
+    """
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        source = "train.mixed_precision" if cfg.mixed_precision else "mixed precision (accelerate's config)"
+        raise ConfigError(f"{source} 'fp16' needs a GPU: on CPU accelerate ignores it and trains in float32; "
+                          "use 'bf16' or 'no'")
 
 
 def installed_trackers(names: list[str]) -> list[str]:
@@ -336,32 +363,45 @@ def evaluate(model, val_loader, accelerator: Accelerator) -> float:
 
 
 def save_checkpoint(accelerator: Accelerator, run: RunDir, step: int, keep: int) -> None:
-    """``save_state`` into a temporary folder, renamed ``checkpoints/step-N`` when whole (all processes)."""
+    """``save_state`` into a temporary folder, renamed ``checkpoints/step-N`` when whole (all processes).
+
+    Its manifest (sizes and sha256 of every file, of all processes) is written last, so resuming can
+    tell a complete checkpoint from a damaged one. A damaged ``step-N`` already there is replaced.
+    """
     final = run.checkpoint(step)
-    if final.is_dir():  # this very state is already saved (resumed and stopped at once)
+    # This very state may be saved already (resumed and stopped at once); a damaged one is written again.
+    if final.is_dir() and checkpoint_problem(final) is None:
         return
     tmp = temporary_name(final)
-    if accelerator.is_main_process:
-        remove(tmp)  # left over by a process that died while saving
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        publish(tmp, final)
-        run.prune_checkpoints(keep)
+    with writing(tmp):
+        if accelerator.is_main_process:
+            remove(tmp)  # left over by a process that died while saving
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()  # every process has written its files (random_states_<rank>.pkl)
+        if accelerator.is_main_process:
+            write_manifest(tmp)
+            publish(tmp, final)
+            run.prune_checkpoints(keep)
     accelerator.wait_for_everyone()
 
 
 def save_model(
     accelerator: Accelerator, model, tokenizer, run: RunDir, config: RunConfig, metrics: dict
-) -> None:
-    """Write ``model/``: weights, config, tokenizer, generation config, model card, loss curve, atomically."""
+) -> str | None:
+    """Write ``model/``: weights, config, tokenizer, generation config, model card, loss curve, atomically.
+
+    Returns the line to print when loss.png could not be written (matplotlib missing), else None.
+    """
     state_dict = accelerator.get_state_dict(
         model
     )  # gathers sharded weights (FSDP, DeepSpeed) on all processes
     if not accelerator.is_main_process:
-        return
+        return None
     unwrapped = accelerator.unwrap_model(model)
+    context = unwrapped.config.n_positions
+    # max_length, not max_new_tokens: generate() then stops at the context whatever the prompt's length.
+    # use_cache as GPT-2 saves it (transformers' export for decoder LMs refuses a config without it).
     unwrapped.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -369,32 +409,47 @@ def save_model(
         do_sample=True,
         temperature=0.8,
         top_k=50,
-        max_new_tokens=128,
+        max_length=context,
+        use_cache=True,
     )
+    tokenizer.model_max_length = context  # truncation=True then fits the model; the cached BPE is untouched
     tmp = temporary_name(run.model)
-    remove(tmp)
-    unwrapped.save_pretrained(tmp, state_dict=state_dict)
-    tokenizer.save_pretrained(tmp)
-    has_plot = plot_losses(read_metrics(run.metrics), tmp / "loss.png", metrics["unigram_baseline"])
-    write_model_card(tmp, unwrapped, config, metrics, has_plot, published_as=run.model)
-    publish(tmp, run.model)
+    with writing(tmp):
+        remove(tmp)
+        unwrapped.save_pretrained(tmp, state_dict=state_dict)
+        tokenizer.save_pretrained(tmp)
+        try:
+            has_plot = plot_losses(read_metrics(run.metrics), tmp / "loss.png", metrics["unigram_baseline"])
+            missing = None
+        except ModuleNotFoundError:
+            has_plot, missing = False, NO_MATPLOTLIB
+        write_model_card(tmp, unwrapped, config, metrics, has_plot, published_as=run.model)
+        publish(tmp, run.model)
+    return missing
 
 
 def sample(model_dir: Path, prompt: str, max_new_tokens: int) -> str:
-    """Load the saved folder as a user would and complete ``prompt``."""
+    """Load the saved folder as a user would and complete ``prompt``, within the model's context.
+
+    A prompt longer than the context keeps its last tokens; the new tokens are capped to the room left.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    input_ids = tokenizer(prompt, return_tensors="pt").input_ids
-    output = model.generate(input_ids, max_new_tokens=max_new_tokens)
+    context = model.config.n_positions
+    tokenizer.truncation_side = "left"  # a prompt too long keeps its end, which the sample continues
+    inputs = tokenizer(prompt, return_tensors="pt", truncation=True, max_length=context - 1)  # room for one
+    length = inputs["input_ids"].shape[1]
+    # max_length (not max_new_tokens, which would clash with the saved max_length and warn)
+    output = model.generate(**inputs, max_length=length + min(max_new_tokens, context - length))
     return tokenizer.decode(output[0], skip_special_tokens=True)
 
 
 def log_metrics(accelerator: Accelerator, run: RunDir, record: dict) -> None:
     """Append ``record`` to metrics.jsonl (main process) and send it to the trackers."""
     if accelerator.is_main_process:
-        with run.metrics.open("a") as f:
+        with writing(run.metrics), run.metrics.open("a") as f:
             f.write(json.dumps(record) + "\n")
     accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 

@@ -1,14 +1,18 @@
-"""train.py end to end on a tiny config: the model folder, resume after SIGINT, two-process DDP, bad input.
+"""train.py end to end on a tiny config: the model folder, resume after SIGINT or from a damaged checkpoint,
+two-process DDP, bad input (refused up front with one line, nothing written).
 
 Every run trains the same tiny KAN-GPT-2 on 40 standard-library files; the BPE is trained once and
 shared through a temporary KANGPT_CACHE.
 """
 
 import dataclasses
+import hashlib
 import itertools
 import json
 import os
+import shutil
 import socket
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -19,11 +23,12 @@ import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator
 from datasets import IterableDataset
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, pipeline
 
 from kangpt import KANGPT2LMHeadModel
 from kangpt.config import build_config, load_config, model_config
-from kangpt.training import evaluate, learning_rate, load_corpus, main, train_batches
+from kangpt.run_dir import MANIFEST, checkpoint_problem
+from kangpt.training import NO_MATPLOTLIB, evaluate, learning_rate, load_corpus, main, sample, train_batches
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {
@@ -71,6 +76,42 @@ def losses(out_dir: Path, key: str = "loss") -> dict[int, float]:
     return {r["step"]: r[key] for r in records if key in r}
 
 
+def snapshot(folder: Path) -> dict:
+    """Every path under ``folder`` with size, mtime and (files) sha256: equal snapshots, nothing touched."""
+    def entry(path: Path):
+        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+        return path.stat().st_size, path.stat().st_mtime_ns, digest
+    return {path: entry(path) for path in sorted(folder.rglob("*"))}
+
+
+# Run as root, a child would write into folders whose modes forbid it (CAP_DAC_OVERRIDE); dropping that
+# capability (and CAP_DAC_READ_SEARCH) from the bounding set before exec makes modes bind it, while the
+# interpreter, the venv and the test's files stay readable to it (same uid).
+DROP_FILE_PERMISSION_OVERRIDE = r"""
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+    if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+        sys.exit(f"cannot drop capability {capability}: {os.strerror(ctypes.get_errno())}")
+os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
+"""
+
+
+@pytest.fixture(scope="module")
+def bound_by_file_modes() -> tuple[str, ...]:
+    """The Python command of a child that file modes bind, root or not (skips where that cannot be had)."""
+    if os.geteuid() != 0:
+        return (sys.executable,)
+    launcher = (sys.executable, "-c", DROP_FILE_PERMISSION_OVERRIDE)
+    status = "open('/proc/self/status').read().split('CapEff:')[1].split()[0]"
+    probe = subprocess.run([*launcher, "-c", f"import sys; sys.exit(int({status}, 16) & 6)"],  # bits 1, 2
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        why = probe.stderr.strip() or f"exit {probe.returncode}"
+        pytest.skip(f"cannot run a root child that file modes bind: {why}")
+    return launcher
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -108,6 +149,51 @@ def test_a_short_run_writes_a_model_that_transformers_loads_and_generates_from(f
     assert yaml.safe_load((out / "run.yaml").read_text())["train"]["out_dir"] == str(out)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000004", "step-000008"]
     assert not list(out.glob(".tmp-*")) and not list((out / "checkpoints").glob(".tmp-*"))
+    for checkpoint in (out / "checkpoints").iterdir():  # the manifest lists every other file
+        listed = json.loads((checkpoint / MANIFEST).read_text())["files"]
+        assert sorted(listed) == sorted(p.name for p in checkpoint.iterdir() if p.name != MANIFEST)
+        assert {"model.safetensors", "optimizer.bin", "random_states_0.pkl"} <= set(listed)
+        assert checkpoint_problem(checkpoint) is None
+
+
+@pytest.mark.slow
+def test_the_model_folder_generates_and_truncates_within_the_context(finished_run, env):
+    folder, n_positions = finished_run[0] / "model", TINY["model"]["n_positions"]
+    generation = GenerationConfig.from_pretrained(folder)
+    assert generation.max_length == n_positions and generation.max_new_tokens is None
+    assert generation.use_cache is True
+    assert (generation.do_sample, generation.temperature, generation.top_k) == (True, 0.8, 50)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert tokenizer.model_max_length == n_positions
+    long_text = (ROOT / "kangpt" / "training.py").read_text()
+    assert len(tokenizer(long_text, truncation=True).input_ids) == n_positions
+    cached = AutoTokenizer.from_pretrained(next((Path(env["KANGPT_CACHE"]) / "tokenizers").iterdir()))
+    assert cached.model_max_length > 1e20  # the BPE cache is left as it was
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    inputs = tokenizer("def ", return_tensors="pt")
+    torch.manual_seed(0)
+    assert model.generate(**inputs).shape[1] <= n_positions
+    # Without an end-of-text token to stop at, generation runs exactly to the context, not past it.
+    endless = model.generate(**inputs, suppress_tokens=[tokenizer.eos_token_id])
+    assert endless.shape == (1, n_positions)
+    generator = pipeline("text-generation", model=str(folder))
+    generated = generator("def ", suppress_tokens=[tokenizer.eos_token_id], return_tensors=True)
+    assert len(generated[0]["generated_token_ids"]) == n_positions
+    # The end-of-training sample fits too: a prompt longer than the context keeps its last tokens, and
+    # the new tokens are capped to the room left (generate refuses to run past the context).
+    assert sample(folder, "def " * n_positions, max_new_tokens=8).startswith(" def def")
+    assert sample(folder, "def ", max_new_tokens=n_positions - 1).startswith("def")
+
+
+@pytest.mark.slow
+def test_published_files_are_as_readable_as_the_umask_allows(finished_run):
+    out = finished_run[0]
+    umask = os.umask(0o022)  # what the child ran with: it inherited the test process's umask
+    os.umask(umask)
+    for folder in [out / "model", *(out / "checkpoints").iterdir()]:
+        for path in [folder, *folder.rglob("*")]:
+            expected = (0o777 if path.is_dir() else 0o666) & ~umask
+            assert stat.S_IMODE(path.stat().st_mode) == expected, path  # safetensors writes 0600
 
 
 INTERRUPT_AT_STEP_5 = """
@@ -165,7 +251,7 @@ save_model = training.save_model
 def save_and_dump(accelerator, model, *args):
     weights = accelerator.unwrap_model(model).state_dict()
     torch.save(weights, os.path.join(os.environ["DUMP_DIR"], f"rank{accelerator.process_index}.pt"))
-    save_model(accelerator, model, *args)
+    return save_model(accelerator, model, *args)
 
 training.save_model = save_and_dump
 sys.exit(training.main(sys.argv[1:]))
@@ -189,6 +275,10 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(env, tin
     ddp = run_train(ddp_env, ddp_args, launcher=(*torchrun, str(script)))
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert "2 process(es)" in ddp.stdout
+    for checkpoint in (two / "checkpoints").iterdir():  # the main process lists the files of both
+        listed = json.loads((checkpoint / MANIFEST).read_text())["files"]
+        assert {"random_states_0.pkl", "random_states_1.pkl"} <= set(listed)
+        assert checkpoint_problem(checkpoint) is None
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     assert losses(two, "lr") == losses(one, "lr")
@@ -262,7 +352,9 @@ def test_resumed_batches_continue_where_the_first_run_stopped(corpus_and_model):
     assert not torch.equal(first_ten[0], first_ten[1])
 
 
-@pytest.mark.parametrize("case", ["missing data", "empty data", "block size", "different run"])
+@pytest.mark.parametrize(
+    "case", ["missing data", "empty data", "block size", "sample tokens", "different run"]
+)
 def test_bad_input_is_one_error_line_and_touches_nothing(case, tiny_config, finished_run, tmp_path, capsys):
     out = tmp_path / "out"
     args = [str(tiny_config)]
@@ -277,6 +369,9 @@ def test_bad_input_is_one_error_line_and_touches_nothing(case, tiny_config, fini
     elif case == "block size":
         args += ["--data.block_size=128"]
         expected = "data.block_size must be <= model.n_positions=64, got 128"
+    elif case == "sample tokens":  # the sample after training must fit the context with its prompt
+        args += ["--train.sample_tokens=64"]
+        expected = "train.sample_tokens must be < model.n_positions=64, got 64"
     else:
         out = finished_run[0]
         args += ["--model.n_layer=3", "--train.resume=auto"]
@@ -298,3 +393,201 @@ def test_train_py_exits_non_zero_with_one_line_on_a_malformed_config(env, tmp_pa
         f"error: malformed YAML in {str(bad)!r} at line 3, column 2: "
         "expected <block end>, but found '<block mapping start>'"
     ]
+
+
+@pytest.mark.parametrize("where", ["file", "under a file"])
+def test_an_out_dir_that_is_a_file_is_refused_up_front(where, tiny_config, tmp_path, capsys):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("mine")
+    out = blocker if where == "file" else blocker / "run"
+    before = snapshot(tmp_path)
+    assert main([str(tiny_config), f"--train.out_dir={out}"]) == 1
+    expected = (f"out_dir {str(out)!r} is a file, not a folder; choose another path" if where == "file" else
+                f"out_dir {str(out)!r} cannot be created: {str(blocker)!r} is a file, not a folder")
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [f"error: {expected}"] and captured.out == ""
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("where", ["existing folder", "folder to create"])
+def test_an_out_dir_that_cannot_be_written_is_refused_up_front(
+    where, env, tiny_config, tmp_path, bound_by_file_modes
+):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    out = locked if where == "existing folder" else locked / "run"
+    locked.chmod(0o555)
+    try:
+        before = snapshot(tmp_path)
+        result = run_train(env, [str(tiny_config), *overrides(out)],
+                           launcher=(*bound_by_file_modes, str(ROOT / "train.py")))
+        after = snapshot(tmp_path)
+    finally:
+        locked.chmod(0o755)
+    refusal = "is not writable" if out == locked else f"cannot be created: {str(locked)!r} is not writable"
+    expected = f"out_dir {str(out)!r} {refusal}; choose another folder"
+    assert result.returncode == 1 and result.stderr.splitlines() == [f"error: {expected}"]
+    assert result.stdout == ""  # refused before the config is printed or any data is loaded
+    assert after == before
+
+
+LOCK_CHECKPOINTS_AFTER_THE_FIRST = """
+import os, sys
+import kangpt.training as training
+
+save_checkpoint = training.save_checkpoint
+
+def save_then_lock(accelerator, run, step, keep):
+    save_checkpoint(accelerator, run, step, keep)
+    os.chmod(run.checkpoints, 0o555)  # as if the disk had stopped taking writes after the first checkpoint
+
+training.save_checkpoint = save_then_lock
+sys.exit(training.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_write_that_fails_later_is_one_error_line_and_keeps_the_complete_checkpoint(
+    env, tiny_config, tmp_path, bound_by_file_modes
+):
+    out = tmp_path / "run"
+    args = [str(tiny_config), *overrides(out, **{"train.max_steps": 2, "train.save_interval": 1})]
+    try:
+        result = run_train(env, ["-c", LOCK_CHECKPOINTS_AFTER_THE_FIRST, *args], launcher=bound_by_file_modes)
+    finally:
+        if (out / "checkpoints").exists():
+            (out / "checkpoints").chmod(0o755)
+    half_written = out / "checkpoints" / ".tmp-step-000002"
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stderr.splitlines()[-1] == f"error: cannot write {str(half_written)!r}: Permission denied"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001"]
+    assert checkpoint_problem(out / "checkpoints" / "step-000001") is None and not (out / "model").exists()
+
+
+def copy_run(run: Path, to: Path) -> Path:
+    """A copy of a finished run folder that a test may damage."""
+    shutil.copytree(run, to)
+    return to
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["model.safetensors", "optimizer.bin", "random_states_0.pkl"])
+def test_resume_skips_a_damaged_checkpoint_and_refuses_it_by_name(
+    damage, env, tiny_config, finished_run, tmp_path, capsys
+):
+    reference, _ = finished_run
+    out = copy_run(reference, tmp_path / "run")
+    newest = out / "checkpoints" / "step-000008"
+    broken = newest / damage
+    if damage == "random_states_0.pkl":  # accelerate would resume without it, with other dropout masks
+        broken.unlink()
+        problem = f"{damage} is missing"
+    else:
+        size = broken.stat().st_size
+        broken.write_bytes(broken.read_bytes()[: size // 2])  # as a copy or a full disk cut short leaves it
+        problem = f"{damage} has {size // 2} bytes, its manifest says {size}"
+
+    before = snapshot(out)
+    assert main([str(tiny_config), *overrides(out, **{"train.resume": str(newest)})]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [
+        f"error: train.resume: checkpoint {str(newest)!r} cannot be resumed: {problem}"
+    ]
+    assert captured.out == "" and snapshot(out) == before
+
+    resumed = run_train(env, [str(tiny_config), *overrides(out, **{"train.resume": "auto"})])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"skipped damaged checkpoint {str(newest)!r}: {problem}" in resumed.stdout.splitlines()
+    assert "step-000004 at step 4" in resumed.stdout
+    assert losses(out) == losses(reference)  # steps 5-8 again, exactly as the uninterrupted run
+    assert losses(out, "val_loss") == losses(reference, "val_loss")
+    assert checkpoint_problem(newest) is None  # the damaged checkpoint was replaced by a complete one
+
+
+@pytest.mark.parametrize("case", ["checkpoints deleted", "checkpoints damaged", "damaged, no model"])
+def test_resume_auto_never_starts_over_on_a_finished_model_or_damaged_checkpoints(
+    case, tiny_config, finished_run, tmp_path, capsys
+):
+    out = copy_run(finished_run[0], tmp_path / "run")
+    where = f"out_dir {str(out)!r}"
+    if case == "checkpoints deleted":
+        shutil.rmtree(out / "checkpoints")
+        expected = (f"{where} holds a finished model but no checkpoint to resume; "
+                    "replace it with --train.overwrite=true")
+    else:
+        for step in (4, 8):
+            (out / "checkpoints" / f"step-{step:06d}" / "optimizer.bin").write_bytes(b"")
+        listed = json.loads((out / "checkpoints" / "step-000008" / MANIFEST).read_text())["files"]
+        size = listed["optimizer.bin"]["size"]
+        damage = f"(step-000008: optimizer.bin has 0 bytes, its manifest says {size})"
+        if case == "checkpoints damaged":
+            expected = (f"{where} holds a finished model but no complete checkpoint to resume {damage}; "
+                        "replace it with --train.overwrite=true")
+        else:
+            shutil.rmtree(out / "model")
+            expected = (f"{where} holds no complete checkpoint to resume {damage}; "
+                        "replace the run with --train.overwrite=true")
+    before = snapshot(out)
+    assert main([str(tiny_config), *overrides(out, **{"train.resume": "auto"})]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [f"error: {expected}"] and captured.out == ""
+    assert snapshot(out) == before
+
+
+@pytest.mark.slow
+def test_resume_auto_of_a_run_that_died_before_its_first_checkpoint_says_it_starts_over(
+    env, tiny_config, finished_run, tmp_path
+):
+    reference, _ = finished_run
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copy(reference / "run.yaml", out / "run.yaml")
+    shutil.copy(reference / "metrics.jsonl", out / "metrics.jsonl")  # steps the dead run logged
+    args = [str(tiny_config), *overrides(out, **{"train.resume": "auto", "train.max_steps": 1})]
+    result = run_train(env, args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    said = f"no checkpoint to resume in out_dir {str(out)!r}: starting from step 0"
+    assert said in result.stdout.splitlines()
+    assert losses(out) == {1: losses(reference)[1]}  # step 1 again; the dead run's records are gone
+
+
+@pytest.mark.parametrize("source", ["train.mixed_precision", "accelerate's config", "bf16"])
+def test_fp16_on_cpu_is_refused_before_anything_is_written(source, env, tiny_config, tmp_path):
+    out = tmp_path / "run"
+    cpu_env = {**env, "ACCELERATE_USE_CPU": "1"}
+    # A dataset that does not exist: a run that gets past the precision check stops at loading it.
+    values = {"data.dataset": str(tmp_path / "nowhere" / "*.txt")}
+    if source == "accelerate's config":
+        cpu_env["ACCELERATE_MIXED_PRECISION"] = "fp16"  # as `accelerate launch --mixed_precision fp16` sets
+    else:
+        values["train.mixed_precision"] = "bf16" if source == "bf16" else "fp16"
+    result = run_train(cpu_env, [str(tiny_config), *overrides(out, **values)])
+    assert result.returncode == 1 and not out.exists()
+    last_line = result.stderr.splitlines()[-1]
+    if source == "bf16":  # accelerate autocasts to bfloat16 on CPU: kept
+        assert last_line.startswith("error: ") and "matches no files" in last_line
+    else:
+        name = source if source == "train.mixed_precision" else "mixed precision (accelerate's config)"
+        assert last_line == (f"error: {name} 'fp16' needs a GPU: on CPU accelerate ignores it and trains in "
+                             "float32; use 'bf16' or 'no'")
+        assert result.stdout == ""
+
+
+WITHOUT_MATPLOTLIB = """
+import sys
+sys.modules["matplotlib"] = None  # importing it now fails as when it is not installed
+import kangpt.training as training
+sys.exit(training.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_without_matplotlib_the_run_says_why_there_is_no_loss_plot(env, tiny_config, tmp_path):
+    out = tmp_path / "run"
+    args = [str(tiny_config), *overrides(out, **{"train.max_steps": 1})]
+    result = run_train(env, ["-c", WITHOUT_MATPLOTLIB, *args], launcher=(sys.executable,))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[-1] == NO_MATPLOTLIB
+    assert NO_MATPLOTLIB == "loss.png not written: matplotlib is not installed (pip install 'kangpt[plot]')"
+    assert (out / "model" / "model.safetensors").is_file() and not (out / "model" / "loss.png").exists()
+    assert "loss.png" not in (out / "model" / "README.md").read_text()

@@ -398,13 +398,13 @@ def load_tokenizer(
 ) -> PreTrainedTokenizerFast:
     """Return a ``PreTrainedTokenizerFast`` with ``pad_token`` set (to EOS when it had none).
 
-    ``spec == "bpe"`` trains a GPT-2-style byte-level BPE with ``vocab_size`` entries (fewer if the
-    texts run out of merges) on ``train_texts`` (strings, or a dataset with a ``"text"`` column),
-    whose only special token ``<|endoftext|>`` is BOS, EOS, UNK and PAD. The trained tokenizer is
-    cached under ``cache_dir`` (default ``$KANGPT_CACHE`` or ``~/.cache/kangpt``) keyed by a hash of
-    the texts, ``vocab_size`` and the tokenizer settings, so a second call with the same inputs loads
-    it instead of retraining. Any other ``spec`` goes to ``AutoTokenizer.from_pretrained`` (a local
-    directory or a hub name such as ``"gpt2"``).
+    ``spec == "bpe"`` trains a GPT-2-style byte-level BPE with ``vocab_size`` entries (fewer, with a
+    logged warning, if the texts run out of merges) on ``train_texts`` (strings, or a dataset with a
+    ``"text"`` column), whose only special token ``<|endoftext|>`` is BOS, EOS, UNK and PAD. The
+    trained tokenizer is cached under ``cache_dir`` (default ``$KANGPT_CACHE`` or ``~/.cache/kangpt``)
+    keyed by a hash of the texts, ``vocab_size`` and the tokenizer settings, so a second call with the
+    same inputs loads it instead of retraining. Any other ``spec`` goes to
+    ``AutoTokenizer.from_pretrained`` (a local directory or a hub name such as ``"gpt2"``).
     """
     if spec != "bpe":
         try:
@@ -427,7 +427,13 @@ def load_tokenizer(
     path = root / "tokenizers" / f"bpe-{vocab_size}-{_bpe_key(texts, vocab_size)}"
     if not (path / "tokenizer.json").is_file():
         _save_atomically(_train_bpe(texts, vocab_size), path)
-    return AutoTokenizer.from_pretrained(str(path))
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if len(tokenizer) < vocab_size:  # checked after loading, so a cached short BPE is reported too
+        logger.warning("the trained BPE has %d tokens, fewer than vocab_size=%d: its %d training texts "
+                       "ran out of merges (no pair of tokens within a word occurs %d or more times); "
+                       "train it on more text or lower vocab_size",
+                       len(tokenizer), vocab_size, len(texts), _BPE_SETTINGS["min_frequency"])
+    return tokenizer
 
 
 def _iter_texts(texts) -> Iterator[str]:

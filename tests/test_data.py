@@ -332,6 +332,21 @@ def test_bpe_round_trips_and_special_tokens(tokenizer):
     assert tokenizer.encode("hi", add_special_tokens=True) == tokenizer.encode("hi", add_special_tokens=False)
 
 
+def test_bpe_smaller_than_vocab_size_warns_also_from_cache(small_docs, monkeypatch, caplog):
+    with caplog.at_level("WARNING", logger="kangpt.data"):
+        full = load_tokenizer("bpe", small_docs, vocab_size=300)  # enough text for 300 tokens: no warning
+        assert len(full) == 300 and not caplog.records
+        short = load_tokenizer("bpe", small_docs[:2], vocab_size=4096)
+        monkeypatch.setattr(data, "_train_bpe", None)  # the second call must load the cached tokenizer
+        cached = load_tokenizer("bpe", small_docs[:2], vocab_size=4096)
+    n = len(short.get_vocab())
+    assert 257 < n < 4096 and len(cached) == n
+    message = (f"the trained BPE has {n} tokens, fewer than vocab_size=4096: its 2 training texts ran out of "
+               "merges (no pair of tokens within a word occurs 2 or more times); train it on more text or "
+               "lower vocab_size")
+    assert [r.getMessage() for r in caplog.records] == [message, message]
+
+
 def test_bpe_is_cached_and_not_retrained(small_docs, tmp_path, monkeypatch):
     cache = Path(os.environ["KANGPT_CACHE"])  # the default location when cache_dir is None
     first = load_tokenizer("bpe", small_docs[:4], vocab_size=300)

@@ -13,8 +13,8 @@ special tokens, appends the EOS token, concatenates everything in order and cuts
 blocks of exactly ``block_size`` tokens (dropping the remainder). Labels are not shifted: Hugging
 Face causal-LM models shift them internally, so pass ``labels=input_ids``.
 
-The default corpus is the Python standard library's own source code, which exists on every
-machine, so the whole pipeline runs offline.
+The default corpus is the Python standard library's own source code (less its generated data
+tables), which exists on every machine, so the whole pipeline runs offline.
 """
 
 from __future__ import annotations
@@ -182,7 +182,7 @@ def load_documents(
 
     Broken local files are refused, not skipped, since skipping would silently lose user data: a
     ``.txt`` file that is not UTF-8 (binary, or another encoding such as latin-1), a ``.jsonl`` line
-    that is not UTF-8 or not a JSON object, or an unreadable ``.parquet`` file raises a ``DataError``
+    that is not UTF-8, not JSON or not an object, or an unreadable ``.parquet`` file raises a ``DataError``
     naming the file and the byte offset or line number, to be fixed or removed from the corpus. With
     ``streaming=True`` such an error may only surface when the stream reaches that file.
 
@@ -358,6 +358,7 @@ def _guard_stream(ds: IterableDataset, builder: str, files: list[str]) -> Iterab
 
 
 def _read_guarded(shards: list, files: list[list[str]], builder: str) -> Iterator[dict]:
+    """Yield the rows of ``shards``, turning a read error into the ``DataError`` of its shard's files."""
     for shard, shard_files in zip(shards, files, strict=True):
         try:
             yield from shard
@@ -402,6 +403,7 @@ def _json_problem(path: str) -> str | None:
 
 
 def _json_line_problem(line: bytes, offset: int) -> str | None:
+    """Why one JSON line (starting at byte ``offset`` of its file) is no JSON object, or ``None``."""
     try:
         row = json.loads(line.decode("utf-8")) if line.strip() else {}  # blank lines are skipped
     except UnicodeDecodeError as err:
@@ -415,6 +417,7 @@ def _json_line_problem(line: bytes, offset: int) -> str | None:
 
 
 def _is_json_array(path: str) -> bool:
+    """Whether the whole file ``path`` is one JSON array of objects."""
     try:
         document = json.loads(Path(path).read_bytes())
     except ValueError:  # JSONDecodeError and UnicodeDecodeError

@@ -592,8 +592,10 @@ def pack_documents(docs, tokenizer, block_size: int, *, num_proc: int | None = N
 
 def _tokenize_batch(texts: list[str], tokenizer, eos_id: int) -> dict:
     # split_special_tokens: a literal "<|endoftext|>" inside a document is text, not a document boundary.
+    # verbose=False: documents longer than the tokenizer's model_max_length are expected (they are cut
+    # into blocks), so transformers' warning that the model cannot take them does not apply.
     ids = tokenizer(texts, add_special_tokens=False, split_special_tokens=True,
-                    return_attention_mask=False)["input_ids"]
+                    return_attention_mask=False, verbose=False)["input_ids"]
     return {"input_ids": [doc + [eos_id] for doc in ids]}
 
 

@@ -21,13 +21,15 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
 from transformers.processing_utils import Unpack
 from transformers.pytorch_utils import Conv1D
-from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils import TransformersKwargs, can_return_tuple, logging
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_kangpt import KANGPT2Config
 from .kan import KANFeedForward, KANLinear, RationalBasis
+
+logger = logging.get_logger(__name__)
 
 # Every Auto class a saved folder loads with through its own code (``trust_remote_code=True``),
 # whichever of the two models saved it.
@@ -341,18 +343,25 @@ class KANGPT2LMHeadModel(KANGPT2PreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
         )
 
-    def _validate_generated_length(self, generation_config, input_ids_length, has_default_max_length):
-        """transformers' checks of the generation length, and one more: prompt and new tokens must fit
-        in the context (``n_positions``), told before anything is generated."""
-        super()._validate_generated_length(generation_config, input_ids_length, has_default_max_length)
-        context, total = self.config.n_positions, generation_config.max_length
-        if total > context:
-            room = context - input_ids_length
-            fix = f"ask for at most {room} new tokens" if room > 0 else "shorten the prompt"
+    def _prepare_generated_length(self, generation_config, **kwargs):
+        """transformers' generation lengths, fitted to the context: positions past ``n_positions`` have
+        no embedding. A prompt that fills the context is a ValueError; generation that would run past
+        it stops at it, with a warning (as transformers caps its own default length)."""
+        generation_config = super()._prepare_generated_length(generation_config=generation_config, **kwargs)
+        prompt, context = kwargs["input_ids_length"], self.config.n_positions
+        if prompt >= context:
             raise ValueError(
-                f"generation would reach {total} tokens ({input_ids_length} in the prompt), more than the "
-                f"model's context n_positions={context}; {fix}"
+                f"the prompt has {prompt} tokens and the model's context is n_positions={context}: "
+                "no room to generate; shorten the prompt"
             )
+        if generation_config.max_length > context:
+            asked = generation_config.max_length - prompt
+            logger.warning(
+                f"generation stops at the model's context (n_positions={context}): {context - prompt} new "
+                f"tokens fit after the {prompt}-token prompt, {asked} were asked for"
+            )
+            generation_config.max_length = context
+        return generation_config
 
     @classmethod
     def from_gpt2(cls, gpt2, **config_overrides) -> "KANGPT2LMHeadModel":

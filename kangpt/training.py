@@ -400,8 +400,10 @@ def save_model(
         return None
     unwrapped = accelerator.unwrap_model(model)
     context = unwrapped.config.n_positions
-    # max_length, not max_new_tokens: generate() then stops at the context whatever the prompt's length.
-    # use_cache as GPT-2 saves it (transformers' export for decoder LMs refuses a config without it).
+    # No length: generate() then asks for transformers' defaults (or the caller's), and the model stops
+    # at its context (KANGPT2LMHeadModel._prepare_generated_length); a saved max_length would make every
+    # generate(max_new_tokens=...) warn that both are set. use_cache as GPT-2 saves it (transformers'
+    # export for decoder LMs refuses a config without it).
     unwrapped.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -409,7 +411,6 @@ def save_model(
         do_sample=True,
         temperature=0.8,
         top_k=50,
-        max_length=context,
         use_cache=True,
     )
     tokenizer.model_max_length = context  # truncation=True then fits the model; the cached BPE is untouched
@@ -440,9 +441,8 @@ def sample(model_dir: Path, prompt: str, max_new_tokens: int) -> str:
     context = model.config.n_positions
     tokenizer.truncation_side = "left"  # a prompt too long keeps its end, which the sample continues
     inputs = tokenizer(prompt, return_tensors="pt", truncation=True, max_length=context - 1)  # room for one
-    length = inputs["input_ids"].shape[1]
-    # max_length (not max_new_tokens, which would clash with the saved max_length and warn)
-    output = model.generate(**inputs, max_length=length + min(max_new_tokens, context - length))
+    room = context - inputs["input_ids"].shape[1]
+    output = model.generate(**inputs, max_new_tokens=min(max_new_tokens, room))
     return tokenizer.decode(output[0], skip_special_tokens=True)
 
 

@@ -9,7 +9,7 @@ from accelerate.commands.config.config_args import load_config_from_file
 
 from kangpt import KANGPT2LMHeadModel, modeling_kangpt
 from kangpt.config import ConfigError, build_config, load_config, model_config, parse_args
-from kangpt.run_dir import RunDir, read_metrics
+from kangpt.run_dir import RunDir, read_metrics, write_manifest
 from kangpt.training import learning_rate
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -146,12 +146,14 @@ def test_learning_rate_warms_up_linearly_then_follows_a_cosine_to_the_minimum():
 
 
 def make_run(path: Path, **train) -> RunDir:
-    """A run folder holding run.yaml of a default config with ``train`` overrides, and two checkpoints."""
+    """A run folder holding run.yaml of a default config with ``train`` overrides, and two complete
+    (empty, with their manifests) checkpoints."""
     config = build_config({"train": {"out_dir": str(path), **train}})
     run = RunDir(path)
     run.start(config, resumed_at=None)
     for step in (5, 10):
         run.checkpoint(step).mkdir(parents=True)
+        write_manifest(run.checkpoint(step))
     (run.checkpoints / ".tmp-step-000015").mkdir()  # half-written: never the latest
     return run
 

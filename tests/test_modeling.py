@@ -256,14 +256,9 @@ def _prefix_cache(model, length):
             "position_ids must be in [0, n_positions=64)",
         ),
         (
-            lambda m: m.generate(input_ids(1, 10), max_new_tokens=60, do_sample=False),
-            "generation would reach 70 tokens (10 in the prompt), more than the model's context "
-            "n_positions=64; ask for at most 54 new tokens",
-        ),
-        (
             lambda m: m.generate(input_ids(1, 64), max_new_tokens=1, do_sample=False),
-            "generation would reach 65 tokens (64 in the prompt), more than the model's context "
-            "n_positions=64; shorten the prompt",
+            "the prompt has 64 tokens and the model's context is n_positions=64: no room to generate; "
+            "shorten the prompt",
         ),
     ],
 )
@@ -280,6 +275,18 @@ def test_generation_fills_the_context_exactly():
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=54, min_new_tokens=54,
                          do_sample=False)
     assert out.shape == (2, 64)
+
+
+def test_generation_asked_to_run_past_the_context_stops_at_it_and_says_so(caplog):
+    model = tiny_model()
+    ids = input_ids(1, 10)
+    mask = torch.ones_like(ids)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=500, min_new_tokens=500, do_sample=False)
+    assert out.shape == (1, 64)
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=54, min_new_tokens=54, do_sample=False)
+    assert torch.equal(out, expected)
+    assert ("generation stops at the model's context (n_positions=64): 54 new tokens fit after the "
+            "10-token prompt, 500 were asked for") in caplog.text
 
 
 # ---- generation -----------------------------------------------------------------------------

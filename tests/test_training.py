@@ -159,8 +159,9 @@ def test_a_short_run_writes_a_model_that_transformers_loads_and_generates_from(f
 @pytest.mark.slow
 def test_the_model_folder_generates_and_truncates_within_the_context(finished_run, env):
     folder, n_positions = finished_run[0] / "model", TINY["model"]["n_positions"]
+    saved = json.loads((folder / "generation_config.json").read_text())
+    assert "max_length" not in saved and "max_new_tokens" not in saved  # the model stops at its context
     generation = GenerationConfig.from_pretrained(folder)
-    assert generation.max_length == n_positions and generation.max_new_tokens is None
     assert generation.use_cache is True
     assert (generation.do_sample, generation.temperature, generation.top_k) == (True, 0.8, 50)
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -173,14 +174,16 @@ def test_the_model_folder_generates_and_truncates_within_the_context(finished_ru
     inputs = tokenizer("def ", return_tensors="pt")
     torch.manual_seed(0)
     assert model.generate(**inputs).shape[1] <= n_positions
-    # Without an end-of-text token to stop at, generation runs exactly to the context, not past it.
-    endless = model.generate(**inputs, suppress_tokens=[tokenizer.eos_token_id])
+    # Without an end-of-text token to stop at, generation asked for more runs exactly to the context,
+    # not past it: by the caller, or by the pipeline's own default (256 new tokens).
+    eos = [tokenizer.eos_token_id]
+    endless = model.generate(**inputs, max_new_tokens=3 * n_positions, suppress_tokens=eos)
     assert endless.shape == (1, n_positions)
     generator = pipeline("text-generation", model=str(folder))
-    generated = generator("def ", suppress_tokens=[tokenizer.eos_token_id], return_tensors=True)
+    generated = generator("def ", suppress_tokens=eos, return_tensors=True)
     assert len(generated[0]["generated_token_ids"]) == n_positions
     # The end-of-training sample fits too: a prompt longer than the context keeps its last tokens, and
-    # the new tokens are capped to the room left (generate refuses to run past the context).
+    # the new tokens are capped to the room left (generate refuses a prompt that fills the context).
     assert sample(folder, "def " * n_positions, max_new_tokens=8).startswith(" def def")
     assert sample(folder, "def ", max_new_tokens=n_positions - 1).startswith("def")
 

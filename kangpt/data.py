@@ -19,6 +19,7 @@ tables), which exists on every machine, so the whole pipeline runs offline.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import hashlib
@@ -203,8 +204,9 @@ def load_documents(
         raise DataError(f"rank must be in [0, world_size={world_size}), got {rank!r}")
     local = _local_source(dataset, name)
     try:
-        splits, field = _load_splits(dataset, name, text_field, streaming, local)
-        train, val = _split_documents(splits, field, max_documents, val_fraction, dataset)
+        with _builder_errors_unlogged():
+            splits, field = _load_splits(dataset, name, text_field, streaming, local)
+            train, val = _split_documents(splits, field, max_documents, val_fraction, dataset)
     except _READ_ERRORS as err:
         if local is None:  # hub datasets are not ours to scan
             raise
@@ -361,9 +363,24 @@ def _read_guarded(shards: list, files: list[list[str]], builder: str) -> Iterato
     """Yield the rows of ``shards``, turning a read error into the ``DataError`` of its shard's files."""
     for shard, shard_files in zip(shards, files, strict=True):
         try:
-            yield from shard
+            with _builder_errors_unlogged():
+                yield from shard
         except _READ_ERRORS as err:
             raise _corpus_error(builder, shard_files, err) from err
+
+
+@contextlib.contextmanager
+def _builder_errors_unlogged():
+    """Keep the file readers of ``datasets`` (``datasets.packaged_modules``) from logging a file they
+    fail on: the error they raise becomes a ``DataError`` that names the file and the line itself, and
+    a one-line error stays one line."""
+    logger = logging.getLogger("datasets.packaged_modules")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _corpus_error(builder: str, files: list[str], err: BaseException) -> DataError:

@@ -3,6 +3,7 @@
 import inspect
 import json
 import json.decoder
+import logging
 import math
 import os
 import sysconfig
@@ -317,7 +318,8 @@ def write_good_file(path: Path) -> None:
 
 @pytest.mark.parametrize("streaming", [False, True], ids=["map", "stream"])
 @pytest.mark.parametrize("name, content, message", BROKEN_FILES)
-def test_broken_local_file_is_a_one_line_error(tmp_path, monkeypatch, streaming, name, content, message):
+def test_broken_local_file_is_a_one_line_error(tmp_path, monkeypatch, caplog, streaming, name, content,
+                                               message):
     monkeypatch.chdir(tmp_path)
     suffix = Path(name).suffix
     write_good_file(tmp_path / "corpus" / f"a{suffix}")  # the broken file is neither first nor last
@@ -328,6 +330,7 @@ def test_broken_local_file_is_a_one_line_error(tmp_path, monkeypatch, streaming,
         texts(train), texts(val)  # a stream may meet the broken file only when it is read
     assert str(info.value).startswith(message)
     assert "\n" not in str(info.value)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # the error is the only word
 
 
 def test_broken_file_search_spares_a_json_array_file(tmp_path, monkeypatch):

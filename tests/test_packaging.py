@@ -1,0 +1,24 @@
+"""How kangpt imports, as a user's script meets it: from any working directory, and quietly."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import kangpt
+
+
+def run_python(code: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_a_folder_named_kangpt_in_the_working_directory_does_not_hide_the_package(tmp_path):
+    (tmp_path / "kangpt").mkdir()  # as in the folder above a clone named kangpt
+    result = run_python("import kangpt; print(kangpt.__file__)", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.strip()) == Path(kangpt.__file__)
+
+
+def test_importing_kangpt_prints_nothing(tmp_path):
+    """Not even the import-time warnings of torchao, which transformers imports when it is installed."""
+    result = run_python("import kangpt.training, kangpt.cli", tmp_path)
+    assert result.returncode == 0 and result.stdout == "" and result.stderr == "", result.stderr

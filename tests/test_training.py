@@ -355,13 +355,35 @@ def test_resumed_batches_continue_where_the_first_run_stopped(corpus_and_model):
     assert not torch.equal(first_ten[0], first_ten[1])
 
 
-@pytest.mark.parametrize(
-    "case", ["missing data", "empty data", "block size", "sample tokens", "different run"]
-)
-def test_bad_input_is_one_error_line_and_touches_nothing(case, tiny_config, finished_run, tmp_path, capsys):
+# A corpus file train.py refuses: (name, bytes, the error line's expected start after "error: corpus/").
+BROKEN_CORPUS_FILES = {
+    "binary file": ("b.txt", b"x = 1\n" * 20 + b"\x00\xff\xfe binary",
+                    "b.txt is not UTF-8 text (byte 0xff at"),
+    "latin-1 file": ("b.txt", "café = 1\n".encode("latin-1"),
+                     "b.txt is not UTF-8 text (byte 0xe9 at offset 3)"),
+    "malformed jsonl": ("b.jsonl", b'{"text": "a = 1"}\n{"text": oops}\n',
+                        "b.jsonl line 2 is not valid JSON"),
+}
+BAD_INPUT = ["missing data", "empty data", *BROKEN_CORPUS_FILES, "block size", "sample tokens",
+             "different run"]
+
+
+@pytest.mark.parametrize("case", BAD_INPUT)
+def test_bad_input_is_one_error_line_and_touches_nothing(case, tiny_config, finished_run, tmp_path, capsys,
+                                                         monkeypatch):
     out = tmp_path / "out"
     args = [str(tiny_config)]
-    if case == "missing data":
+    if case in BROKEN_CORPUS_FILES:
+        name, content, expected = BROKEN_CORPUS_FILES[case]
+        corpus = tmp_path / "corpus"
+        corpus.mkdir()
+        (corpus / f"a{Path(name).suffix}").write_text("def f():\n    return 1\n" if name.endswith(".txt")
+                                                     else '{"text": "def f(): pass"}\n')
+        (corpus / name).write_bytes(content)
+        monkeypatch.chdir(tmp_path)
+        args += ["--data.dataset=corpus"]
+        expected = "corpus/" + expected
+    elif case == "missing data":
         args += ["--data.dataset=" + str(tmp_path / "nowhere" / "*.txt")]
         expected = "matches no files"
     elif case == "empty data":

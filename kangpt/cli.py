@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TextStreamer
 
 from .config import ConfigError
-from .data import DataError
+from .data import DataError, _first_line
 
 # Modules whose import registers subcommands (besides this one).
 COMMAND_MODULES: tuple[str, ...] = ("kangpt.interpret", "kangpt.compare")
@@ -131,10 +131,6 @@ def load_model(name: str, device: str):
             ) from err
         raise CommandError(f"cannot load {name!r}: {_first_line(err)}") from err
     return tokenizer, model.to(device).eval()
-
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def _positive_int(text: str) -> int:

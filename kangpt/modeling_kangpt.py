@@ -236,6 +236,8 @@ class KANGPT2Model(KANGPT2PreTrainedModel):
         """input_ids (B, T) or inputs_embeds (B, T, C) -> last_hidden_state (B, T, C) (+ cache)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if (input_ids if input_ids is not None else inputs_embeds).shape[1] == 0:
+            raise ValueError("the input holds no tokens (sequence length 0)")
         if input_ids is not None:
             self.warn_if_padding_and_no_attention_mask(input_ids, attention_mask)
             inputs_embeds = _embed(self.wte, input_ids, "input_ids", "vocab_size")
@@ -267,11 +269,9 @@ class KANGPT2Model(KANGPT2PreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache if use_cache else None)
 
     def _check_length(self, past: int, new: int) -> None:
-        """A clear error for an input the position embeddings cannot take (shapes only, no sync)."""
+        """A clear error for positions the position embeddings do not have (shapes only, no sync)."""
         if torch.compiler.is_compiling():
             return
-        if new == 0:
-            raise ValueError("the input holds no tokens (sequence length 0)")
         if past + new > self.config.n_positions:
             cached = f" ({past} cached + {new} new)" if past else ""
             raise ValueError(
@@ -349,6 +349,8 @@ class KANGPT2LMHeadModel(KANGPT2PreTrainedModel, GenerationMixin):
         it stops at it, with a warning (as transformers caps its own default length)."""
         generation_config = super()._prepare_generated_length(generation_config=generation_config, **kwargs)
         prompt, context = kwargs["input_ids_length"], self.config.n_positions
+        if prompt == 0:
+            raise ValueError("the prompt holds no tokens; start from one, e.g. the BOS token")
         if prompt >= context:
             raise ValueError(
                 f"the prompt has {prompt} tokens and the model's context is n_positions={context}: "

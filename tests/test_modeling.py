@@ -252,6 +252,14 @@ def _prefix_cache(model, length):
         (lambda m: m(torch.tensor([[-1, 3]])), "input_ids must be in [0, vocab_size=97)"),
         (lambda m: m(torch.zeros(1, 0, dtype=torch.long)), "the input holds no tokens (sequence length 0)"),
         (
+            lambda m: m(torch.zeros(1, 0, dtype=torch.long), position_ids=torch.zeros(1, 0, dtype=torch.long)),
+            "the input holds no tokens (sequence length 0)",
+        ),
+        (
+            lambda m: m.generate(torch.zeros(1, 0, dtype=torch.long), max_new_tokens=3),
+            "the prompt holds no tokens; start from one, e.g. the BOS token",
+        ),
+        (
             lambda m: m(input_ids(1, 2), position_ids=torch.tensor([[0, 64]])),
             "position_ids must be in [0, n_positions=64)",
         ),

@@ -252,7 +252,7 @@ def _prefix_cache(model, length):
         (lambda m: m(torch.tensor([[-1, 3]])), "input_ids must be in [0, vocab_size=97)"),
         (lambda m: m(torch.zeros(1, 0, dtype=torch.long)), "the input holds no tokens (sequence length 0)"),
         (
-            lambda m: m(torch.zeros(1, 0, dtype=torch.long), position_ids=torch.zeros(1, 0, dtype=torch.long)),
+            lambda m: m(torch.zeros(1, 0, dtype=torch.long), position_ids=torch.zeros(1, 0).long()),
             "the input holds no tokens (sequence length 0)",
         ),
         (

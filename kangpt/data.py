@@ -318,8 +318,15 @@ def _is_document(text) -> bool:
 
 
 def _hold_out(ds, k: int, source: str):
-    """Split off documents ``0, k, 2k, ...`` as validation; the rest is training data."""
+    """Split off documents ``0, k, 2k, ...`` as validation; the rest is training data.
+
+    A stream is made one shard first: ``split_dataset_by_node`` hands whole shards (files) to the
+    processes, each of which would count its documents from 0, holding out other documents than one
+    process does and training on held-out ones. From one shard, every process reads the whole stream,
+    counts the corpus's documents and keeps its share of them.
+    """
     if isinstance(ds, IterableDataset):
+        ds = IterableDataset.from_generator(_rows, features=ds.features, gen_kwargs={"shards": [ds]})
         return tuple(ds.filter(_in_split, with_indices=True, fn_kwargs={"k": k, "val": val})
                      for val in (False, True))
     if len(ds) < 2:
@@ -329,6 +336,11 @@ def _hold_out(ds, k: int, source: str):
 
 def _in_split(_row, index: int, k: int, val: bool) -> bool:
     return (index % k == 0) == val
+
+
+def _rows(shards: list) -> Iterator[dict]:
+    for shard in shards:
+        yield from shard
 
 
 def _first_line(err: BaseException) -> str:

@@ -15,7 +15,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from datasets.distributed import split_dataset_by_node
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -358,13 +357,13 @@ def test_unexplained_read_error_names_the_file_and_the_cause(tmp_path):
 
 
 def test_guarded_stream_keeps_one_shard_per_file(tmp_path):
-    for i in range(4):
-        write(tmp_path / "corpus" / f"{i}.txt", f"document {i}")
-    train, val = load_documents(str(tmp_path / "corpus"), val_fraction=0.5, streaming=True)
-    assert train.num_shards == val.num_shards == 4  # split_dataset_by_node can still hand out whole files
-    parts = [sorted(texts(split_dataset_by_node(train, rank=rank, world_size=2))
-                    + texts(split_dataset_by_node(val, rank=rank, world_size=2))) for rank in range(2)]
-    assert parts == [["document 0", "document 2"], ["document 1", "document 3"]]  # whole files per rank
+    """So that a broken file met while streaming is named without scanning the others."""
+    files = [str(write(tmp_path / "corpus" / f"{i}.txt", f"document {i}")) for i in range(4)]
+    splits, _ = data._load_splits(str(tmp_path / "corpus"), None, "text", True, ("text", files))
+    guarded = splits["train"]
+    assert guarded.num_shards == 4
+    shards = [texts(guarded.shard(num_shards=4, index=i)) for i in range(4)]
+    assert shards == [[f"document {i}"] for i in range(4)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -539,3 +538,18 @@ def test_unigram_entropy_on_packed_corpus_is_below_uniform(small_docs, tokenizer
     val = pack_documents(small_docs[:1], tokenizer, 32)
     entropy = unigram_entropy(train, val, len(tokenizer))
     assert 1.0 < entropy < math.log(len(tokenizer))
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_streamed_hold_out_is_the_corpus_split_on_every_number_of_processes(tmp_path, world_size):
+    """8 files: split_dataset_by_node hands whole files to the processes; the held-out documents must
+    still be the corpus's 0, k, 2k, ..., and the processes' training documents the rest, once each."""
+    for i in range(8):
+        write(tmp_path / "corpus" / f"{i}.txt", f"document {i}\n")
+    train, val = load_documents(str(tmp_path / "corpus"), val_fraction=0.34)
+    shares = [load_documents(str(tmp_path / "corpus"), val_fraction=0.34, streaming=True, rank=rank,
+                             world_size=world_size) for rank in range(world_size)]
+    streamed_train = [text for share, _ in shares for text in texts(share)]
+    assert sorted(streamed_train) == sorted(texts(train)) and len(streamed_train) == len(texts(train))
+    assert texts(val) == [f"document {i}\n" for i in (0, 3, 6)]
+    assert sorted(t for _, share_val in shares for t in texts(share_val)) == sorted(texts(val))

@@ -164,13 +164,13 @@ def _buildable_model_config(config: RunConfig) -> KANGPT2Config:
     """The run's model config, once the model has been built from it on the meta device (nothing is
     allocated): the modules check what the config alone does not, as in GPT-2 (``n_head`` dividing
     ``n_embd``), so a run that cannot build its model is refused before it loads any data."""
-    model = model_config(config)
+    model_cfg = model_config(config)
     try:
         with torch.device("meta"):
-            KANGPT2LMHeadModel(model)
+            KANGPT2LMHeadModel(model_cfg)
     except ValueError as err:
         raise ConfigError(f"model: {err}") from err
-    return model
+    return model_cfg
 
 
 def _read_yaml(path: Path) -> dict:

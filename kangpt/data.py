@@ -3,6 +3,7 @@
 The pipeline is::
 
     train_docs, val_docs = load_documents("stdlib")           # or local files, or a hub dataset
+    splits = load_splits("pydoc-topics", test_fraction=0.1)  # train / validation / test
     tokenizer = load_tokenizer("bpe", train_docs, vocab_size=4096)
     train = pack_documents(train_docs, tokenizer, block_size=256)   # column "input_ids"
     val = pack_documents(val_docs, tokenizer, block_size=256)
@@ -13,8 +14,9 @@ special tokens, appends the EOS token, concatenates everything in order and cuts
 blocks of exactly ``block_size`` tokens (dropping the remainder). Labels are not shifted: Hugging
 Face causal-LM models shift them internally, so pass ``labels=input_ids``.
 
-The default corpus is the Python standard library's own source code (less its generated data
-tables), which exists on every machine, so the whole pipeline runs offline.
+Two corpora exist on every machine, so the whole pipeline runs offline: ``"stdlib"``, the Python
+standard library's own source code (less its generated data tables, the default), and
+``"pydoc-topics"``, English prose: the documentation topics CPython ships for ``help()``.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 __all__ = [
     "DataError",
     "load_documents",
+    "load_splits",
+    "pydoc_topics_documents",
     "load_tokenizer",
     "pack_documents",
     "stdlib_documents",
@@ -72,6 +76,8 @@ _TABLE_MIN_LINES, _TABLE_FRACTION = 50, 0.8
 _STRING_LITERAL = re.compile(r"""(?<!\w)[rRbBuU]{0,2}(?:'(?:[^'\\\n]|\\.)*'|"(?:[^"\\\n]|\\.)*")""")
 _NUMBER_LITERAL = re.compile(r"\b(?:0[xob][0-9a-f_]+|\d[\d_]*(?:\.\d*)?(?:e[-+]?\d+)?j?)\b", re.IGNORECASE)
 _TABLE_PUNCTUATION = " \t0,:()[]{}+-"
+# The corpora built into kangpt: name -> function returning the documents.
+BUILTIN_CORPORA = ("stdlib", "pydoc-topics")
 # Everything that determines the trained BPE besides its texts and vocabulary size (part of the cache key).
 _BPE_SETTINGS = {"format": 1, "model": "bpe", "pre_tokenizer": "byte_level", "add_prefix_space": False,
                  "special_tokens": [EOT], "min_frequency": 2, "padding_side": "left"}
@@ -132,6 +138,19 @@ def _stdlib_documents() -> tuple[str, ...]:
     return tuple(docs)
 
 
+def pydoc_topics_documents() -> list[str]:
+    """Return English prose that ships with every CPython: the documentation topics of ``help()``.
+
+    ``pydoc_data.topics`` holds the Python Language Reference sections that ``help("if")`` shows
+    (about 460,000 characters in 3.11). Each topic is cut into paragraphs at blank lines, and every
+    paragraph is one document (in topic order), so a held-out split samples the whole text instead
+    of a few whole topics. Headings and the indented grammar and code blocks stay, as paragraphs.
+    """
+    from pydoc_data.topics import topics
+
+    return [p.strip("\n") for text in topics.values() for p in re.split(r"\n[ \t]*\n", text) if p.strip()]
+
+
 def _is_generated_data(source: str) -> bool:
     """Whether Python ``source`` is generated data, not code, by the rule of :func:`stdlib_documents`."""
     if _GENERATED_MARK.search("\n".join(source.splitlines()[:_GENERATED_MARK_LINES])):
@@ -172,8 +191,32 @@ def load_documents(
 ) -> tuple[Dataset | IterableDataset, Dataset | IterableDataset]:
     """Load a corpus and return ``(train, validation)`` datasets with a single ``"text"`` column.
 
-    ``dataset`` is ``"stdlib"`` (see :func:`stdlib_documents`; write ``./stdlib`` for a local folder
-    of that name); a local file, folder (searched
+    :func:`load_splits` without a test split; see it for every argument.
+    """
+    splits = load_splits(dataset, name=name, text_field=text_field, val_fraction=val_fraction,
+                         streaming=streaming, max_documents=max_documents, rank=rank, world_size=world_size)
+    return splits["train"], splits["validation"]
+
+
+def load_splits(
+    dataset: str = "stdlib",
+    *,
+    name: str | None = None,
+    text_field: str = "text",
+    val_fraction: float = 0.01,
+    test_fraction: float = 0.0,
+    validation_dataset: str | None = None,
+    test_dataset: str | None = None,
+    streaming: bool = False,
+    max_documents: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict[str, Dataset | IterableDataset]:
+    """Load a corpus: ``{"train": ..., "validation": ...}``, plus ``"test"`` when one is asked for.
+
+    Every split is a dataset with a single ``"text"`` column. ``dataset`` is ``"stdlib"`` (see
+    :func:`stdlib_documents`; write ``./stdlib`` for a local folder of that name), ``"pydoc-topics"``
+    (English prose, see :func:`pydoc_topics_documents`); a local file, folder (searched
     recursively) or glob of ``.txt`` files (one document per file, universal newlines),
     ``.jsonl``/``.json`` files (JSON lines, one document per line) or ``.parquet`` files (one document
     per row), the text taken from ``text_field``; or a Hugging Face hub dataset name with optional
@@ -187,42 +230,82 @@ def load_documents(
     naming the file and the byte offset or line number, to be fixed or removed from the corpus. With
     ``streaming=True`` such an error may only surface when the stream reaches that file.
 
-    The validation set is the source's own ``"validation"`` (else ``"test"``) split when it has one;
-    otherwise documents ``0, k, 2k, ...`` with ``k = round(1 / val_fraction)`` are held out, so the
-    split is deterministic, in corpus order and spread over the whole corpus.
+    Validation: the local files ``validation_dataset`` when given, else the source's own
+    ``"validation"`` split, else (when no test split is asked for) its ``"test"`` split; otherwise
+    documents ``0, k, 2k, ...`` with ``k = round(1 / val_fraction)`` are held out, so the split is
+    deterministic, in corpus order and spread over the whole corpus. A test split is asked for by
+    ``test_dataset`` (local files) or ``test_fraction > 0``: it is those files, else the source's own
+    ``"test"`` split, else documents ``r, r + k', r + 2k', ...`` (``k' = round(1 / test_fraction)``,
+    ``r = k' // 2``) held out of training, leaving out any that validation holds.
 
-    With ``streaming=True`` both results are ``IterableDataset`` streams and are sharded across
+    With ``streaming=True`` the results are ``IterableDataset`` streams and are sharded across
     ``world_size`` ranks with ``datasets.distributed.split_dataset_by_node`` (validation too, so
     evaluation losses must be averaged across ranks). Map-style results are not sharded: the
     distributed sampler of the training loop does that.
     """
     if not 0 < val_fraction <= 0.5:
         raise DataError(f"val_fraction must be in (0, 0.5], got {val_fraction!r}")
+    if not 0 <= test_fraction <= 0.5:
+        raise DataError(f"test_fraction must be in [0, 0.5], got {test_fraction!r}")
     if max_documents is not None and max_documents < 1:
         raise DataError(f"max_documents must be a positive integer or None, got {max_documents!r}")
     if not 0 <= rank < world_size:
         raise DataError(f"rank must be in [0, world_size={world_size}), got {rank!r}")
+    want_test = test_dataset is not None or test_fraction > 0
+    splits = _load_source(dataset, name, text_field, streaming, max_documents)
+    own = {"validation": _local_split(validation_dataset, text_field, streaming, max_documents)
+           if validation_dataset is not None else splits.get("validation")}
+    if test_dataset is not None:
+        own["test"] = _local_split(test_dataset, text_field, streaming, max_documents)
+    elif want_test or own["validation"] is None:
+        own["test"] = splits.get("test")
+    if not want_test and own["validation"] is None:  # the source's test split serves as validation
+        own["validation"], own["test"] = own["test"], None
+    result = {"train": splits["train"]}
+    held = {split: k for split, k in (("validation", round(1 / val_fraction)),
+                                      ("test", round(1 / test_fraction) if test_fraction else 0))
+            if own.get(split) is None and k and (split == "validation" or want_test)}
+    result.update(_hold_out(splits["train"], held, dataset) if held else {})
+    result.update({split: ds for split, ds in own.items() if ds is not None})
+    if streaming:
+        result = {split: split_dataset_by_node(docs, rank=rank, world_size=world_size)
+                  for split, docs in result.items()}
+    return result
+
+
+def _local_split(files: str, text_field: str, streaming: bool, max_documents: int | None):
+    """The documents of local ``files`` (a file, folder or glob) that make one whole split."""
+    if _local_source(files, None) is None:
+        raise DataError(f"{files!r} is not a local file, folder or glob")
+    return _load_source(files, None, text_field, streaming, max_documents)["train"]
+
+
+def _load_source(dataset: str, name: str | None, text_field: str, streaming: bool,
+                 max_documents: int | None) -> dict:
+    """Every split of one source, cleaned (a single ``"text"`` column)."""
     local = _local_source(dataset, name)
     try:
         with _builder_errors_unlogged():
             splits, field = _load_splits(dataset, name, text_field, streaming, local)
-            train, val = _split_documents(splits, field, max_documents, val_fraction, dataset)
+            if "train" not in splits:
+                raise DataError(f"dataset {dataset!r} has no 'train' split (splits: {sorted(splits)})")
+            return {split: _clean(ds, field, max_documents, dataset if split == "train" else
+                                  f"{dataset}[{split}]")
+                    for split, ds in splits.items() if split in ("train", "validation", "test")}
     except _READ_ERRORS as err:
         if local is None:  # hub datasets are not ours to scan
             raise
         raise _corpus_error(*local, err) from err
-    if streaming:
-        train, val = (split_dataset_by_node(d, rank=rank, world_size=world_size) for d in (train, val))
-    return train, val
 
 
 def _local_source(dataset: str, name: str | None) -> tuple[str, list[str]] | None:
-    """Return ``(builder, files)`` when ``dataset`` names local files, ``None`` for the stdlib or the hub."""
+    """Return ``(builder, files)`` when ``dataset`` names local files, ``None`` for a built-in corpus or
+    the hub."""
     path = os.path.expanduser(dataset)
-    is_local = dataset != "stdlib" and (
+    is_local = dataset not in BUILTIN_CORPORA and (
         os.path.exists(path) or any(c in dataset for c in "*?[")
         or Path(dataset).suffix.lower() in _BUILDERS or dataset.startswith((".", "/", "~")))
-    if name is not None and (dataset == "stdlib" or is_local):
+    if name is not None and (dataset in BUILTIN_CORPORA or is_local):
         raise DataError(f"name={name!r} only applies to hub datasets, not to {dataset!r}")
     return _local_files(dataset) if is_local else None
 
@@ -230,8 +313,9 @@ def _local_source(dataset: str, name: str | None) -> tuple[str, list[str]] | Non
 def _load_splits(dataset: str, name: str | None, text_field: str, streaming: bool,
                  local: tuple[str, list[str]] | None) -> tuple[dict, str]:
     """Load every split of the source with its original columns; return them and the text column name."""
-    if dataset == "stdlib":
-        ds = Dataset.from_dict({"text": stdlib_documents()})
+    if dataset in BUILTIN_CORPORA:
+        docs = stdlib_documents() if dataset == "stdlib" else pydoc_topics_documents()
+        ds = Dataset.from_dict({"text": docs})
         return {"train": ds.to_iterable_dataset() if streaming else ds}, "text"
     if local is not None:
         builder, files = local
@@ -247,17 +331,6 @@ def _load_splits(dataset: str, name: str | None, text_field: str, streaming: boo
     if streaming and local is not None:
         splits = {split: _guard_stream(ds, *local) for split, ds in splits.items()}
     return splits, text_field
-
-
-def _split_documents(splits: dict, field: str, max_documents: int | None, val_fraction: float, source: str):
-    """Clean the splits and return ``(train, validation)``: the source's own, else a hold-out of train."""
-    if "train" not in splits:
-        raise DataError(f"dataset {source!r} has no 'train' split (splits: {sorted(splits)})")
-    train = _clean(splits["train"], field, max_documents, source)
-    val_split = next((s for s in ("validation", "test") if s in splits), None)
-    if val_split is None:
-        return _hold_out(train, round(1 / val_fraction), source)
-    return train, _clean(splits[val_split], field, max_documents, f"{source}[{val_split}]")
 
 
 def _local_files(spec: str) -> tuple[str, list[str]]:
@@ -317,25 +390,46 @@ def _is_document(text) -> bool:
     return isinstance(text, str) and bool(text.strip())
 
 
-def _hold_out(ds, k: int, source: str):
-    """Split off documents ``0, k, 2k, ...`` as validation; the rest is training data.
+def _hold_out(ds, strides: dict[str, int], source: str) -> dict:
+    """Split documents off ``ds``: ``{"train": rest, split: held-out, ...}`` for ``split`` in ``strides``.
+
+    Validation holds documents ``0, k, 2k, ...`` (``k = strides["validation"]``), test documents
+    ``r, r + k', ...`` (``k' = strides["test"]``, ``r = k' // 2``) that validation does not hold.
 
     A stream is made one shard first: ``split_dataset_by_node`` hands whole shards (files) to the
     processes, each of which would count its documents from 0, holding out other documents than one
     process does and training on held-out ones. From one shard, every process reads the whole stream,
     counts the corpus's documents and keeps its share of them.
     """
+    names = ["train", *strides]
     if isinstance(ds, IterableDataset):
         ds = IterableDataset.from_generator(_rows, features=ds.features, gen_kwargs={"shards": [ds]})
-        return tuple(ds.filter(_in_split, with_indices=True, fn_kwargs={"k": k, "val": val})
-                     for val in (False, True))
-    if len(ds) < 2:
-        raise DataError(f"{source!r} has {len(ds)} document(s); at least 2 are needed to hold out validation")
-    return ds.select([i for i in range(len(ds)) if i % k]), ds.select(range(0, len(ds), k))
+        return {split: ds.filter(_in_split, with_indices=True, fn_kwargs={"strides": strides, "split": split})
+                for split in names}
+    if len(ds) < len(names):
+        raise DataError(f"{source!r} has {len(ds)} document(s); at least {len(names)} are needed to hold "
+                        f"out {' and '.join(strides)}")
+    index = {split: [] for split in names}
+    for i in range(len(ds)):
+        index[_split_of(i, strides)].append(i)
+    empty = [split for split, rows in index.items() if not rows]
+    if empty:
+        raise DataError(f"{source!r} has {len(ds)} document(s): no {empty[0]} document is left; "
+                        "use more documents or larger fractions")
+    return {split: ds.select(rows) for split, rows in index.items()}
 
 
-def _in_split(_row, index: int, k: int, val: bool) -> bool:
-    return (index % k == 0) == val
+def _split_of(index: int, strides: dict[str, int]) -> str:
+    """The split document ``index`` belongs to under :func:`_hold_out`'s rule."""
+    if "validation" in strides and index % strides["validation"] == 0:
+        return "validation"
+    if "test" in strides and index % strides["test"] == strides["test"] // 2:
+        return "test"
+    return "train"
+
+
+def _in_split(_row, index: int, strides: dict[str, int], split: str) -> bool:
+    return _split_of(index, strides) == split
 
 
 def _rows(shards: list) -> Iterator[dict]:

@@ -22,8 +22,10 @@ import kangpt.data as data
 from kangpt.data import (
     DataError,
     load_documents,
+    load_splits,
     load_tokenizer,
     pack_documents,
+    pydoc_topics_documents,
     stdlib_documents,
     stream_blocks,
     unigram_entropy,
@@ -173,6 +175,70 @@ def test_stdlib_streaming_matches_map_style_and_shards_across_ranks():
     parts = [texts(shard[0]) for shard in shards]
     assert parts[0] and parts[1] and not set(parts[0]) & set(parts[1])
     assert sorted(parts[0] + parts[1]) == sorted(texts(train))
+
+
+def test_test_split_is_held_out_disjoint_from_validation_map_style_and_streamed():
+    expected = stdlib_documents()[:40]
+    splits = load_splits("stdlib", val_fraction=0.1, test_fraction=0.2, max_documents=40)
+    assert list(splits) == ["train", "validation", "test"]
+    assert texts(splits["validation"]) == expected[0::10]
+    assert texts(splits["test"]) == [d for i, d in enumerate(expected) if i % 5 == 2 and i % 10]  # r = 5 // 2
+    assert texts(splits["train"]) == [d for i, d in enumerate(expected) if i % 10 and i % 5 != 2]
+    streamed = load_splits("stdlib", val_fraction=0.1, test_fraction=0.2, max_documents=40, streaming=True)
+    assert {k: texts(v) for k, v in streamed.items()} == {k: texts(v) for k, v in splits.items()}
+    # a stride that meets validation's: document 10 is validation's, never test's
+    overlap = load_splits("stdlib", val_fraction=0.1, test_fraction=0.2, max_documents=40)
+    assert not set(texts(overlap["validation"])) & set(texts(overlap["test"]))
+    # without a test fraction nothing changes: the same two splits as load_documents
+    train, val = load_documents("stdlib", val_fraction=0.1, max_documents=40)
+    assert list(load_splits("stdlib", val_fraction=0.1, max_documents=40)) == ["train", "validation"]
+    assert texts(val) == expected[0::10] and len(texts(train)) == 36
+
+
+def test_local_validation_and_test_files_replace_the_hold_out(tmp_path):
+    for i in range(6):
+        write(tmp_path / "train" / f"{i}.txt", f"train {i}\n")
+    write(tmp_path / "val.txt", "validation text\n")
+    write(tmp_path / "held" / "a.txt", "test a\n")
+    write(tmp_path / "held" / "b.txt", "test b\n")
+    splits = load_splits(str(tmp_path / "train"), validation_dataset=str(tmp_path / "val.txt"),
+                         test_dataset=str(tmp_path / "held"))
+    assert texts(splits["train"]) == [f"train {i}\n" for i in range(6)]  # nothing held out of training
+    assert texts(splits["validation"]) == ["validation text\n"]
+    assert texts(splits["test"]) == ["test a\n", "test b\n"]
+    only_test = load_splits(str(tmp_path / "train"), val_fraction=0.5, test_dataset=str(tmp_path / "held"))
+    assert texts(only_test["validation"]) == ["train 0\n", "train 2\n", "train 4\n"]
+    with pytest.raises(DataError, match="nowhere"):
+        load_splits(str(tmp_path / "train"), test_dataset=str(tmp_path / "nowhere"))
+    with pytest.raises(DataError, match="test_fraction"):
+        load_splits("stdlib", test_fraction=0.6)
+    with pytest.raises(DataError, match="2 document.*at least 3 are needed to hold out validation and test"):
+        load_splits(str(tmp_path / "held"), val_fraction=0.5, test_fraction=0.5)
+    with pytest.raises(DataError, match="6 document.*no train document is left"):  # 0, 2, 4 | 1, 3, 5
+        load_splits(str(tmp_path / "train"), val_fraction=0.5, test_fraction=0.5)
+
+
+def test_hub_test_split_is_the_test_split_and_validation_falls_back_to_it_without_one(monkeypatch):
+    own = {"train": datasets.Dataset.from_dict({"text": [f"t{i}" for i in range(10)]}),
+           "test": datasets.Dataset.from_dict({"text": ["the test"]})}
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: datasets.DatasetDict(own))
+    train, val = load_documents("someone/corpus")  # no validation split: the test split validates
+    assert texts(val) == ["the test"] and len(train) == 10
+    splits = load_splits("someone/corpus", val_fraction=0.5, test_fraction=0.1)
+    assert texts(splits["test"]) == ["the test"]  # the source's own test split ...
+    assert texts(splits["validation"]) == [f"t{i}" for i in range(0, 10, 2)]  # ... and validation held out
+
+
+def test_pydoc_topics_corpus_is_english_paragraphs_on_every_machine():
+    docs = pydoc_topics_documents()
+    from pydoc_data.topics import topics
+
+    assert len(docs) > 1000 and all(d.strip() and "\n\n" not in d for d in docs)
+    assert sum(map(len, docs)) > 0.95 * sum(map(len, topics.values()))  # only blank lines are gone
+    assert any(d.startswith('The "if" statement is used for conditional execution') for d in docs)
+    splits = load_splits("pydoc-topics", val_fraction=0.1, test_fraction=0.1)
+    assert sum(len(s) for s in splits.values()) == len(docs)
+    assert texts(splits["validation"]) == docs[0::10]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,10 +43,13 @@ class ConfigError(ValueError):
 class DataConfig:
     """The ``data:`` section: corpus, tokenizer and block size (see ``kangpt.data``)."""
 
-    dataset: str = "stdlib"  # "stdlib", local files/folder/glob (.txt/.jsonl/.parquet) or a hub dataset name
+    dataset: str = "stdlib"  # "stdlib", "pydoc-topics", local files/folder/glob (.txt/.jsonl/.parquet), hub
     name: str | None = None  # hub dataset config name
     text_field: str = "text"  # column holding the text (.jsonl/.parquet/hub)
     val_fraction: float = 0.01  # held-out fraction of documents when the dataset has no validation split
+    test_fraction: float = 0.0  # > 0: hold out a test split too (if the dataset has none), read at the end
+    validation_dataset: str | None = None  # local files/folder/glob that are the validation split
+    test_dataset: str | None = None  # local files/folder/glob that are the test split
     streaming: bool = False  # stream the corpus instead of loading it into memory (sharded across ranks)
     max_documents: int | None = None  # read at most this many documents per split
     tokenizer: str = (
@@ -69,7 +72,11 @@ class TrainConfig:
     learning_rate: float = 1e-3  # peak learning rate
     min_learning_rate: float = 1e-4  # end of the cosine decay
     warmup_steps: int = 100  # linear warmup from 0 to learning_rate
-    weight_decay: float = 0.1  # AdamW decay of matrices (not of norms, biases or rational coefficients)
+    weight_decay: float = 0.1  # AdamW decay of matrices (not of norms, biases or function coefficients)
+    kan_function_lr_scale: float = 1.0  # learning-rate multiplier of grouped/rational function coefficients
+    kan_regularization: float = 0.0  # weight of the KAN sparsity regulariser (L1 + entropy) in the loss
+    # [[step, grid_size], ...]: at each step refine every KAN layer's grid (coarse to fine; one process)
+    kan_grid_schedule: list[list[int]] = field(default_factory=list)
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
@@ -301,6 +308,27 @@ def _type_name(annotation) -> str:
     return getattr(annotation, "__name__", str(annotation))
 
 
+def _check_grid_schedule(train: TrainConfig, model: KANGPT2Config) -> None:
+    """``train.kan_grid_schedule``: [step, grid_size] pairs, both increasing, inside the run, finer than
+    the model's grid, on a model whose KAN layers have a grid."""
+    schedule = train.kan_grid_schedule
+    if not schedule:
+        return
+    problem = None
+    if model.ffn_type != "kan" or model.kan_basis == "rational":
+        problem = "needs KAN layers with a grid (model.ffn_type 'kan', a spline-like model.kan_basis)"
+    elif any(len(entry) != 2 for entry in schedule):
+        problem = "must be a list of [step, grid_size] pairs"
+    else:
+        steps, sizes = [s for s, _ in schedule], [model.kan_grid_size] + [g for _, g in schedule]
+        if not all(a < b for a, b in zip([0, *steps], [*steps, train.max_steps], strict=True)):
+            problem = f"steps must increase within (0, train.max_steps={train.max_steps})"
+        elif not all(a < b for a, b in zip(sizes, sizes[1:], strict=False)):
+            problem = f"grid sizes must increase from model.kan_grid_size={model.kan_grid_size}"
+    if problem:
+        raise ConfigError(f"train.kan_grid_schedule {problem}, got {schedule!r}")
+
+
 def _check_values(config: RunConfig) -> None:
     """Range checks that the types alone do not express (``model_config`` checks the model section)."""
     data, train = config.data, config.train
@@ -314,8 +342,12 @@ def _check_values(config: RunConfig) -> None:
         need(f"data.{key}", getattr(data, key) > 1, "must be > 1")
     need("data.tokenizer_documents", data.tokenizer_documents > 0, "must be > 0")
     need("data.val_fraction", 0 < data.val_fraction <= 0.5, "must be in (0, 0.5]")
+    need("data.test_fraction", 0 <= data.test_fraction <= 0.5, "must be in [0, 0.5]")
+    for key in ("validation_dataset", "test_dataset"):
+        need(f"data.{key}", getattr(data, key) is None or bool(getattr(data, key)), "must be null or a path")
     need("data.max_documents", data.max_documents is None or data.max_documents > 0, "must be > 0")
-    n_positions = _buildable_model_config(config).n_positions
+    model = _buildable_model_config(config)
+    n_positions = model.n_positions
     need("data.block_size", data.block_size <= n_positions, f"must be <= model.n_positions={n_positions}")
     for key in ("max_steps", "batch_size", "gradient_accumulation_steps", "eval_interval", "log_interval",
                 "keep_checkpoints", "sample_tokens", "learning_rate"):
@@ -323,7 +355,10 @@ def _check_values(config: RunConfig) -> None:
     # The end-of-training sample needs room for its prompt inside the context.
     need("train.sample_tokens", train.sample_prompt is None or train.sample_tokens < n_positions,
          f"must be < model.n_positions={n_positions}")
-    for key in ("warmup_steps", "save_interval", "weight_decay", "grad_clip", "min_learning_rate"):
+    need("train.kan_function_lr_scale", train.kan_function_lr_scale > 0, "must be > 0")
+    _check_grid_schedule(train, model)
+    for key in ("warmup_steps", "save_interval", "weight_decay", "grad_clip", "min_learning_rate",
+                "kan_regularization"):
         need(f"train.{key}", getattr(train, key) >= 0, "must be >= 0")
     need("train.min_learning_rate", train.min_learning_rate <= train.learning_rate,
          f"must be <= train.learning_rate={train.learning_rate}")

@@ -43,6 +43,8 @@ def write_model_card(
     data = config.data
     counts = "\n".join(f"| {part} | {n:,} |" for part, n in parameter_counts(model).items())
     plot = "\n![loss curve](loss.png)\n" if has_plot else ""
+    test = (f"| test loss (nats/token) | {metrics['test_loss']:.4f} |\n"
+            f"| test perplexity | {metrics['test_ppl']:.2f} |\n") if "test_loss" in metrics else ""
     card = f"""---
 library_name: transformers
 tags: [kangpt, kan, gpt2, text-generation]
@@ -68,7 +70,7 @@ Trained on `{data.dataset}`, tokenizer `{data.tokenizer}`, blocks of {data.block
 | training tokens | {metrics["tokens"]:,} |
 | validation loss (nats/token) | {metrics["val_loss"]:.4f} |
 | validation perplexity | {metrics["val_ppl"]:.2f} |
-| unigram baseline (nats/token) | {metrics["unigram_baseline"]:.4f} |
+{test}| unigram baseline (nats/token) | {metrics["unigram_baseline"]:.4f} |
 {plot}
 ## Use
 

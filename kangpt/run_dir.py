@@ -43,6 +43,11 @@ RESUMABLE_TRAIN_KEYS = {"out_dir", "resume", "overwrite", "max_steps", "eval_int
 _CHECKPOINT_NAME = re.compile(r"^step-(\d+)$")
 
 
+def checkpoint_step(checkpoint: Path) -> int:
+    """The optimizer step a checkpoint folder (``step-N``) was saved at."""
+    return int(_CHECKPOINT_NAME.match(Path(checkpoint).name).group(1))
+
+
 class RunDir:
     """Paths of a run folder, the start-up decision, checkpoint discovery and atomic writes."""
 

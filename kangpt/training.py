@@ -32,12 +32,14 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
 from .config import ConfigError, DataConfig, RunConfig, TrainConfig, model_config, parse_args
-from .data import DataError, load_documents, load_tokenizer, pack_documents, stream_blocks, unigram_entropy
+from .data import DataError, load_splits, load_tokenizer, pack_documents, stream_blocks, unigram_entropy
+from .kan import KANLinear
 from .modeling_kangpt import KANGPT2LMHeadModel
 from .report import plot_losses, write_model_card
 from .run_dir import (
     RunDir,
     checkpoint_problem,
+    checkpoint_step,
     publish,
     read_metrics,
     remove,
@@ -115,7 +117,13 @@ def train(config: RunConfig) -> int:
     model, optimizer, val_loader = accelerator.prepare(model, optimizer, val_loader)
     progress = Progress()
     accelerator.register_for_checkpointing(progress)
+    if cfg.kan_grid_schedule and accelerator.num_processes > 1:
+        raise ConfigError("train.kan_grid_schedule changes parameter shapes during training, which DDP, FSDP "
+                          "and DeepSpeed cannot follow: train on one process, or leave it empty")
     if resume_from is not None:  # weights, optimizer, RNG states and progress come back
+        for step, grid_size in cfg.kan_grid_schedule:  # the shapes the checkpoint was saved with
+            if step < checkpoint_step(resume_from):
+                extend_grids(accelerator.unwrap_model(model), optimizer, grid_size)
         accelerator.load_state(str(resume_from))
         say(accelerator, f"resumed from {resume_from} at step {progress.step}")
     if accelerator.is_main_process:
@@ -142,14 +150,19 @@ def train(config: RunConfig) -> int:
     loss_sum, steps_since_log, t_log = 0.0, 0, time.perf_counter()
     with StopOnSignal() as stop, bar:  # the bar is closed before an error line is printed, not after it
         while progress.step < cfg.max_steps:
+            for step, grid_size in cfg.kan_grid_schedule:
+                if step == progress.step:
+                    extend_grids(accelerator.unwrap_model(model), optimizer, grid_size)
+                    say(accelerator, f"step {step}: KAN grids refined to {grid_size} intervals")
             lr = learning_rate(progress.step, cfg)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group["lr_scale"]
             for _ in range(cfg.gradient_accumulation_steps):
                 input_ids = next(batches).to(accelerator.device)
                 with accelerator.accumulate(model):  # gradients are synced and applied on the last micro-step
                     loss = model(input_ids=input_ids, labels=input_ids).loss  # the model shifts the labels
-                    accelerator.backward(loss)
+                    penalty = kan_penalty(model, cfg.kan_regularization)
+                    accelerator.backward(loss if penalty is None else loss + penalty)
                     if accelerator.sync_gradients and cfg.grad_clip > 0:
                         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                     optimizer.step()
@@ -194,6 +207,14 @@ def train(config: RunConfig) -> int:
         val_loss = evaluate(model, val_loader, accelerator)
     metrics = {"step": progress.step, "tokens": progress.tokens, "val_loss": val_loss,
                "val_ppl": math.exp(val_loss), "unigram_baseline": corpus.baseline}
+    if corpus.test is not None:  # held out from every choice made on validation: read once, at the end
+        test_loader = DataLoader(corpus.test.with_format("torch"), batch_size=cfg.batch_size)
+        test_loader = accelerator.prepare(test_loader)
+        metrics["test_loss"] = evaluate(model, test_loader, accelerator)
+        metrics["test_ppl"] = math.exp(metrics["test_loss"])
+        log_metrics(accelerator, run, {"step": progress.step, "test_loss": metrics["test_loss"],
+                                       "test_ppl": metrics["test_ppl"]})
+        say(accelerator, f"test loss {metrics['test_loss']:.4f}, perplexity {metrics['test_ppl']:.2f}")
     missing = save_model(accelerator, model, corpus.tokenizer, run, config, metrics)
     say(accelerator, f"final validation loss {val_loss:.4f} nats/token (perplexity {metrics['val_ppl']:.2f});"
                      f" unigram baseline {corpus.baseline:.4f} nats/token\nmodel saved to {run.model}")
@@ -252,47 +273,88 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on weight matrices only (not on norms, biases or rational coefficients)."""
-    decay, no_decay = [], []
+    """AdamW with weight decay on weight matrices only (not on norms, biases or function coefficients).
+
+    The coefficients of the learnable functions of grouped and rational KAN layers (the parameters of
+    a layer's ``basis``) get their own group, at ``train.kan_function_lr_scale`` times the learning
+    rate; every group's ``lr_scale`` says by how much (the loop sets ``lr = schedule * lr_scale``).
+    """
+    decay, no_decay, functions = [], [], []
     for name, param in model.named_parameters():
-        if param.requires_grad:
+        if not param.requires_grad:
+            continue
+        if ".basis." in name:
+            functions.append(param)
+        else:
             (decay if name.endswith("weight") and param.ndim >= 2 else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
+              {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
+              {"params": functions, "weight_decay": 0.0, "lr_scale": cfg.kan_function_lr_scale}]
+    groups = [g for g in groups if g["params"]]
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
+
+
+def extend_grids(model: KANGPT2LMHeadModel, optimizer: torch.optim.Optimizer, grid_size: int) -> None:
+    """Refine the grid of every KAN layer to ``grid_size`` intervals (``KANLinear.extend_grid``: the
+    functions are kept), put the new parameters in the optimizer in place of the old ones (with fresh
+    state), and record the size in the model's config (so the saved model is built with it)."""
+    for layer in model.modules():
+        if isinstance(layer, KANLinear) and layer.basis_name != "rational" and layer.grid_size < grid_size:
+            before = list(layer.parameters())
+            layer.extend_grid(grid_size)
+            for old, new in zip(before, layer.parameters(), strict=True):
+                if new is not old:  # the per-edge weight, or a grouped layer's function coefficients
+                    optimizer.state.pop(old, None)
+                    for group in optimizer.param_groups:
+                        group["params"] = [new if p is old else p for p in group["params"]]
+    model.config.kan_grid_size = grid_size
+
+
+def kan_penalty(model: torch.nn.Module, weight: float) -> torch.Tensor | None:
+    """``weight`` times the sum of every KAN layer's sparsity regulariser (``KANLinear.regularization_loss``),
+    or None when ``weight`` is 0. Added to the training loss only: logged losses stay the LM's."""
+    if not weight:
+        return None
+    layers = [m for m in model.modules() if isinstance(m, KANLinear)]
+    return weight * sum(layer.regularization_loss() for layer in layers) if layers else None
 
 
 @dataclass
 class Corpus:
-    """Tokenizer, training blocks (this process's shard if streaming), validation blocks, unigram baseline."""
+    """Tokenizer, training blocks (this process's shard if streaming), validation and test blocks (None
+    without a test split), unigram baseline."""
 
     tokenizer: object
     train: Dataset | IterableDataset
     val: Dataset
+    test: Dataset | None
     baseline: float
 
 
 def load_corpus(data: DataConfig, train: TrainConfig, accelerator: Accelerator) -> Corpus:
     """Load documents, get the tokenizer and pack both splits into ``data.block_size``-token blocks.
 
-    The validation blocks are the same, in the same order, on every process and in every run. With
-    ``data.streaming`` the training documents are sharded across processes, the BPE is trained on the
-    first ``data.tokenizer_documents`` of them, and validation keeps its first ``train.eval_blocks`` blocks.
+    The validation (and test) blocks are the same, in the same order, on every process and in every
+    run. With ``data.streaming`` the training documents are sharded across processes, the BPE is
+    trained on the first ``data.tokenizer_documents`` of them, and validation and test keep their first
+    ``train.eval_blocks`` blocks.
     """
-    train_docs, val_docs = load_documents(
+    splits = load_splits(
         data.dataset, name=data.name, text_field=data.text_field, val_fraction=data.val_fraction,
-        streaming=data.streaming, max_documents=data.max_documents,
+        test_fraction=data.test_fraction, validation_dataset=data.validation_dataset,
+        test_dataset=data.test_dataset, streaming=data.streaming, max_documents=data.max_documents,
     )
+    train_docs = splits["train"]
     if data.streaming:
         tokenizer_docs = list(itertools.islice(train_docs, data.tokenizer_documents))
     else:
         tokenizer_docs = train_docs.select(range(min(data.tokenizer_documents, len(train_docs))))
     with accelerator.main_process_first():  # the first process trains and caches the BPE, the others load it
         tokenizer = load_tokenizer(data.tokenizer, tokenizer_docs, vocab_size=data.vocab_size)
+    held_out = {split: _held_out_blocks(docs, tokenizer, data, train.eval_blocks, split)
+                for split, docs in splits.items() if split != "train"}
+    val, test = held_out["validation"], held_out.get("test")
     if data.streaming:
-        val_stream = stream_blocks(val_docs, tokenizer, data.block_size)
-        val = Dataset.from_list(list(itertools.islice(val_stream, train.eval_blocks)))
-        if len(val) == 0:
-            raise DataError(f"the validation documents hold no block of {data.block_size} tokens")
         rank, world_size = accelerator.process_index, accelerator.num_processes
         blocks = stream_blocks(split_dataset_by_node(train_docs, rank=rank, world_size=world_size), tokenizer,
                                data.block_size)
@@ -300,11 +362,23 @@ def load_corpus(data: DataConfig, train: TrainConfig, accelerator: Accelerator) 
         baseline = unigram_entropy(sample_blocks, val, len(tokenizer))  # of the tokenizer's sample
     else:
         blocks = pack_documents(train_docs, tokenizer, data.block_size)
-        val = pack_documents(val_docs, tokenizer, data.block_size)
-        if train.eval_blocks is not None:
-            val = val.select(range(min(train.eval_blocks, len(val))))
         baseline = unigram_entropy(blocks, val, len(tokenizer))
-    return Corpus(tokenizer, blocks, val, baseline)
+    return Corpus(tokenizer, blocks, val, test, baseline)
+
+
+def _held_out_blocks(docs, tokenizer, data: DataConfig, eval_blocks: int | None, split: str) -> Dataset:
+    """The first ``eval_blocks`` (all when None) packed blocks of a held-out split, in memory."""
+    if isinstance(docs, IterableDataset):
+        stream = stream_blocks(docs, tokenizer, data.block_size)
+        blocks = Dataset.from_list(list(itertools.islice(stream, eval_blocks)))
+        if len(blocks) == 0:
+            raise DataError(f"the {split} documents hold no block of {data.block_size} tokens")
+        return blocks
+    try:
+        blocks = pack_documents(docs, tokenizer, data.block_size)
+    except DataError as err:
+        raise DataError(f"{split} split: {err}") from err
+    return blocks if eval_blocks is None else blocks.select(range(min(eval_blocks, len(blocks))))
 
 
 class ShuffledForever(Sampler):

@@ -34,8 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = {
     "model": {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 64,
               "resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1},
-    "data": {"dataset": "stdlib", "max_documents": 40, "val_fraction": 0.1, "vocab_size": 512,
-             "block_size": 32},
+    "data": {"dataset": "stdlib", "max_documents": 40, "val_fraction": 0.1, "test_fraction": 0.1,
+             "vocab_size": 512, "block_size": 32},
     "train": {"max_steps": 8, "batch_size": 8, "learning_rate": 3e-3, "min_learning_rate": 3e-4,
               "warmup_steps": 2, "eval_interval": 4, "eval_blocks": 48, "log_interval": 1, "save_interval": 4,
               "trackers": [], "sample_prompt": "def ", "sample_tokens": 8},
@@ -146,6 +146,7 @@ def test_a_short_run_writes_a_model_that_transformers_loads_and_generates_from(f
     assert "| total |" in card and "validation loss" in card and "unigram baseline" in card
     assert (folder / "loss.png").stat().st_size > 0
     assert sorted(losses(out)) == list(range(1, 9)) and sorted(losses(out, "val_loss")) == [4, 8]
+    assert list(losses(out, "test_loss")) == [8] and "| test loss (nats/token) |" in card
     assert yaml.safe_load((out / "run.yaml").read_text())["train"]["out_dir"] == str(out)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000004", "step-000008"]
     assert not list(out.glob(".tmp-*")) and not list((out / "checkpoints").glob(".tmp-*"))
@@ -333,6 +334,17 @@ def test_evaluation_is_the_model_loss_over_the_fixed_validation_blocks(corpus_an
     assert 0 < corpus.baseline < torch.log(torch.tensor(512.0)).item()
 
 
+def test_the_final_test_loss_is_the_trained_model_on_the_held_out_test_blocks(finished_run, corpus_and_model):
+    out, _ = finished_run
+    config, accelerator, corpus, _ = corpus_and_model
+    assert corpus.test is not None and len(corpus.test) > 0
+    val_and_test = [tuple(b) for b in corpus.val["input_ids"]] + [tuple(b) for b in corpus.test["input_ids"]]
+    assert not set(val_and_test) & {tuple(b) for b in corpus.train["input_ids"]}
+    model = AutoModelForCausalLM.from_pretrained(out / "model").eval()
+    loader = accelerator.prepare(torch.utils.data.DataLoader(corpus.test.with_format("torch"), batch_size=8))
+    assert losses(out, "test_loss")[8] == pytest.approx(evaluate(model, loader, accelerator), rel=1e-5)
+
+
 def test_streaming_reads_the_same_tokens_in_corpus_order(corpus_and_model, env):
     config, accelerator, corpus, _ = corpus_and_model
     with pytest.MonkeyPatch.context() as patch:
@@ -340,6 +352,7 @@ def test_streaming_reads_the_same_tokens_in_corpus_order(corpus_and_model, env):
         streamed = load_corpus(dataclasses.replace(config.data, streaming=True), config.train, accelerator)
     assert isinstance(streamed.train, IterableDataset)
     assert streamed.val["input_ids"] == corpus.val["input_ids"] and streamed.baseline == corpus.baseline
+    assert streamed.test["input_ids"] == corpus.test["input_ids"][: config.train.eval_blocks]
     batch_size = config.train.batch_size
     in_order = corpus.train.with_format("torch")["input_ids"][: 4 * batch_size]
     batches = list(itertools.islice(train_batches(streamed.train, config.train, accelerator, skip=1), 3))

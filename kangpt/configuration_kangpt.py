@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import PreTrainedConfig
 
-from .kan import BASES, kan_block_hidden_size
+from .kan import BASES, SHARINGS, kan_block_hidden_size
 
 FFN_TYPES = ("kan", "mlp")
 
@@ -21,11 +21,16 @@ class KANGPT2Config(PreTrainedConfig):
         (``n_embd -> n_inner -> n_embd`` with ``activation_function``).
     kan_basis (`str`, defaults to `"bspline"`):
         One of `"bspline"`, `"rbf"`, `"chebyshev"`, `"rational"`.
+    kan_sharing (`str`, defaults to `"edge"`), kan_groups (`int`, defaults to 8):
+        `"edge"`: one learnable function per edge (the KAN paper's layer); `"group"`: the inputs of
+        every KAN layer are cut into ``kan_groups`` groups that share one learnable function, scaled
+        per edge by the weight (GR-KAN's sharing), so the block is as wide as GPT-2's MLP. The
+        `"rational"` basis is always grouped.
     kan_grid_size (`int`, defaults to 5), kan_spline_order (`int`, defaults to 3),
     kan_grid_range (`list[float]`, defaults to `[-2.0, 2.0]`):
         Grid of the spline-like bases (see ``kangpt.kan.KANLinear``).
-    kan_rational_order (`list[int]`, defaults to `[5, 4]`), kan_rational_groups (`int`, defaults to 8):
-        Degrees and groups of the `"rational"` basis.
+    kan_rational_order (`list[int]`, defaults to `[5, 4]`):
+        Numerator and denominator degrees of the `"rational"` basis.
     kan_hidden_size (`int` or `list[int]`, *optional*):
         Width ``h`` of the KAN block ``n_embd -> h -> n_embd``; ``0`` means a single
         ``n_embd -> n_embd`` KAN layer; a list gives one width per layer (e.g. after pruning).
@@ -71,10 +76,13 @@ class KANGPT2Config(PreTrainedConfig):
     kan_spline_order: int = 3
     kan_grid_range: list[float] | tuple[float, float] = (-2.0, 2.0)
     kan_rational_order: list[int] | tuple[int, int] = (5, 4)
-    kan_rational_groups: int = 8
+    kan_sharing: str = "edge"
+    kan_groups: int = 8
     kan_hidden_size: int | list[int] | None = None
 
     def __post_init__(self, **kwargs):
+        if "kan_rational_groups" in kwargs:  # the name of kan_groups in configs saved by kangpt 0.1
+            self.kan_groups = kwargs.pop("kan_rational_groups")
         self.kan_grid_range = [float(v) for v in self.kan_grid_range]
         self.kan_rational_order = [int(v) for v in self.kan_rational_order]
         self._check_fields()
@@ -101,7 +109,8 @@ class KANGPT2Config(PreTrainedConfig):
             "spline_order": self.kan_spline_order,
             "grid_range": tuple(self.kan_grid_range),
             "rational_order": tuple(self.kan_rational_order),
-            "rational_groups": self.kan_rational_groups,
+            "sharing": self.kan_sharing,
+            "groups": self.kan_groups,
         }
 
     def kan_hidden_size_of_layer(self, layer_idx: int) -> int:
@@ -130,7 +139,7 @@ class KANGPT2Config(PreTrainedConfig):
             "n_layer",
             "n_head",
             "kan_grid_size",
-            "kan_rational_groups",
+            "kan_groups",
         ):
             positive_int(field)
         need(
@@ -145,6 +154,7 @@ class KANGPT2Config(PreTrainedConfig):
         need(self.initializer_range > 0, "initializer_range", "must be > 0")
         need(self.ffn_type in FFN_TYPES, "ffn_type", f"must be one of {FFN_TYPES}")
         need(self.kan_basis in BASES, "kan_basis", f"must be one of {BASES}")
+        need(self.kan_sharing in SHARINGS, "kan_sharing", f"must be one of {SHARINGS}")
         need(
             isinstance(self.kan_spline_order, int) and self.kan_spline_order >= 0,
             "kan_spline_order",
@@ -174,13 +184,13 @@ class KANGPT2Config(PreTrainedConfig):
                 "kan_hidden_size",
                 f"must have n_layer={self.n_layer} entries",
             )
-        if self.ffn_type == "kan" and self.kan_basis == "rational":
-            groups = self.kan_rational_groups
-            need(self.n_embd % groups == 0, "kan_rational_groups", f"must divide n_embd={self.n_embd}")
+        if self.ffn_type == "kan" and (self.kan_basis == "rational" or self.kan_sharing == "group"):
+            groups = self.kan_groups
+            need(self.n_embd % groups == 0, "kan_groups", f"must divide n_embd={self.n_embd}")
             need(
                 all(w is None or w % groups == 0 for w in widths),
                 "kan_hidden_size",
-                f"must be a multiple of kan_rational_groups={groups} for the rational basis",
+                f"must be a multiple of kan_groups={groups} for grouped KAN layers",
             )
 
 

@@ -1,9 +1,9 @@
 """Look inside a KAN-GPT-2: edge importance, pictures of the learned edges, formulas, pruning.
 
 Every edge ``i -> j`` of a KAN layer is a 1-D function ``phi_ij(x_i) = sum_f W[j, i, f] F_f(x_i)``
-of input i's features ``F`` (see :mod:`kangpt.kan`; for ``rational`` the single feature is the group
-function, so ``phi_ij = w_ij R_g(x_i)``). Everything here is measured on sample tokens run through
-the model::
+of input i's features ``F`` (see :mod:`kangpt.kan`; for a grouped layer, ``rational`` included, the
+single feature is the function of the input's group, so ``phi_ij = w_ij R_g(x_i)``). Everything here
+is measured on sample tokens run through the model::
 
     stats = collect_statistics(model, input_ids)              # {(block, layer): LayerStats}
     imp = edge_importance(layer, stats[0, 0])                  # (out, in)
@@ -56,7 +56,7 @@ from torch import nn
 
 from .cli import CommandError, command, load_model
 from .data import DataError, load_documents, pack_documents
-from .kan import KANLinear, RationalBasis, coefficient_view
+from .kan import KANLinear, coefficient_view
 from .plotting import new_figure
 from .run_dir import publish, remove, temporary_name
 from .symbolic import LIBRARY, Candidate, fit_symbolic
@@ -306,7 +306,7 @@ def _input_features(layer: KANLinear, i: int, x: torch.Tensor) -> torch.Tensor:
     """(P,) values of input i -> (P, F) float64 features of input i at those values."""
     x = x.to(device=layer.weight.device, dtype=_F64)
     with torch.no_grad():
-        if isinstance(layer.basis, RationalBasis):  # the rational function depends on the input's group
+        if layer.sharing == "group":  # the function depends on the input's group
             return layer.basis.features(x.unsqueeze(-1).expand(-1, layer.in_features))[..., i].cpu()
         return layer.basis.features(x.unsqueeze(-1))[..., 0].cpu()
 
@@ -317,7 +317,7 @@ def edge_values(layer: KANLinear, i: int, j: int, x: torch.Tensor) -> torch.Tens
 
 
 def _group_values(layer: KANLinear, g: int, x: torch.Tensor) -> torch.Tensor:
-    """(P,) float64 values of group function ``R_g`` of a rational layer at points x (P,)."""
+    """(P,) float64 values of group function ``R_g`` of a grouped layer at points x (P,)."""
     return _input_features(layer, g * layer.basis.group_size, x)[:, 0]
 
 
@@ -373,20 +373,20 @@ def auto_symbolic(
         One dict per edge, most important first: ``input``, ``output``, ``importance``, ``best``
         (name, a, b, c, d, weight, r2, complexity and ``formula``, a sympy string in ``x_<input>``)
         and ``runners_up`` (the next two fits). Edges are fitted on the sample inputs of their
-        input. For ``rational`` every group function ``R_g`` is fitted once, on the pooled samples
+        input. For grouped layers every group function ``R_g`` is fitted once, on the pooled samples
         of the group's inputs; the edge's formula is ``w_ij`` times its group's (``weight``,
         ``group``) and its ``r2`` is measured on the edge's own inputs.
     """
     kan = _resolve_layer(target, block, layer)
     stats = inputs if isinstance(inputs, LayerStats) else layer_statistics(kan, inputs)
     edges = rank_edges(edge_importance(kan, stats), top_k)
-    rational = isinstance(kan.basis, RationalBasis)
+    grouped = kan.sharing == "group"
     group_fits: dict[int, list] = {}
     for edge in edges:
         i, j = edge["input"], edge["output"]
         x = stats.samples[:, i].to(_F64)
         symbol = sympy.Symbol(f"x_{i}")
-        if rational:
+        if grouped:
             g = i // kan.basis.group_size
             if g not in group_fits:
                 pooled = stats.samples[:, g * kan.basis.group_size : (g + 1) * kan.basis.group_size]
@@ -422,8 +422,8 @@ def _write_symbolic_report(folder: Path, kan: KANLinear, edges: list[dict], bloc
         f"The {len(edges)} most important edges; each edge function phi_j,i(x_i) is fitted as "
         f"c*f(a*x_i + b) + d over {points} sample inputs (`kangpt.symbolic.fit_symbolic`).",
     ]
-    if isinstance(kan.basis, RationalBasis):
-        lines.append("Rational basis: phi_j,i = w_j,i * R_g(x_i); the group function R_g is the one fitted.")
+    if kan.sharing == "group":
+        lines.append("Grouped layer: phi_j,i = w_j,i * R_g(x_i); the group function R_g is the one fitted.")
     lines += [
         "",
         "| rank | edge i → j | importance | formula | R² | next best (R²) |",
@@ -556,7 +556,7 @@ def plot_importance(
 
 
 def _plot_groups(layer: KANLinear, stats: LayerStats, path: Path) -> Path:
-    """The group functions ``R_g`` of a rational layer over the range of their pooled inputs."""
+    """The group functions ``R_g`` of a grouped layer over the range of their pooled inputs."""
     size = layer.basis.group_size
     cols = min(4, layer.basis.groups)
     fig = new_figure(3.2 * cols, 2.6 * math.ceil(layer.basis.groups / cols))
@@ -589,14 +589,15 @@ def _kept_units(importance: torch.Tensor, remove_count: int, groups: int) -> tor
 
 
 def _unit_removals(model, stats, fraction: float, scope: str) -> dict[int, int]:
-    """Number of hidden units to remove from every two-layer block (multiples of the rational groups).
+    """Number of hidden units to remove from every two-layer block (multiples of the groups of grouped
+    layers).
 
     ``block`` scope: ``floor(fraction * h)`` units of every block; ``global`` scope: the least
     important ``fraction`` of all hidden units, by their absolute output spread ``sqrt(sum_j s_jk^2)``
     (the RMS change they cause in the residual stream), so blocks end at different widths.
     """
     seconds = {b: layer for (b, i), layer in kan_layers(model).items() if i == 1}
-    step = model.config.kan_rational_groups if model.config.kan_basis == "rational" else 1
+    step = model.config.kan_groups if any(layer.sharing == "group" for layer in seconds.values()) else 1
 
     def allowed(b, count):  # at least one unit (per group) stays
         width = seconds[b].in_features
@@ -656,8 +657,8 @@ def prune(
             important first (:func:`input_importance` of the block's second layer). With ``scope``
             ``"block"`` every block loses ``floor(fraction * h)`` units; with ``"global"`` the
             least important fraction of all units goes, ranked by absolute output spread, so
-            widths differ by block. For ``rational`` each group loses the same number of units,
-            so widths stay multiples of ``kan_rational_groups``; at least one unit per group stays.
+            widths differ by block. In grouped layers each group loses the same number of units,
+            so widths stay multiples of ``kan_groups``; at least one unit per group stays.
         edge_fraction: then, in every KAN layer, this fraction of the remaining edges, the least
             important first (:func:`edge_importance`), have all their coefficients set to zero.
 
@@ -681,7 +682,7 @@ def prune(
     kept: dict[int, torch.Tensor] = {}
     for b, count in removals.items():
         first, second = layers[b, 0], layers[b, 1]
-        step = second.basis.groups if isinstance(second.basis, RationalBasis) else 1
+        step = second.groups if second.sharing == "group" else 1
         keep = _kept_units(input_importance(second, stats[b, 1]), count, step).to(first.weight.device)
         removed = torch.ones(second.in_features, dtype=torch.bool, device=keep.device)
         removed[keep] = False
@@ -796,7 +797,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     """``kangpt inspect``: write into ``args.out``
 
     - ``importance.json`` (:func:`importance_report`) and ``importance.png`` (heatmap of the chosen
-      layer), ``edges.png`` (its top-k edges with their formulas), ``groups.png`` (rational only),
+      layer), ``edges.png`` (its top-k edges with their formulas), ``groups.png`` (grouped layers),
     - ``symbolic.md`` and ``symbolic.json`` (:func:`auto_symbolic`),
     - with ``--prune-hidden``/``--prune-edges``: ``pruned/`` (model and tokenizer) and ``pruning.json``
       (:func:`prune`'s report plus validation losses before and after, on tokens not used for the
@@ -847,7 +848,7 @@ def run_inspect(args: argparse.Namespace) -> int:
             model, chosen, block=block, layer=args.layer, top_k=args.top_k, library=library, out_dir=tmp
         )
         plot_edges(kan, chosen, tmp / "edges.png", top_k=args.top_k, fits=fits, title=name)
-        if isinstance(kan.basis, RationalBasis):
+        if kan.sharing == "group":
             _plot_groups(kan, chosen, tmp / "groups.png")
         for e in fits:
             print(

@@ -39,6 +39,7 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 BASES = ("bspline", "rbf", "chebyshev", "rational")
+SHARINGS = ("edge", "group")
 
 # Transient feature buffers are kept near this many elements per chunk of tokens.
 _CHUNK_ELEMENTS = 2 << 20  # 8 MB of fp32: on CPU, faster than 1M, with a lower peak than 4M
@@ -120,9 +121,14 @@ class SplineBasis(nn.Module):
         """The basis's own parameters at initialisation: none (the coefficients are the layer's)."""
         return {}
 
+    def each_function(self, x: torch.Tensor):
+        """The K basis functions of ``x``, one tensor of ``x``'s shape after the other (differentiable,
+        pointwise: ``torch.compile`` fuses a weighted sum of them into one kernel)."""
+        raise NotImplementedError
+
     def _functions(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in) -> (..., K, in), differentiable; ``x`` is already fp32 or fp64."""
-        raise NotImplementedError
+        return torch.stack(list(self.each_function(x)), dim=-2)
 
     def _vjp(self, x: torch.Tensor, values: torch.Tensor):
         """A function mapping d(loss)/d(values) (..., K, in) to d(loss)/dx (..., in)."""
@@ -162,6 +168,12 @@ class SplineBasis(nn.Module):
 
         return out, vjp
 
+    def features_and_grads(self, x: torch.Tensor, out: torch.Tensor, grad_out: torch.Tensor):
+        """Features into ``out`` and the input's gradient from d(loss)/d(features) ``grad_out``:
+        ``(out, grad_x, ())`` (the basis has no parameters)."""
+        out, vjp = self.features_and_vjp(x, out)
+        return (out, *vjp(grad_out))
+
 
 class BSplineBasis(SplineBasis):
     """B-splines of order (degree) ``k`` on a uniform grid, in closed form.
@@ -196,15 +208,16 @@ class BSplineBasis(SplineBasis):
         k = spline_order
         self._folded = [(-1) ** m * math.comb(k + 1, m) / math.factorial(k) for m in range((k + 2) // 2)]
 
-    def _functions(self, x):
+    def each_function(self, x):
         k = self.spline_order
-        j = torch.arange(self.num_functions, device=x.device, dtype=x.dtype).unsqueeze(-1)  # (K, 1)
         z = x * (1 / self.step) + (k - self.grid_range[0] / self.step)  # (x - a) / h + k, no division
-        u = z.unsqueeze(-2) - j  # (..., K, in): (x - t_j) / h
-        if k == 0:  # indicator of [t_j, t_{j+1})
-            return ((u >= 0) & (u < 1)).to(x.dtype)
-        v = (k + 1) / 2 - (u - (k + 1) / 2).abs()  # min(u, k + 1 - u), with a cheaper gradient
-        return sum(coef * (v - m).clamp(min=0).pow(k) for m, coef in enumerate(self._folded))
+        for j in range(self.num_functions):
+            u = z - j  # (x - t_j) / h
+            if k == 0:  # indicator of [t_j, t_{j+1})
+                yield ((u >= 0) & (u < 1)).to(x.dtype)
+                continue
+            v = (k + 1) / 2 - (u - (k + 1) / 2).abs()  # min(u, k + 1 - u), with a cheaper gradient
+            yield sum(coef * (v - m).clamp(min=0).pow(k) for m, coef in enumerate(self._folded))
 
     def _constants(self, x):
         """Small per-(device, dtype) tensors of the fast path, built once: the shifts m = 0..k,
@@ -274,9 +287,10 @@ class RBFBasis(SplineBasis):
         centres = torch.linspace(*self.grid_range, self.num_functions, device=x.device, dtype=x.dtype)
         return (x.unsqueeze(-2) - centres.unsqueeze(-1)) * (1 / self.step)  # (..., K, in)
 
-    def _functions(self, x):
-        d = self._distances(x)
-        return torch.exp(-d * d)
+    def each_function(self, x):
+        for centre in torch.linspace(*self.grid_range, self.num_functions, dtype=torch.float64).tolist():
+            d = (x - centre) * (1 / self.step)
+            yield torch.exp(-d * d)
 
     def _vjp(self, x, values):
         def spline_vjp(grad_values):  # d/dx exp(-d^2) = -2 d exp(-d^2) / h
@@ -295,12 +309,13 @@ class ChebyshevBasis(SplineBasis):
     edge: K coefficients (degree K - 1) + 1 SiLU weight.
     """
 
-    def _functions(self, x):
+    def each_function(self, x):
         s = torch.tanh(x)
-        values = [torch.ones_like(s), s]
-        for _ in range(2, self.num_functions):
-            values.append(2 * s * values[-1] - values[-2])
-        return torch.stack(values[: self.num_functions], dim=-2)
+        previous, current = torch.ones_like(s), s
+        yield previous
+        for _ in range(1, self.num_functions):
+            yield current
+            previous, current = current, 2 * s * current - previous
 
     def _vjp(self, x, values):
         s = values[..., 1, :] if self.num_functions > 1 else torch.tanh(x)
@@ -427,6 +442,216 @@ class RationalBasis(nn.Module):
 
         return out, vjp
 
+    def features_and_grads(self, x, out, grad_out):
+        """Features into ``out`` and, from d(loss)/d(features) ``grad_out``, the gradients of the input
+        and of the coefficients: ``(out, grad_x, (grad_numerator, grad_denominator))``."""
+        out, vjp = self.features_and_vjp(x, out)
+        return (out, *vjp(grad_out))
+
+
+class GroupedBasis(nn.Module):
+    """One learnable function per group of inputs over a spline-like basis (GR-KAN's sharing).
+
+    Inputs are split into ``groups`` contiguous groups; every input ``i`` of group ``g`` goes through
+
+        phi_g(x) = a_g0 x + a_g1 silu(x) + sum_k a_g,k+2 B_k(x),
+
+    a linear term, the KAN residual SiLU and the spline-like basis, weighted by the group's
+    coefficients ``a_g`` (the ``coefficients`` parameter, (groups, 2 + K)); the layer's weight
+    scales it per edge: ``phi_ij(x) = w_ij phi_g(i)(x)``. The layer is then as wide as an MLP for the
+    parameters of one: one weight per edge plus ``groups * (2 + K)`` function coefficients per layer.
+    The linear term makes the identity exact everywhere, and with the SiLU term the tails of the
+    usual activations (GELU - SiLU vanishes on both sides), which converting an MLP needs. Every
+    group starts as SiLU (``a_g = [0, 1, 0, ..., 0]``).
+
+    This class evaluates the K basis functions of every input densely; :class:`GroupedBSplineBasis`
+    uses the B-splines' local support instead.
+    """
+
+    num_features = 1
+    chunk_width = 1  # the features are as large as the input: chunks only bound the matmuls
+
+    def __init__(self, basis: SplineBasis, in_features: int, groups: int, device=None, dtype=None):
+        super().__init__()
+        self.spline = basis
+        self.groups = groups
+        self.group_size = in_features // groups
+        self.coefficients = nn.Parameter(
+            torch.empty(groups, 1 + basis.num_features, device=device, dtype=dtype)
+        )
+
+    def initial_parameters(self) -> dict[str, torch.Tensor]:
+        """Every group starts as SiLU."""
+        a = torch.zeros_like(self.coefficients)
+        a[:, 1] = 1.0
+        return {"coefficients": a}
+
+    @_fp32_features
+    def terms(self, x: torch.Tensor) -> torch.Tensor:
+        """(P,) -> (P, 2 + K): the terms ``[x, silu(x), B_0(x), ...]`` every group function combines."""
+        return torch.cat([x.unsqueeze(-1), self.spline.features(x.unsqueeze(-1)).squeeze(-1)], -1)
+
+    @_fp32_features
+    def group_functions(self, x: torch.Tensor) -> torch.Tensor:
+        """(P,) -> (P, groups): every group function at points ``x``."""
+        return self.terms(x) @ self.coefficients.to(x.dtype).t()
+
+    @_fp32_features
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in) -> (..., 1, in): phi_g(x) of every input, differentiable (the reference formula,
+        pointwise: one term per basis function, each group's coefficient broadcast over its inputs)."""
+        xg = x.unflatten(-1, (self.groups, self.group_size))  # (..., G, S)
+        a = self.coefficients.to(x.dtype).unsqueeze(-1)  # (G, 2 + K, 1)
+        phi = a[:, 0] * xg + a[:, 1] * F.silu(xg)
+        for k, values in enumerate(self.spline.each_function(xg), start=2):
+            phi = phi + a[:, k] * values
+        return phi.flatten(-2).unsqueeze(-2)
+
+    def features_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The features of ``x`` written into ``out`` (..., 1, in)."""
+        with torch.no_grad():
+            return out.copy_(self.features(x))
+
+    @_fp32_features
+    def features_and_grads(self, x: torch.Tensor, out: torch.Tensor, grad_out: torch.Tensor):
+        """Features into ``out`` and, from d(loss)/d(features) ``grad_out`` (..., 1, in), the gradients
+        of the input and of ``coefficients``: ``(out, grad_x, (grad_coefficients,))``."""
+        return _grads_by_autograd(self, x, out, grad_out)
+
+
+class GroupedBSplineBasis(GroupedBasis):
+    """:class:`GroupedBasis` over B-splines, evaluated by their local support (cost independent of K).
+
+    On the uniform grid, ``phi_g`` is one polynomial of degree k per grid interval: with
+    ``z = (x - a) / h + k``, ``c = floor(z)`` and ``t = z - c``, the spline part is
+    ``sum_p E[g, c, p] t^p``, where the piece table ``E = a_g @ T`` follows from the coefficients by a
+    fixed linear map ``T`` (the k + 1 B-spline pieces active on each interval). Evaluating it is one
+    gather of a table row and a Horner step per input, whatever the number of B-splines; the
+    gradient of the table is a histogram of ``grad * t^p`` over (group, interval), mapped back by
+    ``T``. This is the eager path; ``features`` (the pointwise formula) is what ``torch.compile``
+    fuses. Work is done in blocks of rows whose temporaries stay in the CPU's cache.
+    """
+
+    _BLOCK_ELEMENTS = 1 << 16  # elementwise work per block: its few temporaries fit in a core's L2
+
+    def __init__(self, basis: BSplineBasis, in_features: int, groups: int, device=None, dtype=None):
+        super().__init__(basis, in_features, groups, device=device, dtype=dtype)
+        self._cache = {}
+
+    @property
+    def rows(self) -> int:
+        """Table rows per group: the intervals c = -1 .. K + k (the first and last hold zeros)."""
+        return self.spline.num_functions + self.spline.spline_order + 2
+
+    def _constants(self, x):
+        """``T`` (K, rows, k + 1) and every input's first table row (in,), per device and dtype."""
+        key = (x.device, x.dtype)
+        if key not in self._cache:
+            k, n_fun = self.spline.spline_order, self.spline.num_functions
+            pieces = torch.tensor(_cardinal_bspline_pieces(k), dtype=torch.float64)  # (m, power)
+            transform = torch.zeros(n_fun, self.rows, k + 1, dtype=torch.float64)
+            for j in range(n_fun):  # B_j is piece m on interval c = j + m, which is table row c + 1
+                transform[j, j + 1 : j + k + 2] = pieces
+            first_row = torch.arange(self.groups).repeat_interleave(self.group_size) * self.rows + 1
+            self._cache[key] = (transform.to(x.device, x.dtype), first_row.to(x.device, x.dtype))
+        return self._cache[key]
+
+    def _tables(self, x, with_slopes: bool):
+        """Rows (groups * rows, k + 1) of the piece table, with the slope pieces ``dE/dt / h``
+        appended when asked (k more columns); every input's linear and SiLU weights (in,) each; its
+        first table row (in,)."""
+        transform, first_row = self._constants(x)
+        a = self.coefficients.to(x.dtype)  # (G, 2 + K)
+        table = torch.einsum("gj,jrp->grp", a[:, 2:], transform).flatten(0, 1)  # (G * rows, k + 1)
+        if with_slopes:
+            powers = torch.arange(1, table.shape[1], device=x.device, dtype=x.dtype)
+            table = torch.cat([table, table[:, 1:] * powers / self.spline.step], 1)
+        linear, silu = (a[:, i].repeat_interleave(self.group_size) for i in (0, 1))
+        return table, linear, silu, first_row
+
+    def _locate(self, x, first_row):
+        """(rows, in) -> the table row of every input (int64) and its position ``t`` in the interval."""
+        spline = self.spline
+        z = x.mul(1 / spline.step).add_(spline.spline_order - spline.grid_range[0] / spline.step)
+        c = z.clamp_(-1.0, spline.num_functions + spline.spline_order).floor()  # beyond: the zero rows
+        t = z.sub_(c)
+        return c.add_(first_row).to(torch.int64), t
+
+    @staticmethod
+    def _horner(t, e, first: int, last: int):
+        """``sum_p e[..., first + p] t^p`` for p = 0 .. last - first, columns of the gathered rows."""
+        value = e[..., last]
+        for p in range(last - 1, first - 1, -1):
+            value = torch.addcmul(e[..., p], value, t)
+        return value
+
+    def _blocks(self, x):
+        rows = max(1, self._BLOCK_ELEMENTS // x.shape[-1])
+        return [slice(s, s + rows) for s in range(0, x.shape[0], rows)]
+
+    @_fp32_features
+    def features_into(self, x, out):
+        with torch.no_grad():
+            table, linear, a_silu, first_row = self._tables(x, with_slopes=False)
+            k = table.shape[1] - 1
+            x2, out2 = x.reshape(-1, x.shape[-1]), out.view(-1, x.shape[-1])
+            for rows in self._blocks(x2):
+                xb = x2[rows]
+                index, t = self._locate(xb, first_row)
+                e = table.index_select(0, index.flatten()).view(*xb.shape, k + 1)
+                value = torch.addcmul(self._horner(t, e, 0, k), xb, linear)
+                torch.addcmul(value, F.silu(xb), a_silu, out=out2[rows])
+        return out
+
+    @_fp32_features
+    def features_and_grads(self, x, out, grad_out):
+        with torch.no_grad():
+            table, linear, a_silu, first_row = self._tables(x, with_slopes=True)
+            k = (table.shape[1] - 1) // 2
+            x2, out2, g2 = (
+                x.reshape(-1, x.shape[-1]),
+                out.view(-1, x.shape[-1]),
+                grad_out.reshape(-1, x.shape[-1]),
+            )
+            grad_x = torch.empty_like(x2)
+            histogram = table.new_zeros(k + 1, table.shape[0])  # sum of grad * t^p per table row
+            term_sums = x2.new_zeros(2, x.shape[-1])  # sums of grad * x and grad * silu(x) per input
+            for rows in self._blocks(x2):
+                xb, gb = x2[rows], g2[rows]
+                index, t = self._locate(xb, first_row)
+                e = table.index_select(0, index.flatten()).view(*xb.shape, 2 * k + 1)
+                silu = F.silu(xb)
+                value = torch.addcmul(self._horner(t, e, 0, k), xb, linear)
+                torch.addcmul(value, silu, a_silu, out=out2[rows])
+                grad = torch.ops.aten.silu_backward(gb * a_silu, xb).addcmul_(gb, linear)
+                if k:
+                    grad.addcmul_(gb, self._horner(t, e, k + 1, 2 * k))
+                grad_x[rows] = grad
+                term_sums[0] += (gb * xb).sum(0)
+                term_sums[1] += (gb * silu).sum(0)
+                flat, weight = index.flatten(), gb.flatten()
+                for p in range(k + 1):
+                    histogram[p].scatter_add_(0, flat, weight)
+                    if p < k:
+                        weight = weight * t.flatten()
+            transform, _ = self._constants(x)
+            grad_spline = torch.einsum(
+                "pgr,jrp->gj", histogram.view(k + 1, self.groups, self.rows), transform
+            )
+            grad_a = torch.cat([term_sums.view(2, self.groups, -1).sum(-1).t(), grad_spline], 1)
+        return out, grad_x.view(x.shape), (grad_a,)
+
+
+def _grads_by_autograd(basis, x, out, grad_out):
+    """``basis.features`` and its gradients by autograd (the dense path of grouped bases)."""
+    params = tuple(basis.parameters())
+    with torch.enable_grad():
+        x = x.detach().requires_grad_()
+        feats = basis.features(x)
+        grads = torch.autograd.grad(feats, (x, *params), grad_out)
+    out.copy_(feats.detach())
+    return out, grads[0], tuple(grads[1:])
+
 
 def _feature_buffer(x: torch.Tensor, basis: nn.Module, chunk: int) -> torch.Tensor:
     """One (chunk, F, in) buffer reused by every chunk (no allocator churn)."""
@@ -496,18 +721,20 @@ class _KANLinearFunction(torch.autograd.Function):
         buf = _feature_buffer(x, basis, chunk)
         for s in range(0, x.shape[0], chunk):
             g = grad_out[s : s + chunk]  # (n, out)
-            feats, vjp = basis.features_and_vjp(x[s : s + chunk], buf[: len(g)])  # (n, F, in)
-            if need_w and grad_w.dtype == dtype:
-                grad_w.addmm_(g.t(), feats.flatten(1))
-            elif need_w:  # low-precision matmul, fp32 accumulation across chunks
-                grad_w += (g.t() @ feats.flatten(1).to(dtype)).to(grad_w.dtype)
+            xc, fc = x[s : s + chunk], buf[: len(g)]
             if need_x or basis_params:
-                grad_feats = (g @ w).view(feats.shape).to(feats.dtype)  # (n, F, in)
-                gx, gp = vjp(grad_feats)
+                grad_feats = (g @ w).view(fc.shape).to(fc.dtype)  # (n, F, in)
+                feats, gx, gp = basis.features_and_grads(xc, fc, grad_feats)
                 if need_x:
                     grad_x[s : s + chunk] = gx
                 for acc, p in zip(grad_params, gp, strict=True):
                     acc += p
+            else:
+                feats = basis.features_into(xc, fc)  # (n, F, in)
+            if need_w and grad_w.dtype == dtype:
+                grad_w.addmm_(g.t(), feats.flatten(1))
+            elif need_w:  # low-precision matmul, fp32 accumulation across chunks
+                grad_w += (g.t() @ feats.flatten(1).to(dtype)).to(grad_w.dtype)
         grad_b = grad_out.sum(0).to(bias.dtype) if (bias is not None and need_b) else None
         grad_w = grad_w.to(weight.dtype) if need_w else None
         grad_params = [gp.to(p.dtype) for gp, p in zip(grad_params, basis_params, strict=True)]
@@ -515,7 +742,7 @@ class _KANLinearFunction(torch.autograd.Function):
 
 
 def _check_kan_args(
-    in_features, out_features, basis, grid_size, spline_order, grid_range, rational_order, rational_groups
+    in_features, out_features, basis, grid_size, spline_order, grid_range, rational_order, sharing, groups
 ):
     for name, value in (("in_features", in_features), ("out_features", out_features)):
         if not isinstance(value, int) or value < 1:
@@ -528,13 +755,14 @@ def _check_kan_args(
         raise ValueError(f"spline_order must be an integer >= 0, got {spline_order!r}")
     if len(grid_range) != 2 or not float(grid_range[0]) < float(grid_range[1]):
         raise ValueError(f"grid_range must be (low, high) with low < high, got {tuple(grid_range)!r}")
-    if basis == "rational":
-        if len(rational_order) != 2 or rational_order[0] < 0 or rational_order[1] < 1:
-            raise ValueError(f"rational_order must be (m >= 0, n >= 1), got {tuple(rational_order)!r}")
-        if rational_groups < 1 or in_features % rational_groups:
-            raise ValueError(
-                f"rational_groups must divide in_features={in_features}, got {rational_groups!r}"
-            )
+    if sharing not in SHARINGS:
+        raise ValueError(f"sharing must be one of {SHARINGS}, got {sharing!r}")
+    if basis == "rational" and (len(rational_order) != 2 or rational_order[0] < 0 or rational_order[1] < 1):
+        raise ValueError(f"rational_order must be (m >= 0, n >= 1), got {tuple(rational_order)!r}")
+    if (basis == "rational" or sharing == "group") and (
+        not isinstance(groups, int) or groups < 1 or in_features % groups
+    ):
+        raise ValueError(f"groups must divide in_features={in_features}, got {groups!r}")
 
 
 def coefficient_view(weight: torch.Tensor, in_features: int) -> torch.Tensor:
@@ -555,8 +783,13 @@ class KANLinear(nn.Module):
             K Gaussians, or Chebyshev degree K - 1), so they cost the same.
         grid_range: the input interval the grid (or the RBF centres) covers.
         bias: add a learnable bias per output.
-        rational_order, rational_groups: numerator/denominator degrees and number of groups of the
-            ``rational`` basis.
+        sharing: ``"edge"`` (default): every edge has its own function, a combination of the basis's
+            ``1 + K`` features (``1 + K`` coefficients per edge); ``"group"``: the inputs are cut into
+            ``groups`` contiguous groups that share one learnable function, which the weight scales
+            per edge (one coefficient per edge; see :class:`GroupedBasis`). ``rational`` is always
+            grouped.
+        groups: number of input groups of a grouped layer (it must divide ``in_features``).
+        rational_order: numerator/denominator degrees of the ``rational`` basis.
         spline_scale: the spline coefficients start at this fraction of the SiLU weights' scale.
         init_gain: scale of the initial outputs (e.g. 1/sqrt(2 n_layer) for a residual branch).
         chunk_size: tokens per chunk when recomputing features in backward, eager mode (default: about
@@ -579,8 +812,9 @@ class KANLinear(nn.Module):
         spline_order: int = 3,
         grid_range: tuple[float, float] = (-2.0, 2.0),
         bias: bool = True,
+        sharing: str = "edge",
+        groups: int = 8,
         rational_order: tuple[int, int] = (5, 4),
-        rational_groups: int = 8,
         spline_scale: float = 0.1,
         init_gain: float = 1.0,
         chunk_size: int | None = None,
@@ -596,7 +830,8 @@ class KANLinear(nn.Module):
             spline_order,
             grid_range,
             rational_order,
-            rational_groups,
+            sharing,
+            groups,
         )
         self.in_features, self.out_features = in_features, out_features
         self.basis_name = basis
@@ -605,7 +840,9 @@ class KANLinear(nn.Module):
         self.spline_scale = spline_scale
         self.init_gain = init_gain
         self.chunk_size = chunk_size
-        self.basis = self._make_basis(grid_size, rational_order, rational_groups, device, dtype)
+        self.sharing = "group" if basis == "rational" else sharing
+        self.groups, self.rational_order = groups, tuple(rational_order)
+        self.basis = self._make_basis(grid_size, device, dtype)
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(
             torch.empty(out_features, self.basis.num_features * in_features, **factory)
@@ -613,15 +850,20 @@ class KANLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
         self.reset_parameters()
 
-    def _make_basis(self, grid_size, rational_order=None, rational_groups=None, device=None, dtype=None):
-        k, rng = self.spline_order, self.grid_range
+    def _make_basis(self, grid_size, device=None, dtype=None):
+        k, rng, factory = self.spline_order, self.grid_range, {"device": device, "dtype": dtype}
+        if self.basis_name == "rational":
+            return RationalBasis(self.in_features, self.groups, self.rational_order, **factory)
         if self.basis_name == "bspline":
-            return BSplineBasis(grid_size, k, rng)
-        if self.basis_name == "rbf":
-            return RBFBasis(grid_size + k, rng)
-        if self.basis_name == "chebyshev":
-            return ChebyshevBasis(grid_size + k, rng)
-        return RationalBasis(self.in_features, rational_groups, rational_order, device=device, dtype=dtype)
+            basis = BSplineBasis(grid_size, k, rng)
+        elif self.basis_name == "rbf":
+            basis = RBFBasis(grid_size + k, rng)
+        else:
+            basis = ChebyshevBasis(grid_size + k, rng)
+        if self.sharing == "edge":
+            return basis
+        grouped = GroupedBSplineBasis if self.basis_name == "bspline" else GroupedBasis
+        return grouped(basis, self.in_features, self.groups, **factory)
 
     @property
     def num_features(self) -> int:
@@ -725,10 +967,11 @@ class KANLinear(nn.Module):
     def extend_grid(self, new_grid_size: int) -> None:
         """Refine the grid to ``new_grid_size`` intervals (KAN grid extension, coarse to fine).
 
-        The spline coefficients are refitted by least squares on dense points of ``grid_range`` so
-        that every edge function is preserved there (exactly, up to rounding, when the new grid
-        refines the old one, e.g. 5 -> 10). ``chebyshev`` raises the polynomial degree, which is
-        exact everywhere. The weight is replaced by a new parameter: rebuild the optimizer after.
+        The spline coefficients (per edge, or per group for a grouped layer) are refitted by least
+        squares on dense points of ``grid_range`` so that every function is preserved there (exactly,
+        up to rounding, when the new grid refines the old one, e.g. 5 -> 10). ``chebyshev`` raises the
+        polynomial degree, which is exact everywhere. The parameter that changes shape (the weight,
+        or a grouped layer's function coefficients) is replaced by a new one: hand it to the optimizer.
         """
         if self.basis_name == "rational":
             raise ValueError("extend_grid does not apply to basis='rational' (it has no grid)")
@@ -736,21 +979,32 @@ class KANLinear(nn.Module):
             raise ValueError(
                 f"new_grid_size must be an integer > grid_size={self.grid_size}, got {new_grid_size!r}"
             )
-        old_basis, new_basis = self.basis, self._make_basis(new_grid_size)
-        k_old, k_new = old_basis.num_functions, new_basis.num_functions
-        coeffs = self.weight.view(self.out_features, 1 + k_old, self.in_features)  # (out, F, in)
-        spline = coeffs[:, 1:].transpose(0, 1).reshape(k_old, -1).double()  # (K_old, out * in)
+        grouped = self.sharing == "group"
+        param = self.basis.coefficients if grouped else self.weight
+        n_base = 2 if grouped else 1  # coefficients before the spline's: [x, silu] or [silu]
+        new_basis = self._make_basis(new_grid_size, param.device, param.dtype)
+        old_spline, new_spline = (self.basis.spline, new_basis.spline) if grouped else (self.basis, new_basis)
+        k_old, k_new = old_spline.num_functions, new_spline.num_functions
+        # Every function's coefficients as (out or groups, n_base + K, in or 1), the spline's last.
+        coeffs = (
+            param.detach().unsqueeze(-1) if grouped else param.detach().view(self.out_features, 1 + k_old, -1)
+        )
+        spline = coeffs[:, n_base:].transpose(0, 1).reshape(k_old, -1).double()  # (K_old, functions)
         if self.basis_name == "chebyshev":
             refit = torch.cat([spline, spline.new_zeros(k_new - k_old, spline.shape[1])])
         else:
             x = torch.linspace(*self.grid_range, 16 * k_new + 1, dtype=torch.float64, device=spline.device)
-            old_values, new_values = old_basis.functions(x).t(), new_basis.functions(x).t()  # (P, K)
-            refit = torch.linalg.lstsq(new_values, old_values @ spline).solution  # (K_new, out * in)
-        refit = refit.reshape(k_new, self.out_features, self.in_features).transpose(0, 1).to(coeffs)
-        new = torch.cat([coeffs[:, :1], refit], 1)  # (out, 1 + K_new, in)
-        self.weight = nn.Parameter(
-            new.reshape(self.out_features, -1), requires_grad=self.weight.requires_grad
+            old_values, new_values = old_spline.functions(x).t(), new_spline.functions(x).t()  # (P, K)
+            refit = torch.linalg.lstsq(new_values, old_values @ spline).solution  # (K_new, functions)
+        refit = refit.reshape(k_new, coeffs.shape[0], coeffs.shape[2]).transpose(0, 1).to(coeffs)
+        new = nn.Parameter(
+            torch.cat([coeffs[:, :n_base], refit], 1).reshape(param.shape[0], -1),
+            requires_grad=param.requires_grad,
         )
+        if grouped:
+            new_basis.coefficients = new
+        else:
+            self.weight = new
         self.basis, self.grid_size = new_basis, new_grid_size
 
     def extra_repr(self) -> str:
@@ -792,14 +1046,18 @@ def kan_linear_num_parameters(
     grid_size: int = 5,
     spline_order: int = 3,
     bias: bool = True,
+    sharing: str = "edge",
+    groups: int = 8,
     rational_order: tuple[int, int] = (5, 4),
-    rational_groups: int = 8,
     **_ignored,
 ) -> int:
     """Parameter count of ``KANLinear(in_features, out_features, ...)`` without building it."""
     if basis == "rational":
         per_input = 1
-        extra = rational_groups * (rational_order[0] + 1 + rational_order[1])
+        extra = groups * (rational_order[0] + 1 + rational_order[1])
+    elif sharing == "group":
+        per_input = 1
+        extra = groups * (2 + grid_size + spline_order)
     else:
         per_input = 1 + grid_size + spline_order
         extra = 0
@@ -822,7 +1080,8 @@ def kan_block_hidden_size(
     single = kan_linear_num_parameters(d_in, d_out, **kan_kwargs)
     if abs(single - target_params) <= tolerance * target_params:
         return None
-    step = kan_kwargs.get("rational_groups", 8) if kan_kwargs.get("basis") == "rational" else 1
+    grouped = kan_kwargs.get("basis") == "rational" or kan_kwargs.get("sharing") == "group"
+    step = kan_kwargs.get("groups", 8) if grouped else 1
 
     def count(h):
         return kan_linear_num_parameters(d_in, h, **kan_kwargs) + kan_linear_num_parameters(

@@ -27,7 +27,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_kangpt import KANGPT2Config
-from .kan import KANFeedForward, KANLinear, RationalBasis
+from .kan import GroupedBasis, KANFeedForward, KANLinear, RationalBasis
 
 logger = logging.get_logger(__name__)
 
@@ -196,7 +196,7 @@ class KANGPT2PreTrainedModel(PreTrainedModel):
             init.copy_(module.weight, module.initial_weight())
             if module.bias is not None:
                 init.zeros_(module.bias)
-        if isinstance(module, RationalBasis):
+        if isinstance(module, (RationalBasis, GroupedBasis)):
             for name, value in module.initial_parameters().items():
                 init.copy_(getattr(module, name), value)
 

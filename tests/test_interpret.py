@@ -26,7 +26,7 @@ from kangpt.interpret import (
     prune,
     validation_loss,
 )
-from kangpt.kan import BASES, KANLinear
+from kangpt.kan import KANLinear
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # nats/token that pruning 25% of the hidden units and 10% of the edges may cost the tiny trained model
@@ -51,13 +51,22 @@ def test_fit_symbolic_is_reexported():
 # ---- importance -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("basis", BASES)
-def test_importance_matches_brute_force(basis):
+KINDS = [
+    ("bspline", "edge"),
+    ("rbf", "edge"),
+    ("chebyshev", "edge"),
+    ("bspline", "group"),
+    ("rational", "group"),
+]
+
+
+@pytest.mark.parametrize("basis,sharing", KINDS)
+def test_importance_matches_brute_force(basis, sharing):
     """Spreads and means from feature covariances equal those of every edge function evaluated on
     every token; a hidden unit's importance equals the measured change of the block output when the
     unit is removed (its mean folded into the bias)."""
     torch.manual_seed(0)
-    kwargs = {"basis": basis, "rational_groups": 2}
+    kwargs = {"basis": basis, "groups": 2, "sharing": sharing}
     first, second = KANLinear(6, 8, **kwargs).double(), KANLinear(8, 5, **kwargs).double()
     with torch.no_grad():
         for layer in (first, second):
@@ -128,14 +137,21 @@ def test_auto_symbolic_names_edges_fitted_to_known_functions(basis, tmp_path):
     assert "sin" in (tmp_path / "symbolic.md").read_text()
 
 
-def test_auto_symbolic_fits_rational_group_functions():
+@pytest.mark.parametrize("basis", ["rational", "bspline"])
+def test_auto_symbolic_fits_group_functions(basis):
     torch.manual_seed(0)
-    layer = KANLinear(4, 3, basis="rational", rational_groups=2).double()
+    layer = KANLinear(4, 3, basis=basis, groups=2, sharing="group", grid_size=8).double()
     with torch.no_grad():
-        layer.basis.numerator.zero_()
-        layer.basis.denominator.zero_()
-        layer.basis.numerator[0, 2] = 1.0  # R_0(x) = x^2 (inputs 0, 1)
-        layer.basis.numerator[1, 3] = 1.0  # R_1(x) = x^3 (inputs 2, 3)
+        if basis == "rational":
+            layer.basis.numerator.zero_()
+            layer.basis.denominator.zero_()
+            layer.basis.numerator[0, 2] = 1.0  # R_0(x) = x^2 (inputs 0, 1)
+            layer.basis.numerator[1, 3] = 1.0  # R_1(x) = x^3 (inputs 2, 3)
+        else:  # least-squares spline fits of the same functions over the grid range
+            x = torch.linspace(-2, 2, 400, dtype=torch.float64)
+            feats = layer.basis.terms(x)  # (P, 2 + K)
+            targets = torch.stack([x**2, x**3], 1)
+            layer.basis.coefficients.copy_(torch.linalg.lstsq(feats, targets).solution.t())
         layer.weight.normal_(std=0.01)
         layer.weight.view(3, 4)[1, 0] = 2.0  # edge 0 -> 1: 2 x^2
         layer.weight.view(3, 4)[2, 3] = -0.7  # edge 3 -> 2: -0.7 x^3
@@ -224,7 +240,8 @@ def test_pruning_a_trained_model(trained, tmp_path):
     torch.testing.assert_close(reloaded(val[:4]).logits, pruned(val[:4]).logits, rtol=0, atol=0)
 
 
-def test_global_pruning_and_rational_groups():
+@pytest.mark.parametrize("basis,sharing", [("rational", "group"), ("bspline", "group")])
+def test_global_pruning_and_groups(basis, sharing):
     torch.manual_seed(0)
     config = KANGPT2Config(
         n_layer=2,
@@ -232,8 +249,9 @@ def test_global_pruning_and_rational_groups():
         n_head=2,
         n_positions=16,
         vocab_size=50,
-        kan_basis="rational",
-        kan_rational_groups=4,
+        kan_basis=basis,
+        kan_sharing=sharing,
+        kan_groups=4,
         bos_token_id=0,
         eos_token_id=0,
     )

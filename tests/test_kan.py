@@ -8,12 +8,18 @@ from torch.func import functional_call
 from kangpt import kan
 from kangpt.kan import (
     BASES,
+    SHARINGS,
     BSplineBasis,
     KANFeedForward,
     KANLinear,
     kan_block_hidden_size,
     kan_linear_num_parameters,
 )
+
+# Every kind of layer: the spline-like bases per edge and grouped, and the (always grouped) rational.
+KINDS = [(basis, sharing) for sharing in SHARINGS for basis in BASES if basis != "rational"] + [
+    ("rational", "group")
+]
 
 
 def cox_de_boor(x: float, knots: list[float], j: int, k: int) -> float:
@@ -59,6 +65,67 @@ def test_bspline_matches_cox_de_boor_inside_at_knots_and_outside(grid_size, k, l
     torch.testing.assert_close(fast[:, 1:, 0], expected, atol=1e-6, rtol=0)  # the eager fast path
 
 
+@pytest.mark.parametrize("k", [1, 3])
+def test_grouped_bspline_is_linear_plus_silu_plus_cox_de_boor_splines_per_group(k):
+    """phi_g(x) = a_g0 x + a_g1 silu(x) + sum_j a_g,j+2 B_j(x), inside, at knots and outside, on both
+    paths (the pointwise formula and the eager piece table)."""
+    torch.manual_seed(7)
+    lo, hi, grid = -1.5, 2.5, 4
+    layer = KANLinear(6, 2, grid_size=grid, spline_order=k, grid_range=(lo, hi), sharing="group", groups=3)
+    a = torch.randn(3, 2 + grid + k, dtype=torch.float64)
+    layer = layer.double()
+    with torch.no_grad():
+        layer.basis.coefficients.copy_(a)
+    h = (hi - lo) / grid
+    xs = torch.linspace(lo - (k + 1) * h, hi + (k + 1) * h, 60, dtype=torch.float64).tolist()
+    xs += [lo + i * h for i in range(-k, grid + k + 1)] + [-1e3, 1e3]
+    x = torch.tensor(xs, dtype=torch.float64).unsqueeze(-1).expand(-1, 6)  # every input the same point
+    splines = reference_bsplines(xs, grid, k, lo, hi)  # (P, K)
+    expected = a[:, 0] * x[:, :1] + a[:, 1] * F.silu(x[:, :1]) + splines @ a[:, 2:].t()  # (P, groups)
+    expected = expected.repeat_interleave(2, dim=1)  # inputs 0-1: group 0, 2-3: group 1, 4-5: group 2
+    dense = layer.basis.features(x)[:, 0]
+    fast = layer.basis.features_into(x, torch.empty(len(xs), 1, 6, dtype=torch.float64))[:, 0]
+    torch.testing.assert_close(dense, expected, atol=1e-9, rtol=0)
+    torch.testing.assert_close(fast, expected, atol=1e-9, rtol=0)
+    torch.testing.assert_close(layer.basis.group_functions(x[:, 0]), expected[:, ::2], atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("basis", ["bspline", "rbf", "chebyshev"])
+def test_grouped_layer_is_a_per_edge_layer_with_rank_one_coefficients(basis):
+    """Without its linear term, a grouped layer equals the per-edge layer whose edge i -> j has the
+    coefficients w_ji * a_g(i) (SiLU and spline)."""
+    torch.manual_seed(8)
+    grouped = KANLinear(8, 5, basis=basis, sharing="group", groups=4).double()
+    with torch.no_grad():
+        grouped.basis.coefficients.normal_()
+        grouped.basis.coefficients[:, 0] = 0  # the linear term, which per-edge layers do not have
+    edge = KANLinear(8, 5, basis=basis, sharing="edge").double()
+    a = grouped.basis.coefficients.detach()[:, 1:].repeat_interleave(2, dim=0)  # (in, F): every input's
+    with torch.no_grad():
+        edge.coefficients().copy_(grouped.weight[:, :, None] * a[None])  # (out, in, F)
+        edge.bias.copy_(grouped.bias)
+    x = 3 * torch.randn(11, 8, dtype=torch.float64)
+    torch.testing.assert_close(grouped(x), edge(x))
+    torch.testing.assert_close(grouped.edge_functions(x), edge.edge_functions(x))
+
+
+@pytest.mark.parametrize("basis,old,new", [("bspline", 5, 10), ("rbf", 5, 7), ("chebyshev", 5, 9)])
+def test_grouped_extend_grid_preserves_the_functions_and_the_parameters(basis, old, new):
+    torch.manual_seed(9)
+    layer = KANLinear(6, 4, basis=basis, grid_size=old, sharing="group", groups=2)
+    coefficients, weight = layer.basis.coefficients, layer.weight
+    with torch.no_grad():
+        coefficients.normal_()
+    x = torch.linspace(-2, 2, 513).unsqueeze(-1).expand(-1, 6)
+    before = layer(x)
+    layer.extend_grid(new)
+    assert layer.weight is weight  # only the function coefficients change shape: a new parameter
+    assert layer.basis.coefficients is not coefficients
+    assert layer.basis.coefficients.shape == (2, 2 + new + layer.spline_order)
+    tolerance = 1e-4 if basis != "rbf" else 0.05  # Gaussians of another width: a least-squares fit
+    assert (layer(x) - before).abs().max() < tolerance * before.abs().max()
+
+
 @pytest.mark.parametrize("k", [0, 1, 2, 3, 5])
 def test_bspline_partition_of_unity_inside_grid(k):
     basis = BSplineBasis(6, k, (-2.0, 2.0))
@@ -81,10 +148,12 @@ def reference_layer(layer: KANLinear, x: torch.Tensor) -> torch.Tensor:
     return y.view(*x.shape[:-1], layer.out_features)
 
 
-@pytest.mark.parametrize("basis", BASES)
-def test_gradcheck_custom_backward_for_input_and_every_parameter(basis):
+@pytest.mark.parametrize("basis,sharing", KINDS)
+def test_gradcheck_custom_backward_for_input_and_every_parameter(basis, sharing):
     torch.manual_seed(0)
-    layer = KANLinear(4, 3, basis=basis, rational_groups=2, chunk_size=4, grid_range=(-1.5, 1.5)).double()
+    layer = KANLinear(
+        4, 3, basis=basis, groups=2, chunk_size=4, grid_range=(-1.5, 1.5), sharing=sharing
+    ).double()
     with torch.no_grad():  # spline coefficients as large as the SiLU weights, so they matter
         layer.weight.normal_()
         if layer.bias is not None:
@@ -97,13 +166,13 @@ def test_gradcheck_custom_backward_for_input_and_every_parameter(basis):
         return functional_call(layer, dict(zip(names, ps, strict=True)), (x,))
 
     assert torch.autograd.gradcheck(fn, (x, *params))
-    assert len(params) == (4 if basis == "rational" else 2)
+    assert len(params) == (4 if basis == "rational" else 3 if sharing == "group" else 2)
 
 
-@pytest.mark.parametrize("basis", BASES)
-def test_chunked_function_equals_plain_autograd(basis):
+@pytest.mark.parametrize("basis,sharing", KINDS)
+def test_chunked_function_equals_plain_autograd(basis, sharing):
     torch.manual_seed(1)
-    layer = KANLinear(12, 6, basis=basis, rational_groups=4, chunk_size=5)
+    layer = KANLinear(12, 6, basis=basis, groups=4, chunk_size=5, sharing=sharing)
     x = torch.randn(4, 9, 12, requires_grad=True)
     y = layer(x)
     y.pow(2).sum().backward()
@@ -117,11 +186,11 @@ def test_chunked_function_equals_plain_autograd(basis):
         torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("basis", BASES)
-def test_compiled_path_formula_equals_eager(basis, monkeypatch):
+@pytest.mark.parametrize("basis,sharing", KINDS)
+def test_compiled_path_formula_equals_eager(basis, sharing, monkeypatch):
     """Under torch.compile the layer uses the plain formula; it must give the same values."""
     torch.manual_seed(2)
-    layer = KANLinear(8, 4, basis=basis, rational_groups=2)
+    layer = KANLinear(8, 4, basis=basis, groups=2, sharing=sharing)
     x = torch.randn(5, 8)
     eager = layer(x)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
@@ -130,9 +199,9 @@ def test_compiled_path_formula_equals_eager(basis, monkeypatch):
     torch.testing.assert_close(layer(x), eager)
 
 
-@pytest.mark.parametrize("basis", BASES)
-def test_saves_only_its_input_for_backward(basis):
-    layer = KANLinear(16, 8, basis=basis, chunk_size=4)
+@pytest.mark.parametrize("basis,sharing", KINDS)
+def test_saves_only_its_input_for_backward(basis, sharing):
+    layer = KANLinear(16, 8, basis=basis, chunk_size=4, sharing=sharing)
     x = torch.randn(64, 16, requires_grad=True)
     params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
     saved = []
@@ -155,10 +224,10 @@ def test_shape_compatible_with_linear():
         layer(torch.randn(2, 5))
 
 
-@pytest.mark.parametrize("basis", BASES)
-def test_basis_in_fp32_under_bf16_autocast(basis):
+@pytest.mark.parametrize("basis,sharing", KINDS)
+def test_basis_in_fp32_under_bf16_autocast(basis, sharing):
     torch.manual_seed(3)
-    layer = KANLinear(16, 8, basis=basis, chunk_size=8)
+    layer = KANLinear(16, 8, basis=basis, chunk_size=8, sharing=sharing)
     x = torch.randn(32, 16).bfloat16()
     feats = layer.basis.features(x)
     assert feats.dtype == torch.float32
@@ -172,10 +241,10 @@ def test_basis_in_fp32_under_bf16_autocast(basis):
     assert layer.weight.grad.dtype == torch.float32 and torch.isfinite(layer.weight.grad).all()
 
 
-@pytest.mark.parametrize("basis", BASES)
+@pytest.mark.parametrize("basis,sharing", KINDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_finite_for_huge_inputs(basis, dtype):
-    layer = KANLinear(4, 3, basis=basis, rational_groups=2).to(dtype)
+def test_finite_for_huge_inputs(basis, sharing, dtype):
+    layer = KANLinear(4, 3, basis=basis, groups=2, sharing=sharing).to(dtype)
     x = torch.tensor([[1e4, -1e4, 0.0, 3.0], [-1e4, 1e4, 1e3, -1e3]], dtype=dtype, requires_grad=True)
     assert torch.isfinite(layer.basis.features(x)).all()
     y = layer(x)
@@ -192,7 +261,7 @@ def test_finite_for_huge_inputs(basis, dtype):
         ({"spline_order": -1}, "spline_order"),
         ({"grid_range": (1.0, 1.0)}, "grid_range"),
         ({"grid_range": (2.0, -2.0)}, "grid_range"),
-        ({"basis": "rational", "rational_groups": 3}, "rational_groups"),
+        ({"basis": "rational", "groups": 3}, "groups"),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, name):
@@ -218,7 +287,7 @@ def test_extend_grid_rejects_coarsening_and_rational():
     with pytest.raises(ValueError, match="new_grid_size"):
         KANLinear(4, 4, grid_size=5).extend_grid(3)
     with pytest.raises(ValueError, match="rational"):
-        KANLinear(8, 4, basis="rational", rational_groups=4).extend_grid(8)
+        KANLinear(8, 4, basis="rational", groups=4).extend_grid(8)
 
 
 def test_regularization_loss_matches_hand_computation():
@@ -236,8 +305,8 @@ def test_regularization_loss_matches_hand_computation():
 
 def test_edge_functions_sum_to_the_layer_output():
     torch.manual_seed(5)
-    for basis in BASES:
-        layer = KANLinear(8, 3, basis=basis, rational_groups=4)
+    for basis, sharing in KINDS:
+        layer = KANLinear(8, 3, basis=basis, groups=4, sharing=sharing)
         x = torch.randn(7, 8)
         edges = layer.edge_functions(x)  # (P, out, in)
         torch.testing.assert_close(edges.sum(-1) + layer.bias, layer(x), rtol=1e-5, atol=1e-5)
@@ -253,10 +322,10 @@ def test_initialisation_close_to_silu_mlp_and_variance_preserving():
     assert (y - silu_only).std() < 0.15 * y.std()
 
 
-@pytest.mark.parametrize("basis", BASES)
-def test_parameter_count_formula(basis):
-    layer = KANLinear(16, 8, basis=basis, grid_size=4, spline_order=2)
-    assert kan_linear_num_parameters(16, 8, basis=basis, grid_size=4, spline_order=2) == sum(
+@pytest.mark.parametrize("basis,sharing", KINDS)
+def test_parameter_count_formula(basis, sharing):
+    layer = KANLinear(16, 8, basis=basis, grid_size=4, spline_order=2, sharing=sharing)
+    assert kan_linear_num_parameters(16, 8, basis=basis, grid_size=4, spline_order=2, sharing=sharing) == sum(
         p.numel() for p in layer.parameters()
     )
 
@@ -323,7 +392,7 @@ def test_torch_compile_matches_eager_and_keeps_only_the_input(monkeypatch):
 def test_rational_matches_the_group_formula():
     """Every input goes through its group's P(x) / (1 + |Q(x)|), written out term by term."""
     torch.manual_seed(4)
-    layer = KANLinear(6, 2, basis="rational", rational_groups=3, rational_order=(3, 2)).double()
+    layer = KANLinear(6, 2, basis="rational", groups=3, rational_order=(3, 2)).double()
     with torch.no_grad():
         layer.basis.numerator.normal_()
         layer.basis.denominator.normal_()

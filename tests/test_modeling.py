@@ -158,7 +158,7 @@ def test_labels_are_shifted_inside():
 
 @pytest.mark.parametrize("basis", BASES)
 def test_save_and_load_identical_logits_for_every_basis(basis, tmp_path):
-    model = tiny_model(kan_basis=basis, kan_rational_groups=4)
+    model = tiny_model(kan_basis=basis, kan_groups=4)
     model.save_pretrained(tmp_path)
     ids = input_ids()
     expected = model(ids).logits
@@ -174,7 +174,7 @@ def test_save_and_load_identical_logits_for_every_basis(basis, tmp_path):
 
 
 def test_meta_device_materialisation_leaves_nothing_uninitialised(tmp_path):
-    model = tiny_model(kan_basis="rational", kan_rational_groups=4)
+    model = tiny_model(kan_basis="rational", kan_groups=4)
     model.save_pretrained(tmp_path)
     loaded = KANGPT2LMHeadModel.from_pretrained(tmp_path, device_map="cpu").eval()
     fresh_state = model.state_dict()
@@ -183,7 +183,7 @@ def test_meta_device_materialisation_leaves_nothing_uninitialised(tmp_path):
         assert torch.equal(tensor, fresh_state[name]), name
     # A model built on the meta device and initialised there gets real values once materialised.
     with torch.device("meta"):
-        meta = KANGPT2LMHeadModel(tiny_config(kan_basis="rational", kan_rational_groups=4))
+        meta = KANGPT2LMHeadModel(tiny_config(kan_basis="rational", kan_groups=4))
     meta.to_empty(device="cpu")
     meta.init_weights()
     numerators = [m.basis.numerator for m in meta.modules() if isinstance(m, KANLinear)]
@@ -302,7 +302,7 @@ def test_generation_asked_to_run_past_the_context_stops_at_it_and_says_so(caplog
 
 @pytest.mark.parametrize("basis", BASES)
 def test_generate_with_cache_equals_without(basis):
-    model = tiny_model(kan_basis=basis, kan_rational_groups=4)
+    model = tiny_model(kan_basis=basis, kan_groups=4)
     ids = input_ids()
     kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False)
     with_cache = model.generate(ids, use_cache=True, **kwargs)
@@ -425,13 +425,13 @@ def test_resize_token_embeddings():
 
 @pytest.mark.parametrize("basis", BASES)
 def test_bf16_forward_and_backward_stay_finite(basis):
-    model = tiny_model(kan_basis=basis, kan_rational_groups=4).to(torch.bfloat16).train()
+    model = tiny_model(kan_basis=basis, kan_groups=4).to(torch.bfloat16).train()
     ids = input_ids()
     loss = model(ids, labels=ids).loss
     assert torch.isfinite(loss)
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
-    fp32 = tiny_model(kan_basis=basis, kan_rational_groups=4)
+    fp32 = tiny_model(kan_basis=basis, kan_groups=4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mixed = fp32(ids, labels=ids).loss
     mixed.backward()

@@ -121,7 +121,7 @@ class KANGPT2ModelTester:
             "n_positions": 64,
             "n_inner": 37,
             "kan_hidden_size": 16,
-            "kan_rational_groups": 4,
+            "kan_groups": 4,
             # no dropout: the mixins switch it off only under BERT's names, and compare train-mode runs
             "resid_pdrop": 0.0,
             "embd_pdrop": 0.0,

@@ -1,8 +1,10 @@
 """Benchmark a KAN feed-forward block against GPT-2's MLP at the same parameter count.
 
-For GPT-2's MLP (d -> 4d -> d, GELU), kangpt's KAN block for each basis (parameter-matched), and a
-naive KAN written here in the style of efficient-kan (Cox-de Boor recursion, autograd keeps every
-intermediate), one run measures:
+For GPT-2's MLP (d -> 4d -> d, GELU), kangpt's KAN blocks (parameter-matched): ``kan``, the default
+design of ``KANGPT2Config()``, ``edge-<basis>`` (one function per edge, a narrower hidden layer),
+``group-<basis>`` (functions shared by groups of inputs, as wide as the MLP) and ``rational``
+(GR-KAN), and a naive KAN written here in the style of efficient-kan (Cox-de Boor recursion, autograd
+keeps every intermediate), one run measures:
 
 - time of one forward + backward (median over interleaved repeats, so machine noise hits all rows
   alike);
@@ -30,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kangpt.configuration_kangpt import KANGPT2Config
 from kangpt.kan import BASES, KANFeedForward, kan_block_hidden_size
 from kangpt.measure import (
     DTYPES,
@@ -75,6 +78,21 @@ class NaiveKANLinear(nn.Module):
         return y.view(*shape[:-1], -1)
 
 
+BLOCKS = ["mlp", "kan", *(f"edge-{b}" for b in BASES if b != "rational"),
+          *(f"group-{b}" for b in BASES if b != "rational"), "rational", "naive-bspline"]
+
+
+def kan_kwargs(name: str) -> dict:
+    """``KANLinear`` arguments of KAN block ``name`` (see ``BLOCKS``)."""
+    default = KANGPT2Config().kan_layer_kwargs()
+    if name == "kan":
+        return default
+    if name == "rational":
+        return {**default, "basis": "rational"}
+    sharing, _, basis = name.partition("-")
+    return {**default, "basis": basis, "sharing": sharing}
+
+
 def build(name: str, d: int) -> nn.Module:
     """The block called ``name`` at width d, all with GPT-2's MLP parameter count (up to rounding)."""
     mlp_params = 8 * d * d + 5 * d
@@ -83,8 +101,10 @@ def build(name: str, d: int) -> nn.Module:
     if name == "naive-bspline":
         h = kan_block_hidden_size(d, d, mlp_params)
         return nn.Sequential(NaiveKANLinear(d, h), NaiveKANLinear(h, d))
-    h = kan_block_hidden_size(d, d, mlp_params, basis=name)
-    return KANFeedForward(d, d, h, basis=name)
+    if name not in BLOCKS:
+        raise ValueError(f"unknown block {name!r}; choose from {', '.join(BLOCKS)}")
+    kwargs = kan_kwargs(name)
+    return KANFeedForward(d, d, kan_block_hidden_size(d, d, mlp_params, **kwargs), **kwargs)
 
 
 def compiled(model: nn.Module) -> nn.Module:
@@ -133,7 +153,8 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", action="store_true", help="torch.compile every block")
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--models", default=",".join(["mlp", *BASES, "naive-bspline"]))
+    parser.add_argument("--models", default="mlp,kan,edge-bspline,rational,naive-bspline",
+                        help=f"comma-separated, mlp first, among {', '.join(BLOCKS)}")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--peak-child", help=argparse.SUPPRESS)

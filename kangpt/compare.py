@@ -5,11 +5,15 @@
     python eval/compare.py --size small --device cuda --dtype bf16 --batch 8 --seq-len 1024
     kangpt compare ...                          # the same program
 
-Three models of each shape are compared:
+Four models of each shape are compared:
 
 - ``gpt2``: transformers' own ``GPT2LMHeadModel``, the reference of every ratio;
-- ``kan``: KAN-GPT-2 **parameter-matched**, its KAN block sized to GPT-2's MLP parameter count (within 1%);
-- ``kan-wide``: KAN-GPT-2 **at the same width**, a KAN block ``d -> 4d -> d`` as wide as GPT-2's MLP.
+- ``kan``: KAN-GPT-2 as ``KANGPT2Config()`` builds it (``--basis`` changes its basis), its KAN block
+  **parameter-matched** to GPT-2's MLP (within 1%);
+- ``kan-edge``: KAN-GPT-2 with one B-spline function per edge (the KAN paper's layer),
+  parameter-matched, so its hidden layer is narrower than the MLP's;
+- ``kan-edge-wide``: the same **at the MLP's width**, ``d -> 4d -> d`` (about 9x the MLP's parameters:
+  what KAN-GPTs that keep the width cost).
 
 What each figure is:
 
@@ -76,8 +80,9 @@ SHAPES = {
 GPT2_SIZES = ("small", "medium", "large", "xl")
 MODELS = {
     "gpt2": "GPT-2 (transformers)",
-    "kan": "KAN-GPT-2, parameter-matched",
-    "kan-wide": "KAN-GPT-2, MLP width",
+    "kan": "KAN-GPT-2 (default), parameter-matched",
+    "kan-edge": "KAN-GPT-2, per-edge B-spline, parameter-matched",
+    "kan-edge-wide": "KAN-GPT-2, per-edge B-spline, MLP width",
 }
 PARTS = ("embeddings", "attention", "feed-forward", "layer norms", "total")
 # Targets for the parameter-matched KAN-GPT-2 against GPT-2 (reported, never asserted).
@@ -116,8 +121,9 @@ def shape_of(args) -> dict:
     return shape
 
 
-def model_config(name: str, shape: dict, basis: str = "bspline", dropout: float = 0.0, attn: str = "sdpa"):
-    """Config of model ``name`` (see ``MODELS``) at ``shape``; the last token is BOS/EOS as in GPT-2."""
+def model_config(name: str, shape: dict, basis: str | None = None, dropout: float = 0.0, attn: str = "sdpa"):
+    """Config of model ``name`` (see ``MODELS``) at ``shape``; the last token is BOS/EOS as in GPT-2.
+    ``basis`` replaces the default basis of ``kan`` (None: keep it)."""
     common = {
         **shape,
         "bos_token_id": shape["vocab_size"] - 1,
@@ -130,10 +136,12 @@ def model_config(name: str, shape: dict, basis: str = "bspline", dropout: float 
     if name == "gpt2":
         return GPT2Config(**common)
     if name == "kan":
-        return KANGPT2Config(**common, ffn_type="kan", kan_basis=basis, kan_hidden_size=None)
-    if name == "kan-wide":
-        width = shape.get("n_inner") or 4 * shape["n_embd"]
-        return KANGPT2Config(**common, ffn_type="kan", kan_basis=basis, kan_hidden_size=width)
+        return KANGPT2Config(**common, ffn_type="kan", **({"kan_basis": basis} if basis else {}))
+    edge = {**common, "ffn_type": "kan", "kan_basis": "bspline", "kan_sharing": "edge"}
+    if name == "kan-edge":
+        return KANGPT2Config(**edge)
+    if name == "kan-edge-wide":
+        return KANGPT2Config(**edge, kan_hidden_size=shape.get("n_inner") or 4 * shape["n_embd"])
     raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
 
 
@@ -328,7 +336,7 @@ def measurements_markdown(results: dict, args, shape: dict) -> str:
     peak_kind = "`max_memory_allocated`" if cuda else "process peak RSS above its start-up RSS"
     header = (
         f"### {args.size} ({shape['n_layer']} layers, d={shape['n_embd']}, vocab {shape['vocab_size']}), "
-        f"batch {args.batch} × {args.seq_len} tokens, {args.dtype}, {args.device}, KAN basis {args.basis}\n\n"
+        f"batch {args.batch} × {args.seq_len} tokens, {args.dtype}, {args.device}\n\n"
         f"Memory: each model in a fresh process. Saved for backward: measured (`saved_tensors_hooks`, "
         f"parameters excluded). Params + grads + AdamW: counted from the tensors. Peaks: measured, "
         f"{peak_kind}; training = forward + backward + AdamW step (fp32 weights, autocast {args.dtype}); "
@@ -406,7 +414,7 @@ def plot(results: dict, out: Path) -> list[Path]:
     from matplotlib.patches import Rectangle  # matplotlib is there: new_figure checked
 
     written = []
-    colors = {"gpt2": "tab:gray", "kan": "tab:blue", "kan-wide": "tab:orange"}
+    colors = {"gpt2": "tab:gray", "kan": "tab:blue", "kan-edge": "tab:green", "kan-edge-wide": "tab:orange"}
     axes = fig.subplots(1, len(table), squeeze=False)
     for ax, (size, rows) in zip(axes[0], table.items(), strict=True):
         names = list(rows)
@@ -499,11 +507,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-embd", type=int, help="override the shape's width")
     parser.add_argument("--n-head", type=int, help="override the shape's number of heads")
     parser.add_argument("--vocab-size", type=int, help="override the shape's vocabulary size")
-    parser.add_argument("--basis", choices=BASES, default="bspline", help="KAN basis of the KAN models")
+    parser.add_argument("--basis", choices=BASES, help="basis of the default KAN-GPT-2 (default: its own)")
     parser.add_argument(
         "--models",
         default=",".join(MODELS),
-        help="models measured, comma-separated, starting with gpt2 (default: all three)",
+        help=f"models measured, comma-separated, gpt2 first, among {', '.join(MODELS)} (default: all)",
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(

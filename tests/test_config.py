@@ -112,6 +112,18 @@ def test_default_config_is_used_without_a_config_argument(tmp_path):
         ({"train": {"trackers": ["tensorboard", "tensorbored"]}}, "train.trackers must name trackers among"),
     ({"train": {"mixed_precision": "fp8"}}, "train.mixed_precision must be null, 'no', 'bf16' or 'fp16'"),
         ({"train": "fast"}, "section 'train' must be a mapping"),
+        ({"data": {"test_fraction": 0.7}}, "data.test_fraction must be in [0, 0.5]"),
+        ({"train": {"kan_function_lr_scale": 0}}, "train.kan_function_lr_scale must be > 0"),
+        ({"train": {"kan_regularization": -1}}, "train.kan_regularization must be >= 0"),
+        ({"train": {"kan_grid_schedule": [[10, 8, 1]]}}, "kan_grid_schedule must be a list of [step, grid"),
+        ({"train": {"kan_grid_schedule": [[20, 8], [10, 16]]}}, "kan_grid_schedule steps must increase"),
+        ({"train": {"kan_grid_schedule": [[10, 16], [20, 8]]}}, "grid sizes must increase from model"),
+        ({"train": {"kan_grid_schedule": [[10, 4]]}}, "grid sizes must increase from model.kan_grid_size=5"),
+        ({"train": {"kan_grid_schedule": [[2000, 8]]}}, "steps must increase within (0, train.max_steps"),
+        (
+            {"model": {"ffn_type": "mlp"}, "train": {"kan_grid_schedule": [[10, 8]]}},
+            "train.kan_grid_schedule needs KAN layers with a grid",
+        ),
     ],
 )
 def test_bad_values_name_the_key(raw, message):

@@ -27,8 +27,19 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 
 from kangpt import KANGPT2LMHeadModel
 from kangpt.config import build_config, load_config, model_config
+from kangpt.kan import KANLinear
 from kangpt.run_dir import MANIFEST, checkpoint_problem
-from kangpt.training import NO_MATPLOTLIB, evaluate, learning_rate, load_corpus, main, sample, train_batches
+from kangpt.training import (
+    NO_MATPLOTLIB,
+    build_optimizer,
+    evaluate,
+    kan_penalty,
+    learning_rate,
+    load_corpus,
+    main,
+    sample,
+    train_batches,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {
@@ -306,6 +317,53 @@ def corpus_and_model(env, tiny_config):
     torch.manual_seed(0)
     model = KANGPT2LMHeadModel(model_config(config, vocab_size=len(corpus.tokenizer))).eval()
     return config, accelerator, corpus, model
+
+
+def test_function_coefficients_get_their_own_learning_rate_and_no_decay():
+    config = load_config(None, ["--train.kan_function_lr_scale=30", "--model.kan_sharing=group",
+                                "--model.n_layer=1", "--model.n_embd=32", "--model.n_head=2"])
+    model = KANGPT2LMHeadModel(model_config(config, vocab_size=64))
+    optimizer = build_optimizer(model, config.train)
+    functions = [p for n, p in model.named_parameters() if n.endswith("basis.coefficients")]
+    groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    assert len(functions) == 2 and all(groups[id(p)]["lr_scale"] == 30 for p in functions)
+    assert all(groups[id(p)]["weight_decay"] == 0 for p in functions)
+    kan_weight = model.transformer.h[0].mlp.layers[0].weight
+    assert groups[id(kan_weight)]["lr_scale"] == 1 and groups[id(kan_weight)]["weight_decay"] == 0.1
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+
+
+def test_the_kan_penalty_is_the_weighted_sum_of_every_layers_regulariser():
+    config = load_config(None, ["--model.n_layer=2", "--model.n_embd=32", "--model.n_head=2"])
+    model = KANGPT2LMHeadModel(model_config(config, vocab_size=64))
+    layers = [m for m in model.modules() if isinstance(m, KANLinear)]
+    assert len(layers) == 4
+    expected = 0.5 * sum(layer.regularization_loss() for layer in layers)
+    torch.testing.assert_close(kan_penalty(model, 0.5), expected)
+    assert kan_penalty(model, 0.0) is None
+    mlp = load_config(None, ["--model.ffn_type=mlp", "--model.n_layer=1", "--model.n_embd=32",
+                             "--model.n_head=2"])
+    assert kan_penalty(KANGPT2LMHeadModel(model_config(mlp, vocab_size=64)), 0.5) is None
+
+
+@pytest.mark.slow
+def test_a_grid_schedule_refines_the_grids_and_resumes_with_the_same_losses(env, tiny_config, tmp_path):
+    schedule = {"train.kan_grid_schedule": [[3, 8], [6, 11]], "model.kan_sharing": "group", **NO_DROPOUT}
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    result = run_train(env, [str(tiny_config), *overrides(straight, **schedule)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step 3: KAN grids refined to 8 intervals" in result.stdout
+    assert json.loads((straight / "model" / "config.json").read_text())["kan_grid_size"] == 11
+    model = AutoModelForCausalLM.from_pretrained(straight / "model")  # built with the final grid
+    assert model.transformer.h[0].mlp.layers[0].basis.coefficients.shape == (8, 2 + 11 + 3)
+    shutil.copytree(straight, resumed)
+    run_yaml = (straight / "run.yaml").read_text()
+    (resumed / "run.yaml").write_text(run_yaml.replace(str(straight), str(resumed)))
+    shutil.rmtree(resumed / "model")
+    shutil.rmtree(resumed / "checkpoints" / "step-000008")  # resume from step 4: grid 8, refined to 11 at 6
+    again = run_train(env, [str(tiny_config), *overrides(resumed, **schedule, **{"train.resume": "auto"})])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert losses(resumed, "val_loss") == pytest.approx(losses(straight, "val_loss"), rel=1e-6)
 
 
 def test_targets_are_the_inputs_shifted_by_one(corpus_and_model):

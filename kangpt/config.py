@@ -73,7 +73,7 @@ class TrainConfig:
     min_learning_rate: float = 1e-4  # end of the cosine decay
     warmup_steps: int = 100  # linear warmup from 0 to learning_rate
     weight_decay: float = 0.1  # AdamW decay of matrices (not of norms, biases or function coefficients)
-    kan_function_lr_scale: float = 1.0  # learning-rate multiplier of grouped/rational function coefficients
+    kan_function_lr_scale: float = 30.0  # learning-rate multiplier of grouped/rational function coefficients
     kan_regularization: float = 0.0  # weight of the KAN sparsity regulariser (L1 + entropy) in the loss
     # [[step, grid_size], ...]: at each step refine every KAN layer's grid (coarse to fine; one process)
     kan_grid_schedule: list[list[int]] = field(default_factory=list)
@@ -90,6 +90,7 @@ class TrainConfig:
     overwrite: bool = False  # replace a different run already in out_dir
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the model
+    init_from: str | None = None  # start from this model folder (KAN-GPT-2 or GPT-2), new optimizer/schedule
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"])  # those installed are used
     sample_prompt: str | None = None  # generate from this prompt after training
     sample_tokens: int = 64  # tokens generated from sample_prompt
@@ -156,15 +157,50 @@ def build_config(raw: dict) -> RunConfig:
     return config
 
 
+# Model fields a run that starts from a model folder (train.init_from) may still set.
+INIT_FROM_MODEL_FIELDS = ("resid_pdrop", "embd_pdrop", "attn_pdrop")
+
+
 def model_config(config: RunConfig, **tokenizer_fields) -> KANGPT2Config:
     """The KANGPT2Config of a run, with ``tokenizer_fields`` (vocab size, special-token ids) filled in.
 
     ``vocab_size`` from the ``model:`` section wins when it is given (e.g. padded to a multiple of 64).
+    With ``train.init_from``, the config is the folder's (a GPT-2 folder's as ``ffn_type="mlp"``), the
+    dropout rates of the ``model:`` section applied; the tokenizer fields are the folder's too.
     """
+    if config.train.init_from is not None:
+        return _init_from_config(config)
     try:
         return KANGPT2Config(**{**tokenizer_fields, **config.model})
     except ValueError as err:
         raise ConfigError(f"model: {err}") from err
+
+
+def _init_from_config(config: RunConfig) -> KANGPT2Config:
+    """The KANGPT2Config of the folder ``train.init_from`` (see :func:`model_config`)."""
+    from transformers import AutoConfig
+
+    from .modeling_kangpt import kangpt2_config_of
+
+    path = config.train.init_from
+    changed = sorted(set(config.model) - set(INIT_FROM_MODEL_FIELDS))
+    if changed:
+        raise ConfigError(f"model.{changed[0]} cannot be set with train.init_from (the model is the "
+                          f"folder's); only {', '.join(INIT_FROM_MODEL_FIELDS)} can")
+    if not Path(path, "config.json").is_file():
+        raise ConfigError(f"train.init_from: {path!r} is not a model folder (no config.json)")
+    try:
+        loaded = AutoConfig.from_pretrained(path)
+        if loaded.model_type == "gpt2":
+            return kangpt2_config_of(loaded, ffn_type="mlp", **config.model)
+        if loaded.model_type != KANGPT2Config.model_type:
+            raise ConfigError(f"train.init_from: {path!r} holds a {loaded.model_type!r} model, "
+                              "not a KAN-GPT-2 or a GPT-2")
+        return KANGPT2Config(**{**loaded.to_dict(), **config.model})
+    except (OSError, ValueError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"train.init_from: cannot read {path!r}: {str(err).splitlines()[0]}") from err
 
 
 def _buildable_model_config(config: RunConfig) -> KANGPT2Config:

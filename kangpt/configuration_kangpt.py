@@ -21,7 +21,7 @@ class KANGPT2Config(PreTrainedConfig):
         (``n_embd -> n_inner -> n_embd`` with ``activation_function``).
     kan_basis (`str`, defaults to `"bspline"`):
         One of `"bspline"`, `"rbf"`, `"chebyshev"`, `"rational"`.
-    kan_sharing (`str`, defaults to `"edge"`), kan_groups (`int`, defaults to 8):
+    kan_sharing (`str`, defaults to `"group"`), kan_groups (`int`, defaults to 8):
         `"edge"`: one learnable function per edge (the KAN paper's layer); `"group"`: the inputs of
         every KAN layer are cut into ``kan_groups`` groups that share one learnable function, scaled
         per edge by the weight (GR-KAN's sharing), so the block is as wide as GPT-2's MLP. The
@@ -76,7 +76,7 @@ class KANGPT2Config(PreTrainedConfig):
     kan_spline_order: int = 3
     kan_grid_range: list[float] | tuple[float, float] = (-2.0, 2.0)
     kan_rational_order: list[int] | tuple[int, int] = (5, 4)
-    kan_sharing: str = "edge"
+    kan_sharing: str = "group"
     kan_groups: int = 8
     kan_hidden_size: int | list[int] | None = None
 

@@ -51,11 +51,11 @@ from pathlib import Path
 
 import sympy
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .cli import CommandError, command, load_model
 from .data import DataError, load_documents, pack_documents
+from .evaluation import validation_loss
 from .kan import KANLinear, coefficient_view
 from .plotting import new_figure
 from .run_dir import publish, remove, temporary_name
@@ -727,20 +727,6 @@ def prune(
 
 
 @torch.no_grad()
-def validation_loss(model: nn.Module, input_ids: torch.Tensor, *, batch_size: int = 8) -> float:
-    """Mean next-token cross-entropy (nats/token) of ``model`` (in eval mode) on blocks (N, T)."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    total = 0.0
-    for s in range(0, len(input_ids), batch_size):
-        ids = input_ids[s : s + batch_size].to(device)
-        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()  # position t predicts t + 1
-        total += F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="sum").item()
-    model.train(was_training)
-    return total / (input_ids.shape[0] * (input_ids.shape[1] - 1))
-
-
 # ---------------------------------------------------------------------------------------------
 # Sample tokens
 

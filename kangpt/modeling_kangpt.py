@@ -366,43 +366,26 @@ class KANGPT2LMHeadModel(KANGPT2PreTrainedModel, GenerationMixin):
         return generation_config
 
     @classmethod
-    def from_gpt2(cls, gpt2, **config_overrides) -> "KANGPT2LMHeadModel":
+    def from_gpt2(cls, gpt2, convert: torch.Tensor | None = None, **config_overrides) -> "KANGPT2LMHeadModel":
         """Build a KAN-GPT-2 from a GPT-2 language model.
 
         ``gpt2`` is a ``transformers.GPT2LMHeadModel``, a local folder holding one, or a hub name
         (e.g. ``"openai-community/gpt2"``, when online). Embeddings, attention and layer norms are
-        copied; GPT-2's MLP too when ``ffn_type="mlp"``; with ``ffn_type="kan"`` (the default) the
-        KAN blocks are freshly initialised. ``config_overrides`` go to :class:`KANGPT2Config`.
+        copied; GPT-2's MLP too when ``ffn_type="mlp"``. With ``ffn_type="kan"`` (the default) the
+        KAN blocks are freshly initialised, unless ``convert`` holds calibration token blocks (N, T):
+        then every block is converted from GPT-2's MLP so that it already does what the MLP did
+        (:func:`kangpt.convert.convert_gpt2`, which also reports the error of every block).
+        ``config_overrides`` go to :class:`KANGPT2Config`: the KAN design, not GPT-2's shape.
         """
         from transformers import GPT2LMHeadModel
 
         if not isinstance(gpt2, GPT2LMHeadModel):
             gpt2 = GPT2LMHeadModel.from_pretrained(gpt2)
-        src = gpt2.config
-        shape = {
-            name: getattr(src, name)
-            for name in (
-                "vocab_size",
-                "n_positions",
-                "n_embd",
-                "n_layer",
-                "n_head",
-                "n_inner",
-                "activation_function",
-                "resid_pdrop",
-                "embd_pdrop",
-                "attn_pdrop",
-                "layer_norm_epsilon",
-                "initializer_range",
-                "scale_attn_weights",
-                "scale_attn_by_inverse_layer_idx",
-                "bos_token_id",
-                "eos_token_id",
-                "pad_token_id",
-                "tie_word_embeddings",
-            )
-        }
-        model = cls(KANGPT2Config(**{**shape, **config_overrides}))
+        if convert is not None:
+            from .convert import convert_gpt2
+
+            return convert_gpt2(gpt2, convert, **config_overrides)[0]
+        model = cls(kangpt2_config_of(gpt2.config, **config_overrides))
         state = gpt2.state_dict()
         if model.config.ffn_type == "kan":
             state = {k: v for k, v in state.items() if ".mlp." not in k}
@@ -414,6 +397,35 @@ class KANGPT2LMHeadModel(KANGPT2PreTrainedModel, GenerationMixin):
             )
         model.to(dtype=next(gpt2.parameters()).dtype)
         return model
+
+
+def kangpt2_config_of(gpt2_config, **overrides) -> KANGPT2Config:
+    """The config of a KAN-GPT-2 made from a GPT-2 with ``gpt2_config``: its shape and settings, with
+    ``overrides`` (the KAN design). A ValueError names an override that changes GPT-2's shape."""
+    shape = {name: getattr(gpt2_config, name) for name in GPT2_FIELDS}
+    for name, value in overrides.items():
+        if name in GPT2_SHAPE_FIELDS and value != shape[name]:
+            raise ValueError(f"{name}={value!r} does not fit the GPT-2, whose {name} is {shape[name]!r}")
+    return KANGPT2Config(**{**shape, **overrides})
+
+
+# GPT-2's config fields a KAN-GPT-2 made from it takes over; the first ones fix the weights' shapes.
+GPT2_SHAPE_FIELDS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner")
+GPT2_FIELDS = (
+    *GPT2_SHAPE_FIELDS,
+    "activation_function",
+    "resid_pdrop",
+    "embd_pdrop",
+    "attn_pdrop",
+    "layer_norm_epsilon",
+    "initializer_range",
+    "scale_attn_weights",
+    "scale_attn_by_inverse_layer_idx",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "tie_word_embeddings",
+)
 
 
 __all__ = ["KANGPT2Block", "KANGPT2LMHeadModel", "KANGPT2Model", "KANGPT2PreTrainedModel"]

@@ -244,11 +244,18 @@ def installed_trackers(names: list[str]) -> list[str]:
 
 
 def build_model(config: RunConfig, tokenizer) -> KANGPT2LMHeadModel:
-    """A freshly initialised KAN-GPT-2 whose vocabulary and special tokens are the tokenizer's."""
+    """A freshly initialised KAN-GPT-2 whose vocabulary and special tokens are the tokenizer's, or
+    the model of the folder ``train.init_from`` (a GPT-2 folder's as ``ffn_type="mlp"``)."""
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    model = KANGPT2LMHeadModel(model_config(  # no pad_token_id: packed blocks hold no padding (as GPT-2)
+    model_cfg = model_config(  # no pad_token_id: packed blocks hold no padding (as GPT-2)
         config, vocab_size=len(tokenizer), bos_token_id=bos, eos_token_id=tokenizer.eos_token_id
-    ))
+    )
+    if config.train.init_from is None:
+        model = KANGPT2LMHeadModel(model_cfg)
+    elif model_cfg.ffn_type == "mlp" and _is_gpt2_folder(config.train.init_from):
+        model = KANGPT2LMHeadModel.from_gpt2(config.train.init_from, ffn_type="mlp", **config.model)
+    else:
+        model = KANGPT2LMHeadModel.from_pretrained(config.train.init_from, config=model_cfg)
     if model.config.vocab_size < len(tokenizer):
         vocab = model.config.vocab_size
         raise ConfigError(f"model.vocab_size={vocab} is smaller than the tokenizer ({len(tokenizer)} tokens)")
@@ -257,6 +264,10 @@ def build_model(config: RunConfig, tokenizer) -> KANGPT2LMHeadModel:
     if config.train.compile:
         model.compile()  # in place: parameter names, checkpoints and save_pretrained are unchanged
     return model
+
+
+def _is_gpt2_folder(path: str) -> bool:
+    return json.loads(Path(path, "config.json").read_text()).get("model_type") == "gpt2"
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
@@ -349,8 +360,10 @@ def load_corpus(data: DataConfig, train: TrainConfig, accelerator: Accelerator) 
         tokenizer_docs = list(itertools.islice(train_docs, data.tokenizer_documents))
     else:
         tokenizer_docs = train_docs.select(range(min(data.tokenizer_documents, len(train_docs))))
+    # A run that starts from a model folder keeps the folder's tokenizer unless another is named.
+    spec = train.init_from if train.init_from is not None and data.tokenizer == "bpe" else data.tokenizer
     with accelerator.main_process_first():  # the first process trains and caches the BPE, the others load it
-        tokenizer = load_tokenizer(data.tokenizer, tokenizer_docs, vocab_size=data.vocab_size)
+        tokenizer = load_tokenizer(spec, tokenizer_docs, vocab_size=data.vocab_size)
     held_out = {split: _held_out_blocks(docs, tokenizer, data, train.eval_blocks, split)
                 for split, docs in splits.items() if split != "train"}
     val, test = held_out["validation"], held_out.get("test")

@@ -589,6 +589,28 @@ class GroupedBSplineBasis(GroupedBasis):
         rows = max(1, self._BLOCK_ELEMENTS // x.shape[-1])
         return [slice(s, s + rows) for s in range(0, x.shape[0], rows)]
 
+    def compiled_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in) -> (..., 1, in): the features as ``torch.compile`` computes them (see
+        :class:`_GroupedSplineFunction`); the same values as :meth:`features`."""
+        return _GroupedSplineFunction.apply(x, self.coefficients, self).unsqueeze(-2)
+
+    def _values(self, x: torch.Tensor, coefficients: torch.Tensor, slopes: bool):
+        """phi_g(x) of every input of ``x`` (..., in) from the piece table, and its derivative if asked."""
+        transform, first_row = self._constants(x)
+        a = coefficients.to(x.dtype)
+        table = torch.einsum("gj,jrp->grp", a[:, 2:], transform).flatten(0, 1)  # (G * rows, k + 1)
+        linear, silu_weight = (a[:, i].repeat_interleave(self.group_size) for i in (0, 1))
+        index, t = self._locate(x, first_row)
+        e = table[index]  # (..., in, k + 1): the pieces of every input's interval
+        k = e.shape[-1] - 1
+        value = self._horner(t, e, 0, k) + linear * x + silu_weight * F.silu(x)
+        if not slopes:
+            return value, None
+        derivative = [e[..., p] * (p / self.spline.step) for p in range(1, k + 1)]
+        slope = _horner(t, derivative) if k else torch.zeros_like(x)
+        sigmoid = torch.sigmoid(x)
+        return value, slope + linear + silu_weight * sigmoid * (1 + x * (1 - sigmoid))
+
     @_fp32_features
     def features_into(self, x, out):
         with torch.no_grad():
@@ -640,6 +662,31 @@ class GroupedBSplineBasis(GroupedBasis):
             )
             grad_a = torch.cat([term_sums.view(2, self.groups, -1).sum(-1).t(), grad_spline], 1)
         return out, grad_x.view(x.shape), (grad_a,)
+
+
+class _GroupedSplineFunction(torch.autograd.Function):
+    """Grouped B-spline values for ``torch.compile``: the value and its slope come from the piece
+    table (a gather, which Inductor fuses as an indirect load); the gradient of the coefficients is a
+    reduction of ``grad * term`` over the inputs of each group, with every B-spline written densely
+    (the histogram of the eager path would become atomic adds). Saves ``x`` and the coefficients."""
+
+    @staticmethod
+    def forward(ctx, x, coefficients, basis):
+        ctx.save_for_backward(x, coefficients)
+        ctx.basis = basis
+        return basis._values(x, coefficients, slopes=False)[0]
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, coefficients = ctx.saved_tensors
+        basis = ctx.basis
+        _, slope = basis._values(x, coefficients, slopes=True)
+        shape = (*x.shape[:-1], basis.groups, basis.group_size)
+        xg, gg = x.reshape(shape), grad.reshape(shape)
+        dims = (*range(xg.dim() - 2), xg.dim() - 1)  # everything but the group
+        terms = [xg, F.silu(xg), *basis.spline.each_function(xg)]
+        grad_coefficients = torch.stack([(gg * term).sum(dims) for term in terms], 1)  # (G, 2 + K)
+        return grad * slope, grad_coefficients.to(coefficients.dtype), None
 
 
 def _grads_by_autograd(basis, x, out, grad_out):
@@ -933,7 +980,8 @@ class KANLinear(nn.Module):
         if isinstance(n, int):
             width = self.in_features * self.num_features
             chunks = max(1, min(n, math.ceil(n * width / _COMPILE_CHUNK_ELEMENTS)))
-        outs = [F.linear(self.basis.features(xc).flatten(1).to(dtype), w, b) for xc in x.tensor_split(chunks)]
+        features = getattr(self.basis, "compiled_features", self.basis.features)
+        outs = [F.linear(features(xc).flatten(1).to(dtype), w, b) for xc in x.tensor_split(chunks)]
         return torch.cat(outs) if len(outs) > 1 else outs[0]  # (tokens, out)
 
     def edge_functions(self, x: torch.Tensor) -> torch.Tensor:

@@ -360,21 +360,26 @@ def test_hidden_size_says_when_a_single_layer_fits():
     assert len(block.layers) == 1
 
 
-def test_torch_compile_matches_eager_and_keeps_only_the_input(monkeypatch):
+@pytest.mark.parametrize("sharing", SHARINGS)
+def test_torch_compile_matches_eager_and_keeps_only_the_input(sharing, monkeypatch):
     torch.manual_seed(7)
-    layer = KANLinear(16, 8, chunk_size=24)
+    layer = KANLinear(16, 8, chunk_size=24, sharing=sharing, groups=4)
+    with torch.no_grad():
+        for param in layer.basis.parameters():  # grouped: functions far from their SiLU start
+            param.normal_()
     monkeypatch.setattr(kan, "_COMPILE_CHUNK_ELEMENTS", 20 * 16 * layer.num_features)  # 4 chunks
-    x = torch.randn(64, 16, requires_grad=True)
+    x = 2 * torch.randn(64, 16)
+    x.requires_grad_()
     layer(x).pow(2).sum().backward()
-    eager = [x.grad.clone(), layer.weight.grad.clone(), layer.bias.grad.clone()]
+    eager = [x.grad.clone(), *(p.grad.clone() for p in layer.parameters())]
     x.grad = None
     layer.zero_grad()
     compiled = torch.compile(layer)
     y = compiled(x)
-    torch.testing.assert_close(y, layer(x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y, layer(x), rtol=1e-5, atol=1e-5)
     y.pow(2).sum().backward()
-    for got, want in zip([x.grad, layer.weight.grad, layer.bias.grad], eager, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for got, want in zip([x.grad, *(p.grad for p in layer.parameters())], eager, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
     params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
     saved = {}
 
@@ -385,8 +390,7 @@ def test_torch_compile_matches_eager_and_keeps_only_the_input(monkeypatch):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         compiled(x).sum()
-    feature_bytes = 64 * 16 * layer.num_features * 4
-    assert sum(saved.values()) < feature_bytes / 2  # the input (and small bookkeeping), no features
+    assert sum(saved.values()) <= x.numel() * 4 + 1024  # the input (and small bookkeeping), no features
 
 
 def test_rational_matches_the_group_formula():

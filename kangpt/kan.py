@@ -552,37 +552,41 @@ class GroupedBSplineBasis(GroupedBasis):
             transform = torch.zeros(n_fun, self.rows, k + 1, dtype=torch.float64)
             for j in range(n_fun):  # B_j is piece m on interval c = j + m, which is table row c + 1
                 transform[j, j + 1 : j + k + 2] = pieces
-            first_row = torch.arange(self.groups).repeat_interleave(self.group_size) * self.rows + 1
-            self._cache[key] = (transform.to(x.device, x.dtype), first_row.to(x.device, x.dtype))
+            first_row = torch.arange(self.groups).repeat_interleave(self.group_size) * self.rows
+            self._cache[key] = (transform.to(x.device, x.dtype), first_row.to(x.device))
         return self._cache[key]
 
-    def _tables(self, x, with_slopes: bool):
-        """Rows (groups * rows, k + 1) of the piece table, with the slope pieces ``dE/dt / h``
-        appended when asked (k more columns); every input's linear and SiLU weights (in,) each; its
-        first table row (in,)."""
+    def _tables(self, coefficients, x, with_slopes: bool):
+        """The piece table by power, (k + 1, groups * rows) (a row per power, so that the gathered
+        pieces are contiguous), with the slope pieces ``dE/dt / h`` below when asked (k more rows);
+        every input's linear and SiLU weights (in,) each; its group's first table row (in,)."""
         transform, first_row = self._constants(x)
-        a = self.coefficients.to(x.dtype)  # (G, 2 + K)
-        table = torch.einsum("gj,jrp->grp", a[:, 2:], transform).flatten(0, 1)  # (G * rows, k + 1)
+        a = coefficients.to(x.dtype)  # (G, 2 + K)
+        table = torch.einsum("gj,jrp->pgr", a[:, 2:], transform).flatten(1)  # (k + 1, G * rows)
         if with_slopes:
-            powers = torch.arange(1, table.shape[1], device=x.device, dtype=x.dtype)
-            table = torch.cat([table, table[:, 1:] * powers / self.spline.step], 1)
+            powers = torch.arange(1, table.shape[0], device=x.device, dtype=x.dtype).unsqueeze(-1)
+            table = torch.cat([table, table[1:] * powers / self.spline.step])
         linear, silu = (a[:, i].repeat_interleave(self.group_size) for i in (0, 1))
         return table, linear, silu, first_row
 
     def _locate(self, x, first_row):
-        """(rows, in) -> the table row of every input (int64) and its position ``t`` in the interval."""
+        """(..., in) -> the table row of every input (int64) and its position ``t`` in the interval.
+
+        Row ``c + 1`` of its group holds interval ``c = floor(z)``; ``z + 1`` is clamped to
+        ``[0, K + k + 1]`` (beyond: the zero rows), where the cast to an integer is the floor."""
         spline = self.spline
-        z = x.mul(1 / spline.step).add_(spline.spline_order - spline.grid_range[0] / spline.step)
-        c = z.clamp_(-1.0, spline.num_functions + spline.spline_order).floor()  # beyond: the zero rows
-        t = z.sub_(c)
-        return c.add_(first_row).to(torch.int64), t
+        z = x.mul(1 / spline.step).add_(spline.spline_order + 1 - spline.grid_range[0] / spline.step)
+        z.clamp_(0.0, spline.num_functions + spline.spline_order + 1)
+        row = z.to(torch.int64)
+        t = z.sub_(row)
+        return row.add_(first_row), t
 
     @staticmethod
     def _horner(t, e, first: int, last: int):
-        """``sum_p e[..., first + p] t^p`` for p = 0 .. last - first, columns of the gathered rows."""
-        value = e[..., last]
+        """``sum_p e[first + p] t^p`` for p = 0 .. last - first, rows of the gathered pieces."""
+        value = e[last]
         for p in range(last - 1, first - 1, -1):
-            value = torch.addcmul(e[..., p], value, t)
+            value = torch.addcmul(e[p], value, t)
         return value
 
     def _blocks(self, x):
@@ -596,31 +600,27 @@ class GroupedBSplineBasis(GroupedBasis):
 
     def _values(self, x: torch.Tensor, coefficients: torch.Tensor, slopes: bool):
         """phi_g(x) of every input of ``x`` (..., in) from the piece table, and its derivative if asked."""
-        transform, first_row = self._constants(x)
-        a = coefficients.to(x.dtype)
-        table = torch.einsum("gj,jrp->grp", a[:, 2:], transform).flatten(0, 1)  # (G * rows, k + 1)
-        linear, silu_weight = (a[:, i].repeat_interleave(self.group_size) for i in (0, 1))
+        table, linear, silu_weight, first_row = self._tables(coefficients, x, with_slopes=slopes)
         index, t = self._locate(x, first_row)
-        e = table[index]  # (..., in, k + 1): the pieces of every input's interval
-        k = e.shape[-1] - 1
+        e = table[:, index]  # (k + 1 [+ k], ..., in): the pieces of every input's interval
+        k = self.spline.spline_order
         value = self._horner(t, e, 0, k) + linear * x + silu_weight * F.silu(x)
         if not slopes:
             return value, None
-        derivative = [e[..., p] * (p / self.spline.step) for p in range(1, k + 1)]
-        slope = _horner(t, derivative) if k else torch.zeros_like(x)
+        slope = self._horner(t, e, k + 1, 2 * k) if k else torch.zeros_like(x)
         sigmoid = torch.sigmoid(x)
         return value, slope + linear + silu_weight * sigmoid * (1 + x * (1 - sigmoid))
 
     @_fp32_features
     def features_into(self, x, out):
         with torch.no_grad():
-            table, linear, a_silu, first_row = self._tables(x, with_slopes=False)
-            k = table.shape[1] - 1
+            table, linear, a_silu, first_row = self._tables(self.coefficients, x, with_slopes=False)
+            k = self.spline.spline_order
             x2, out2 = x.reshape(-1, x.shape[-1]), out.view(-1, x.shape[-1])
             for rows in self._blocks(x2):
                 xb = x2[rows]
                 index, t = self._locate(xb, first_row)
-                e = table.index_select(0, index.flatten()).view(*xb.shape, k + 1)
+                e = table.index_select(1, index.flatten()).view(len(table), *xb.shape)
                 value = torch.addcmul(self._horner(t, e, 0, k), xb, linear)
                 torch.addcmul(value, F.silu(xb), a_silu, out=out2[rows])
         return out
@@ -628,20 +628,20 @@ class GroupedBSplineBasis(GroupedBasis):
     @_fp32_features
     def features_and_grads(self, x, out, grad_out):
         with torch.no_grad():
-            table, linear, a_silu, first_row = self._tables(x, with_slopes=True)
-            k = (table.shape[1] - 1) // 2
+            table, linear, a_silu, first_row = self._tables(self.coefficients, x, with_slopes=True)
+            k = self.spline.spline_order
             x2, out2, g2 = (
                 x.reshape(-1, x.shape[-1]),
                 out.view(-1, x.shape[-1]),
                 grad_out.reshape(-1, x.shape[-1]),
             )
             grad_x = torch.empty_like(x2)
-            histogram = table.new_zeros(k + 1, table.shape[0])  # sum of grad * t^p per table row
+            histogram = table.new_zeros(k + 1, table.shape[1])  # sum of grad * t^p per table row
             term_sums = x2.new_zeros(2, x.shape[-1])  # sums of grad * x and grad * silu(x) per input
             for rows in self._blocks(x2):
                 xb, gb = x2[rows], g2[rows]
                 index, t = self._locate(xb, first_row)
-                e = table.index_select(0, index.flatten()).view(*xb.shape, 2 * k + 1)
+                e = table.index_select(1, index.flatten()).view(len(table), *xb.shape)
                 silu = F.silu(xb)
                 value = torch.addcmul(self._horner(t, e, 0, k), xb, linear)
                 torch.addcmul(value, silu, a_silu, out=out2[rows])

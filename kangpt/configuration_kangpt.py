@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import PreTrainedConfig
 
-from .kan import BASES, SHARINGS, kan_block_hidden_size
+from .kan import BASES, KERNELS, SHARINGS, kan_block_hidden_size
 
 FFN_TYPES = ("kan", "mlp")
 
@@ -31,6 +31,9 @@ class KANGPT2Config(PreTrainedConfig):
         Grid of the spline-like bases (see ``kangpt.kan.KANLinear``).
     kan_rational_order (`list[int]`, defaults to `[5, 4]`):
         Numerator and denominator degrees of the `"rational"` basis.
+    kan_kernel (`str`, defaults to `"auto"`):
+        `"auto"`: grouped B-spline layers run fused Triton kernels on CUDA when `triton` is installed
+        (``kangpt.kan_triton``), PyTorch elsewhere; `"triton"`: always the kernels; `"torch"`: never.
     kan_hidden_size (`int` or `list[int]`, *optional*):
         Width ``h`` of the KAN block ``n_embd -> h -> n_embd``; ``0`` means a single
         ``n_embd -> n_embd`` KAN layer; a list gives one width per layer (e.g. after pruning).
@@ -79,6 +82,7 @@ class KANGPT2Config(PreTrainedConfig):
     kan_sharing: str = "group"
     kan_groups: int = 8
     kan_hidden_size: int | list[int] | None = None
+    kan_kernel: str = "auto"
 
     def __post_init__(self, **kwargs):
         if "kan_rational_groups" in kwargs:  # the name of kan_groups in configs saved by kangpt 0.1
@@ -111,6 +115,7 @@ class KANGPT2Config(PreTrainedConfig):
             "rational_order": tuple(self.kan_rational_order),
             "sharing": self.kan_sharing,
             "groups": self.kan_groups,
+            "kernel": self.kan_kernel,
         }
 
     def kan_hidden_size_of_layer(self, layer_idx: int) -> int:
@@ -155,6 +160,7 @@ class KANGPT2Config(PreTrainedConfig):
         need(self.ffn_type in FFN_TYPES, "ffn_type", f"must be one of {FFN_TYPES}")
         need(self.kan_basis in BASES, "kan_basis", f"must be one of {BASES}")
         need(self.kan_sharing in SHARINGS, "kan_sharing", f"must be one of {SHARINGS}")
+        need(self.kan_kernel in KERNELS, "kan_kernel", f"must be one of {KERNELS}")
         need(
             isinstance(self.kan_spline_order, int) and self.kan_spline_order >= 0,
             "kan_spline_order",

@@ -40,6 +40,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 BASES = ("bspline", "rbf", "chebyshev", "rational")
 SHARINGS = ("edge", "group")
+KERNELS = ("auto", "triton", "torch")
 
 # Transient feature buffers are kept near this many elements per chunk of tokens.
 _CHUNK_ELEMENTS = 2 << 20  # 8 MB of fp32: on CPU, faster than 1M, with a lower peak than 4M
@@ -718,6 +719,15 @@ def _recompute_features():
     return create_selective_checkpoint_contexts(_keep_matmuls)
 
 
+@functools.cache
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _matmul_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """The autocast dtype where autocast is on (as ``nn.Linear`` would use), else the weight's."""
     if torch.is_autocast_enabled(x.device.type):
@@ -837,6 +847,10 @@ class KANLinear(nn.Module):
             grouped.
         groups: number of input groups of a grouped layer (it must divide ``in_features``).
         rational_order: numerator/denominator degrees of the ``rational`` basis.
+        kernel: ``"auto"`` (default): the fused Triton kernels of ``kangpt.kan_triton`` for a grouped
+            B-spline layer on CUDA when ``triton`` is installed, the PyTorch path otherwise;
+            ``"triton"``: always the kernels (on CPU tensors only under ``TRITON_INTERPRET=1``);
+            ``"torch"``: never.
         spline_scale: the spline coefficients start at this fraction of the SiLU weights' scale.
         init_gain: scale of the initial outputs (e.g. 1/sqrt(2 n_layer) for a residual branch).
         chunk_size: tokens per chunk when recomputing features in backward, eager mode (default: about
@@ -862,6 +876,7 @@ class KANLinear(nn.Module):
         sharing: str = "edge",
         groups: int = 8,
         rational_order: tuple[int, int] = (5, 4),
+        kernel: str = "auto",
         spline_scale: float = 0.1,
         init_gain: float = 1.0,
         chunk_size: int | None = None,
@@ -889,6 +904,12 @@ class KANLinear(nn.Module):
         self.chunk_size = chunk_size
         self.sharing = "group" if basis == "rational" else sharing
         self.groups, self.rational_order = groups, tuple(rational_order)
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+        if kernel == "triton" and not (_triton_available() and sharing == "group" and basis == "bspline"):
+            raise ValueError("kernel='triton' needs the triton package and a grouped B-spline layer "
+                             f"(sharing='group', basis='bspline'), got sharing={sharing!r}, basis={basis!r}")
+        self.kernel = kernel
         self.basis = self._make_basis(grid_size, device, dtype)
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(
@@ -957,7 +978,12 @@ class KANLinear(nn.Module):
         # gradient flows to parameters that live elsewhere.
         weight, bias, basis_params = self.weight, self.bias, tuple(self.basis.parameters())
         dtype = _matmul_dtype(x, weight)
-        if torch.compiler.is_compiling():  # plain ops that Inductor fuses, recomputed in backward
+        if self._fused_kernel(x):  # Triton: phi(x) evaluated inside the matmuls, never written
+            from .kan_triton import grouped_linear
+
+            b = None if bias is None else bias.to(dtype)
+            out = grouped_linear(x2d, weight.to(dtype), b, self.basis)
+        elif torch.compiler.is_compiling():  # plain ops that Inductor fuses, recomputed in backward
             out = checkpoint(
                 self._formula, x2d, weight, bias, dtype, use_reentrant=False, context_fn=_recompute_features
             )
@@ -968,6 +994,13 @@ class KANLinear(nn.Module):
         else:  # inference: the same computation without autograd bookkeeping
             out = _forward_chunks(x2d, weight, bias, self.basis, self._chunk(), dtype)
         return out.view(*lead, self.out_features)
+
+    def _fused_kernel(self, x: torch.Tensor) -> bool:
+        """Whether this call runs the Triton kernels (``kernel``: "triton" always, "auto" on CUDA when
+        Triton is installed, "torch" never); only grouped B-spline layers have them."""
+        if self.kernel == "torch" or not isinstance(self.basis, GroupedBSplineBasis):
+            return False
+        return self.kernel == "triton" or (x.is_cuda and _triton_available())
 
     def _formula(self, x: torch.Tensor, weight, bias, dtype: torch.dtype) -> torch.Tensor:
         """(tokens, in) -> (tokens, out) as plain differentiable ops (compile path), in equal

@@ -29,6 +29,10 @@ What each figure is:
    above its RSS after start-up on CPU (*measured*).
 3. Speed at the same settings, all models in one process: training tokens/s and cached-generation
    tokens/s, median over repeats interleaved across the models (*measured*).
+4. Peak memory of a training step and of generation for GPT-2 and the default KAN-GPT-2 at small,
+   medium, large and XL (``--estimate-*``, bf16, batch 8 x 1024 by default), *estimated* without
+   allocating (``kangpt.memory_estimate``: fake tensors and torch's ``MemTracker``), and at the
+   measured size too, so that the estimate can be checked against the measurement.
 
 Training runs with fp32 weights under autocast to ``--dtype`` (mixed precision, as ``train.py``
 does); generation casts the weights to ``--dtype``. Output: markdown tables on stdout, ``compare.json``
@@ -266,6 +270,51 @@ def child_argv(args, name: str) -> list[str]:
 # Speed: all models in this process, interleaved
 
 
+def estimate_memory(
+    names: list[str],
+    shapes: dict[str, dict],
+    batch: int,
+    seq_len: int,
+    prompt_len: int,
+    new_tokens: int,
+    dtype: str,
+    basis: str | None = None,
+    fused: bool = True,
+) -> dict:
+    """``{size: {model: {"train_peak_bytes", "generate_peak_bytes"}}}`` for every shape, estimated
+    (``kangpt.memory_estimate``). With ``fused``, the default KAN-GPT-2 runs through the fused Triton
+    op where Triton is installed, as it does on a GPU; without, through the PyTorch path."""
+    from .memory_estimate import estimate_generation_peak, estimate_training_peak
+
+    table = {}
+    for size, shape in shapes.items():
+        table[size] = {}
+        for name in names:
+            config = model_config(
+                name, shape, dropout=0.0, attn="sdpa", **({"basis": basis} if name == "kan" else {})
+            )
+            if name == "kan" and fused and _fused_kernel_applies(config):
+                config.kan_kernel = "triton"
+            cls = GPT2LMHeadModel if name == "gpt2" else KANGPT2LMHeadModel
+            build = lambda cls=cls, config=config: cls(config)  # noqa: E731
+            print(f"estimating the memory of {name} at {size} ...", file=sys.stderr, flush=True)
+            table[size][name] = {
+                "train_peak_bytes": estimate_training_peak(build, batch, seq_len, DTYPES[dtype]),
+                "generate_peak_bytes": estimate_generation_peak(
+                    build, batch, prompt_len, new_tokens, DTYPES[dtype]
+                ),
+            }
+    return table
+
+
+def _fused_kernel_applies(config: KANGPT2Config) -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return config.kan_sharing == "group" and config.kan_basis == "bspline"
+
+
 def measure_speed(names: list[str], args) -> dict:
     """Training and cached-generation speed of every model, repeats interleaved across models."""
     device, dtype, shape = args.device, DTYPES[args.dtype], shape_of(args)
@@ -383,6 +432,50 @@ def measurements_markdown(results: dict, args, shape: dict) -> str:
             met = value <= bound if op == "<=" else value >= bound
             checks.append(f"{key} {value:.2f}× (target {op} {bound}×: {'met' if met else 'NOT met'})")
         lines += ["", "Parameter-matched KAN-GPT-2 / GPT-2: " + "; ".join(checks) + "."]
+    return "\n".join(lines)
+
+
+def estimates_markdown(results: dict, args) -> str:
+    """The estimated peaks by size, and at the measured size the estimate beside the measurement."""
+    lines = []
+    if "estimate" in results:
+        seq = args.estimate_seq_len
+        lines += [
+            f"### Peak memory, estimated ({args.estimate_dtype}, batch {args.estimate_batch} × {seq}; "
+            f"training = forward + backward + AdamW step, fp32 weights; generation = prompt of {seq // 2} "
+            f"+ {seq // 4} cached steps, weights in {args.estimate_dtype}; fake tensors + MemTracker)",
+            "",
+            "| size | model | training peak GiB | × GPT-2 | generation peak GiB | × GPT-2 |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+        for size, rows in results["estimate"].items():
+            ref = rows["gpt2"]
+            for name, row in rows.items():
+                cells = []
+                for key in ("train_peak_bytes", "generate_peak_bytes"):
+                    cells += [f"{row[key] / 2**30:,.2f}", fmt_ratio(ratio(row[key], ref[key]))]
+                lines.append(f"| {size} | {MODELS[name]} | " + " | ".join(cells) + " |")
+    if "estimate_check" in results:
+        kind = "max_memory_allocated" if args.device.startswith("cuda") else "peak RSS above start-up"
+        lines += [
+            "",
+            f"### Estimate against measurement at {args.size} ({args.dtype}, batch {args.batch} × "
+            f"{args.seq_len}; measured: {kind})",
+            "",
+            "| model | training peak MiB measured | estimated | estimated / measured "
+            "| generation peak MiB measured | estimated | estimated / measured |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for name, row in results["estimate_check"].items():
+            cells = []
+            for key in ("train_peak_bytes", "generate_peak_bytes"):
+                measured = results["memory"][name][key]
+                cells += [
+                    f"{measured / MiB:,.1f}",
+                    f"{row[key] / MiB:,.1f}",
+                    fmt_ratio(ratio(row[key], measured)),
+                ]
+            lines.append(f"| {MODELS[name]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -535,6 +628,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--params-only", action="store_true", help="only the parameter table (no memory, speed)"
     )
+    parser.add_argument(
+        "--estimate-sizes",
+        default=",".join(GPT2_SIZES),
+        help="sizes whose peak memory is estimated without allocating ('' for none)",
+    )
+    parser.add_argument("--estimate-batch", type=int, default=8, help="sequences per step of the estimates")
+    parser.add_argument(
+        "--estimate-seq-len", type=int, default=1024, help="tokens per sequence of the estimates"
+    )
+    parser.add_argument(
+        "--estimate-dtype", choices=sorted(DTYPES), default="bf16", help="dtype of the estimates"
+    )
     parser.add_argument("--out", default="out/compare", help="folder of compare.json and the charts")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-spec", help=argparse.SUPPRESS)
@@ -599,6 +704,32 @@ def run(args) -> int:
         results["ratios"] = ratios_to_gpt2(results)
         print()
         print(measurements_markdown(results, args, shapes[args.size]))
+        results["estimate_check"] = estimate_memory(
+            names,
+            {args.size: shapes[args.size]},
+            args.batch,
+            args.seq_len,
+            args.prompt_len,
+            args.new_tokens,
+            args.dtype,
+            args.basis,
+            fused=args.device.startswith("cuda"),
+        )[args.size]
+    sizes = [size for size in args.estimate_sizes.split(",") if size] if not args.params_only else []
+    if sizes:
+        results["estimate"] = estimate_memory(
+            ["gpt2", "kan"],
+            {size: SHAPES[size] for size in sizes},
+            args.estimate_batch,
+            args.estimate_seq_len,
+            args.estimate_seq_len // 2,
+            args.estimate_seq_len // 4,
+            args.estimate_dtype,
+            args.basis,
+        )
+    if "estimate" in results or "estimate_check" in results:
+        print()
+        print(estimates_markdown(results, args))
 
     (out / "compare.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     written = plot(results, out)

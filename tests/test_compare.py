@@ -140,6 +140,10 @@ def test_tiny_comparison_on_cpu_writes_tables_json_and_charts(tmp_path, capsys):
         "1",
         "--device",
         "cpu",
+        "--estimate-sizes",
+        "tiny",
+        "--estimate-seq-len",
+        "32",
         "--out",
         str(out),
     ]
@@ -158,6 +162,15 @@ def test_tiny_comparison_on_cpu_writes_tables_json_and_charts(tmp_path, capsys):
         assert s["train_tokens_per_s"] > 0 and s["generate_tokens_per_s"] > 0
     assert all(v == 1 for v in results["ratios"]["gpt2"].values())
     assert results["args"]["new_tokens"] == 4 and results["args"]["prompt_len"] == 8
+    assert "Estimate against measurement at tiny" in printed
+    for name, row in results["estimate_check"].items():
+        # At least the weights, gradients and AdamW state (measured from the tensors in the child); at
+        # most that plus three times the measured activations kept for backward.
+        m = results["memory"][name]
+        state, saved = m["state_bytes"]["total"], m["saved_bytes"]
+        assert state <= row["train_peak_bytes"] <= state + 3 * saved, (name, row, state, saved)
+        assert 0 < row["generate_peak_bytes"] < row["train_peak_bytes"]
+    assert set(results["estimate"]["tiny"]) == {"gpt2", "kan"}
     for chart in ("parameters.png", "memory.png", "speed.png"):
         assert (out / chart).read_bytes()[:4] == b"\x89PNG"
 

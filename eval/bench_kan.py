@@ -1,7 +1,8 @@
 """Benchmark a KAN feed-forward block against GPT-2's MLP at the same parameter count.
 
 For GPT-2's MLP (d -> 4d -> d, GELU), kangpt's KAN blocks (parameter-matched): ``kan``, the default
-design of ``KANGPT2Config()``, ``edge-<basis>`` (one function per edge, a narrower hidden layer),
+design of ``KANGPT2Config()`` on the PyTorch path (``kan-triton``: on the fused Triton kernels),
+``edge-<basis>`` (one function per edge, a narrower hidden layer),
 ``group-<basis>`` (functions shared by groups of inputs, as wide as the MLP) and ``rational``
 (GR-KAN), and a naive KAN written here in the style of efficient-kan (Cox-de Boor recursion, autograd
 keeps every intermediate), one run measures:
@@ -78,15 +79,17 @@ class NaiveKANLinear(nn.Module):
         return y.view(*shape[:-1], -1)
 
 
-BLOCKS = ["mlp", "kan", *(f"edge-{b}" for b in BASES if b != "rational"),
+BLOCKS = ["mlp", "kan", "kan-triton", *(f"edge-{b}" for b in BASES if b != "rational"),
           *(f"group-{b}" for b in BASES if b != "rational"), "rational", "naive-bspline"]
 
 
 def kan_kwargs(name: str) -> dict:
     """``KANLinear`` arguments of KAN block ``name`` (see ``BLOCKS``)."""
-    default = KANGPT2Config().kan_layer_kwargs()
+    default = {**KANGPT2Config().kan_layer_kwargs(), "kernel": "torch"}
     if name == "kan":
         return default
+    if name == "kan-triton":  # the default design on the fused Triton kernels
+        return {**default, "kernel": "triton"}
     if name == "rational":
         return {**default, "basis": "rational"}
     sharing, _, basis = name.partition("-")

@@ -545,16 +545,20 @@ class GroupedBSplineBasis(GroupedBasis):
         return self.spline.num_functions + self.spline.spline_order + 2
 
     def _constants(self, x):
-        """``T`` (K, rows, k + 1) and every input's first table row (in,), per device and dtype."""
+        """``T`` (K, rows, k + 1) and every input's first table row (in,), per device and dtype (built
+        once, not under ``torch.compile``: a tensor stored while tracing would escape the graph)."""
         key = (x.device, x.dtype)
-        if key not in self._cache:
+        if key not in self._cache or torch.compiler.is_compiling():
             k, n_fun = self.spline.spline_order, self.spline.num_functions
             pieces = torch.tensor(_cardinal_bspline_pieces(k), dtype=torch.float64)  # (m, power)
             transform = torch.zeros(n_fun, self.rows, k + 1, dtype=torch.float64)
             for j in range(n_fun):  # B_j is piece m on interval c = j + m, which is table row c + 1
                 transform[j, j + 1 : j + k + 2] = pieces
             first_row = torch.arange(self.groups).repeat_interleave(self.group_size) * self.rows
-            self._cache[key] = (transform.to(x.device, x.dtype), first_row.to(x.device))
+            constants = (transform.to(x.device, x.dtype), first_row.to(x.device))
+            if torch.compiler.is_compiling():
+                return constants
+            self._cache[key] = constants
         return self._cache[key]
 
     def _tables(self, coefficients, x, with_slopes: bool):

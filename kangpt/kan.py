@@ -538,6 +538,7 @@ class GroupedBSplineBasis(GroupedBasis):
     def __init__(self, basis: BSplineBasis, in_features: int, groups: int, device=None, dtype=None):
         super().__init__(basis, in_features, groups, device=device, dtype=dtype)
         self._cache = {}
+        self._inference, self._inference_key = None, None
 
     @property
     def rows(self) -> int:
@@ -573,6 +574,16 @@ class GroupedBSplineBasis(GroupedBasis):
             table = torch.cat([table, table[1:] * powers / self.spline.step])
         linear, silu = (a[:, i].repeat_interleave(self.group_size) for i in (0, 1))
         return table, linear, silu, first_row
+
+    def _inference_tables(self, x):
+        """:meth:`_tables` of the forward-only path, rebuilt only when the coefficients change (in
+        place, as an optimizer step does) or the input's device or dtype do: generation calls the layer
+        once per new token."""
+        c = self.coefficients
+        key = (x.device, x.dtype, c.data_ptr(), c._version)
+        if self._inference_key != key:
+            self._inference, self._inference_key = self._tables(c, x, with_slopes=False), key
+        return self._inference
 
     def _locate(self, x, first_row):
         """(..., in) -> the table row of every input (int64) and its position ``t`` in the interval.
@@ -619,7 +630,7 @@ class GroupedBSplineBasis(GroupedBasis):
     @_fp32_features
     def features_into(self, x, out):
         with torch.no_grad():
-            table, linear, a_silu, first_row = self._tables(self.coefficients, x, with_slopes=False)
+            table, linear, a_silu, first_row = self._inference_tables(x)
             k = self.spline.spline_order
             x2, out2 = x.reshape(-1, x.shape[-1]), out.view(-1, x.shape[-1])
             for rows in self._blocks(x2):

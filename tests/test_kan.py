@@ -412,3 +412,17 @@ def test_rational_matches_the_group_formula():
     torch.testing.assert_close(layer.basis.features(x)[:, 0], expected, rtol=1e-12, atol=1e-12)
     fast = layer.basis.features_into(x, torch.empty(5, 1, 6, dtype=torch.float64))
     torch.testing.assert_close(fast[:, 0], expected, rtol=1e-12, atol=1e-12)
+
+
+def test_grouped_inference_sees_coefficients_changed_in_place():
+    """The forward-only path keeps its piece table between calls (generation); an optimizer step,
+    which changes the coefficients in place, must still be seen."""
+    torch.manual_seed(10)
+    layer = KANLinear(8, 4, sharing="group", groups=2)
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        before = layer(x)
+        layer.basis.coefficients.mul_(-2.0)
+        after = layer(x)
+    torch.testing.assert_close(after, reference_layer(layer, x).detach())
+    assert not torch.allclose(before, after)

@@ -516,8 +516,14 @@ class GroupedBasis(nn.Module):
     @_fp32_features
     def features_and_grads(self, x: torch.Tensor, out: torch.Tensor, grad_out: torch.Tensor):
         """Features into ``out`` and, from d(loss)/d(features) ``grad_out`` (..., 1, in), the gradients
-        of the input and of ``coefficients``: ``(out, grad_x, (grad_coefficients,))``."""
-        return _grads_by_autograd(self, x, out, grad_out)
+        of the input and of ``coefficients``: ``(out, grad_x, (grad_coefficients,))``, by autograd
+        through :meth:`features` (:class:`GroupedBSplineBasis` has a faster path)."""
+        with torch.enable_grad():
+            x = x.detach().requires_grad_()
+            feats = self.features(x)
+            grad_x, grad_coefficients = torch.autograd.grad(feats, (x, self.coefficients), grad_out)
+        out.copy_(feats.detach())
+        return out, grad_x, (grad_coefficients,)
 
 
 class GroupedBSplineBasis(GroupedBasis):
@@ -703,17 +709,6 @@ class _GroupedSplineFunction(torch.autograd.Function):
         terms = [xg, F.silu(xg), *basis.spline.each_function(xg)]
         grad_coefficients = torch.stack([(gg * term).sum(dims) for term in terms], 1)  # (G, 2 + K)
         return grad * slope, grad_coefficients.to(coefficients.dtype), None
-
-
-def _grads_by_autograd(basis, x, out, grad_out):
-    """``basis.features`` and its gradients by autograd (the dense path of grouped bases)."""
-    params = tuple(basis.parameters())
-    with torch.enable_grad():
-        x = x.detach().requires_grad_()
-        feats = basis.features(x)
-        grads = torch.autograd.grad(feats, (x, *params), grad_out)
-    out.copy_(feats.detach())
-    return out, grads[0], tuple(grads[1:])
 
 
 def _feature_buffer(x: torch.Tensor, basis: nn.Module, chunk: int) -> torch.Tensor:

@@ -544,7 +544,7 @@ class GroupedBSplineBasis(GroupedBasis):
     def __init__(self, basis: BSplineBasis, in_features: int, groups: int, device=None, dtype=None):
         super().__init__(basis, in_features, groups, device=device, dtype=dtype)
         self._cache = {}
-        self._inference, self._inference_key = None, None
+        self._inference, self._inference_key, self._inference_source = None, None, None
 
     @property
     def rows(self) -> int:
@@ -582,13 +582,14 @@ class GroupedBSplineBasis(GroupedBasis):
         return table, linear, silu, first_row
 
     def _inference_tables(self, x):
-        """:meth:`_tables` of the forward-only path, rebuilt only when the coefficients change (in
-        place, as an optimizer step does) or the input's device or dtype do: generation calls the layer
-        once per new token."""
-        c = self.coefficients
-        key = (x.device, x.dtype, c.data_ptr(), c._version)
-        if self._inference_key != key:
-            self._inference, self._inference_key = self._tables(c, x, with_slopes=False), key
+        """:meth:`_tables` of the forward-only path, kept while the coefficients hold the same values
+        (compared, not tracked: ``.data`` writes bump no version) and the input's device and dtype
+        stay: generation calls the layer once per new token."""
+        c = self.coefficients.detach()
+        key = (x.device, x.dtype)
+        if self._inference_key != key or not torch.equal(c, self._inference_source):
+            self._inference = self._tables(c, x, with_slopes=False)
+            self._inference_key, self._inference_source = key, c.clone()
         return self._inference
 
     def _locate(self, x, first_row):

@@ -293,18 +293,30 @@ def convert_gpt2(gpt2: nn.Module, calibration_ids: torch.Tensor, *, steps: int =
 
 
 def load_gpt2(source: str):
-    """``(GPT2LMHeadModel, tokenizer)`` from a local folder or hub name; ValueError if it is not a GPT-2."""
-    from transformers import AutoConfig, AutoTokenizer, GPT2LMHeadModel
+    """``(GPT2LMHeadModel, tokenizer)`` from a local folder or hub name: a GPT-2, or a KAN-GPT-2 with
+    GPT-2's MLP (``ffn_type="mlp"``, e.g. trained by ``train.py --model.ffn_type=mlp``), whose weights
+    have GPT-2's names. ValueError when it is neither."""
+    from transformers import AutoConfig, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from .modeling_kangpt import GPT2_FIELDS, KANGPT2LMHeadModel
 
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as err:
         raise ValueError(f"cannot load {source!r}: {_first_line(err)}") from err
-    if config.model_type != "gpt2":
-        raise ValueError(f"{source!r} is not a GPT-2 (its model_type is {config.model_type!r})")
+    gpt2_twin = config.model_type == KANGPT2Config.model_type and config.ffn_type == "mlp"
+    if config.model_type != "gpt2" and not gpt2_twin:
+        kind = f"a KAN-GPT-2 with ffn_type={config.ffn_type!r}" if config.model_type == "kangpt2" else (
+            f"its model_type is {config.model_type!r}")
+        raise ValueError(f"{source!r} is not a GPT-2 ({kind})")
     try:
-        model = GPT2LMHeadModel.from_pretrained(source, config=config).eval()
-        return model, AutoTokenizer.from_pretrained(source)
+        if gpt2_twin:
+            twin = KANGPT2LMHeadModel.from_pretrained(source)
+            model = GPT2LMHeadModel(GPT2Config(**{name: getattr(config, name) for name in GPT2_FIELDS}))
+            model.load_state_dict(twin.state_dict())  # the same names and shapes
+        else:
+            model = GPT2LMHeadModel.from_pretrained(source, config=config)
+        return model.eval(), AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as err:
         raise ValueError(f"cannot load the GPT-2 in {source!r}: {_first_line(err)}") from err
 

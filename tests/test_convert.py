@@ -10,10 +10,10 @@ import os
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from kangpt import KANGPT2LMHeadModel, cli
-from kangpt.convert import convert_gpt2, fit_group_functions
+from kangpt.convert import convert_gpt2, fit_group_functions, load_gpt2
 from kangpt.data import load_documents, load_tokenizer, pack_documents
 from kangpt.evaluation import validation_loss
 from kangpt.kan import KANLinear
@@ -95,6 +95,16 @@ def test_converting_to_mlp_width_keeps_gpt2s_loss_and_generations(gpt2, gpt2_fol
     )  # measured: 1.0 for the grouped B-spline (its identity and GELU fits are tight)
 
 
+def test_a_gpt2_trained_by_kangpt_loads_as_transformers_gpt2(gpt2, gpt2_folder, tmp_path):
+    """A KAN-GPT-2 with GPT-2's MLP (train.py --model.ffn_type=mlp) converts like a GPT-2 folder."""
+    KANGPT2LMHeadModel.from_gpt2(gpt2, ffn_type="mlp").save_pretrained(tmp_path / "twin")
+    AutoTokenizer.from_pretrained(gpt2_folder[0]).save_pretrained(tmp_path / "twin")
+    loaded, _ = load_gpt2(str(tmp_path / "twin"))
+    assert type(loaded) is GPT2LMHeadModel
+    ids = torch.randint(0, gpt2.config.vocab_size, (2, 12))
+    torch.testing.assert_close(loaded(ids).logits, gpt2(ids).logits, rtol=0, atol=0)
+
+
 def test_group_functions_fit_the_identity_exactly_and_gelu_closely():
     torch.manual_seed(0)
     x = 3 * torch.randn(5000, 16, dtype=torch.float64)
@@ -159,7 +169,7 @@ def test_convert_command_writes_a_folder_that_loads_with_its_report(gpt2_folder,
 @pytest.mark.parametrize(
     "case, message",
     [
-        ("not a gpt2", "is not a GPT-2 (its model_type is 'kangpt2')"),
+        ("not a gpt2", "is not a GPT-2 (a KAN-GPT-2 with ffn_type='kan')"),
         ("no folder", "cannot load"),
         ("shape override", "n_embd=32 does not fit the GPT-2, whose n_embd is 64"),
         ("unknown field", "--set 'kan_widht=3': expected FIELD=VALUE with a KANGPT2Config field"),

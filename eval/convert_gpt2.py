@@ -1,0 +1,186 @@
+"""Convert a GPT-2 trained here into a KAN-GPT-2, and compare it on the same held-out tokens.
+
+1. GPT-2 (``ffn_type: mlp``) is trained by ``train.py configs/default.yaml`` for ``--pretrain-steps``
+   (at ``--n-layer`` x ``--n-embd``; the stdlib corpus, the default BPE).
+2. ``kangpt convert`` turns it into the default KAN-GPT-2 (its wall time is reported).
+3. The converted model is fine-tuned for ``--finetune-steps`` (``train.py configs/finetune.yaml
+   --train.init_from=...``, the same batch of 16 x 128 tokens).
+4. The default KAN-GPT-2 is trained from scratch for the same total tokens (pretraining + fine-tuning).
+
+All four are evaluated on the same held-out tokens: every block of the stdlib validation split.
+
+    python eval/convert_gpt2.py --out out/convert                             # configs/default.yaml's shape
+    python eval/convert_gpt2.py --n-layer 6 --n-embd 256 --out out/convert-6x256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from kangpt.config import load_config
+from kangpt.data import load_documents, pack_documents
+from kangpt.evaluation import validation_loss
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def train(argv: list[str]) -> None:
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"error: python train.py {' '.join(argv)} failed:\n{done.stderr[-2000:]}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n-layer", type=int, default=4)
+    parser.add_argument("--n-embd", type=int, default=128)
+    parser.add_argument("--n-head", type=int, default=4)
+    parser.add_argument("--pretrain-steps", type=int, default=600)
+    parser.add_argument("--finetune-steps", type=int, default=200)
+    parser.add_argument("--finetune-lr", type=float, default=5e-4)
+    parser.add_argument("--out", default="out/convert")
+    args = parser.parse_args(argv)
+    out = Path(args.out).resolve()
+    shape = [
+        f"--model.n_layer={args.n_layer}",
+        f"--model.n_embd={args.n_embd}",
+        f"--model.n_head={args.n_head}",
+    ]
+    quiet = [
+        "--train.trackers=[]",
+        "--train.sample_prompt=null",
+        "--train.save_interval=0",
+        "--train.overwrite=true",
+    ]
+    default = str(ROOT / "configs" / "default.yaml")
+    steps = {
+        "gpt2": args.pretrain_steps,
+        "finetuned": args.finetune_steps,
+        "scratch": args.pretrain_steps + args.finetune_steps,
+    }
+
+    train(
+        [
+            default,
+            *shape,
+            *quiet,
+            "--model.ffn_type=mlp",
+            f"--train.max_steps={steps['gpt2']}",
+            f"--train.out_dir={out / 'gpt2'}",
+        ]
+    )
+    start = time.perf_counter()
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kangpt.cli",
+            "convert",
+            str(out / "gpt2" / "model"),
+            str(out / "converted"),
+            "--calibration-tokens",
+            "32768",
+            "--overwrite",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    convert_seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"error: kangpt convert failed:\n{done.stderr[-2000:]}")
+    train(
+        [
+            str(ROOT / "configs" / "finetune.yaml"),
+            *quiet,
+            f"--train.init_from={out / 'converted'}",
+            f"--train.out_dir={out / 'finetuned'}",
+            f"--train.max_steps={steps['finetuned']}",
+            "--data.block_size=128",
+            "--train.batch_size=16",
+            f"--train.learning_rate={args.finetune_lr}",
+            f"--train.min_learning_rate={args.finetune_lr / 10}",
+            "--train.warmup_steps=20",
+            f"--train.eval_interval={steps['finetuned']}",
+        ]
+    )
+    train(
+        [
+            default,
+            *shape,
+            *quiet,
+            f"--train.max_steps={steps['scratch']}",
+            f"--train.out_dir={out / 'scratch'}",
+        ]
+    )
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import kangpt  # noqa: F401  (registers KAN-GPT-2 with the Auto classes)
+
+    data = load_config(default).data
+    _, val_docs = load_documents(data.dataset, val_fraction=data.val_fraction)
+    tokenizer = AutoTokenizer.from_pretrained(out / "gpt2" / "model")
+    held_out = torch.tensor(pack_documents(val_docs, tokenizer, data.block_size)["input_ids"])
+    folders = {
+        "gpt2": out / "gpt2" / "model",
+        "converted": out / "converted",
+        "finetuned": out / "finetuned" / "model",
+        "scratch": out / "scratch" / "model",
+    }
+    tokens_per_step = 16 * data.block_size
+    rows = {}
+    for name, folder in folders.items():
+        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+        rows[name] = {
+            "loss": validation_loss(model, held_out),
+            "parameters": sum(p.numel() for p in model.parameters()),
+        }
+    rows["converted"]["steps"] = steps["gpt2"]  # GPT-2's training, no more
+    rows["finetuned"]["steps"] = steps["gpt2"] + steps["finetuned"]
+    rows["gpt2"]["steps"], rows["scratch"]["steps"] = steps["gpt2"], steps["scratch"]
+    report = json.loads((out / "converted" / "conversion.json").read_text())
+    labels = {
+        "gpt2": "GPT-2 (trained here)",
+        "converted": "converted, no fine-tuning",
+        "finetuned": f"converted + {steps['finetuned']} fine-tuning steps",
+        "scratch": "KAN-GPT-2 from scratch, same total tokens",
+    }
+    print(
+        f"### {args.n_layer} layers x d={args.n_embd}: held-out loss on {held_out.numel():,} stdlib "
+        f"validation tokens; conversion {convert_seconds:.0f} s (wall, incl. loading), {report['method']}\n"
+    )
+    print("| model | params | training tokens | held-out loss | Δ vs GPT-2 |\n|---|---:|---:|---:|---:|")
+    for name, row in rows.items():
+        print(
+            f"| {labels[name]} | {row['parameters']:,} | {row['steps'] * tokens_per_step:,} | "
+            f"{row['loss']:.4f} | {row['loss'] - rows['gpt2']['loss']:+.4f} |"
+        )
+    errors = ", ".join(f"{b['relative_error']:.4f}" for b in report["blocks"])
+    print(f"\nper-block relative error of the conversion: {errors}; grid {report['grid']}")
+    (out / "convert_gpt2.json").write_text(
+        json.dumps(
+            {
+                "args": vars(args),
+                "rows": rows,
+                "convert_seconds": convert_seconds,
+                "conversion": report,
+                "held_out_tokens": held_out.numel(),
+                "perplexity": {k: math.exp(v["loss"]) for k, v in rows.items()},
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -77,6 +77,8 @@ class TrainConfig:
     kan_regularization: float = 0.0  # weight of the KAN sparsity regulariser (L1 + entropy) in the loss
     # [[step, grid_size], ...]: at each step refine every KAN layer's grid (coarse to fine; one process)
     kan_grid_schedule: list[list[int]] = field(default_factory=list)
+    # at each of these steps, move every B-spline/RBF grid to the range its inputs take (one process)
+    kan_grid_update_steps: list[int] = field(default_factory=list)
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
@@ -393,6 +395,13 @@ def _check_values(config: RunConfig) -> None:
          f"must be < model.n_positions={n_positions}")
     need("train.kan_function_lr_scale", train.kan_function_lr_scale > 0, "must be > 0")
     _check_grid_schedule(train, model)
+    updates = train.kan_grid_update_steps
+    if updates:
+        increasing = all(a < b for a, b in zip([0, *updates], [*updates, train.max_steps], strict=True))
+        need("train.kan_grid_update_steps", increasing,
+             f"must increase within (0, train.max_steps={train.max_steps})")
+        need("train.kan_grid_update_steps", model.ffn_type == "kan" and model.kan_basis in ("bspline", "rbf"),
+             "needs KAN layers with a B-spline or RBF grid")
     for key in ("warmup_steps", "save_interval", "weight_decay", "grad_clip", "min_learning_rate",
                 "kan_regularization"):
         need(f"train.{key}", getattr(train, key) >= 0, "must be >= 0")

@@ -1071,11 +1071,28 @@ class KANLinear(nn.Module):
             raise ValueError(
                 f"new_grid_size must be an integer > grid_size={self.grid_size}, got {new_grid_size!r}"
             )
+        self._refit(new_grid_size, self.grid_range)
+
+    def set_grid_range(self, low: float, high: float) -> None:
+        """Move the grid to ``[low, high]`` (same number of intervals), e.g. to the range the inputs
+        take; every function is refitted by least squares on dense points of the new range. As with
+        :meth:`extend_grid`, the refitted parameter is a new one. Not for ``chebyshev`` (its basis
+        squashes every input by tanh) nor ``rational`` (no grid)."""
+        if self.basis_name in ("chebyshev", "rational"):
+            raise ValueError(f"set_grid_range does not apply to basis={self.basis_name!r}")
+        if not float(low) < float(high):
+            raise ValueError(f"the grid range must have low < high, got ({low!r}, {high!r})")
+        self._refit(self.grid_size, (float(low), float(high)))
+
+    def _refit(self, grid_size: int, grid_range: tuple[float, float]) -> None:
+        """A new grid of ``grid_size`` intervals on ``grid_range``, the spline coefficients refitted."""
         grouped = self.sharing == "group"
         param = self.basis.coefficients if grouped else self.weight
         n_base = 2 if grouped else 1  # coefficients before the spline's: [x, silu] or [silu]
-        new_basis = self._make_basis(new_grid_size, param.device, param.dtype)
-        old_spline, new_spline = (self.basis.spline, new_basis.spline) if grouped else (self.basis, new_basis)
+        old_basis = self.basis
+        self.grid_range = grid_range
+        new_basis = self._make_basis(grid_size, param.device, param.dtype)
+        old_spline, new_spline = (old_basis.spline, new_basis.spline) if grouped else (old_basis, new_basis)
         k_old, k_new = old_spline.num_functions, new_spline.num_functions
         # Every function's coefficients as (out or groups, n_base + K, in or 1), the spline's last.
         coeffs = (
@@ -1085,7 +1102,7 @@ class KANLinear(nn.Module):
         if self.basis_name == "chebyshev":
             refit = torch.cat([spline, spline.new_zeros(k_new - k_old, spline.shape[1])])
         else:
-            x = torch.linspace(*self.grid_range, 16 * k_new + 1, dtype=torch.float64, device=spline.device)
+            x = torch.linspace(*grid_range, 16 * k_new + 1, dtype=torch.float64, device=spline.device)
             old_values, new_values = old_spline.functions(x).t(), new_spline.functions(x).t()  # (P, K)
             refit = torch.linalg.lstsq(new_values, old_values @ spline).solution  # (K_new, functions)
         refit = refit.reshape(k_new, coeffs.shape[0], coeffs.shape[2]).transpose(0, 1).to(coeffs)
@@ -1097,7 +1114,7 @@ class KANLinear(nn.Module):
             new_basis.coefficients = new
         else:
             self.weight = new
-        self.basis, self.grid_size = new_basis, new_grid_size
+        self.basis, self.grid_size = new_basis, grid_size
 
     def extra_repr(self) -> str:
         s = f"in_features={self.in_features}, out_features={self.out_features}, basis={self.basis_name!r}"

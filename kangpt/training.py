@@ -117,12 +117,18 @@ def train(config: RunConfig) -> int:
     model, optimizer, val_loader = accelerator.prepare(model, optimizer, val_loader)
     progress = Progress()
     accelerator.register_for_checkpointing(progress)
-    if cfg.kan_grid_schedule and accelerator.num_processes > 1:
-        raise ConfigError("train.kan_grid_schedule changes parameter shapes during training, which DDP, FSDP "
-                          "and DeepSpeed cannot follow: train on one process, or leave it empty")
+    if (cfg.kan_grid_schedule or cfg.kan_grid_update_steps) and accelerator.num_processes > 1:
+        raise ConfigError("train.kan_grid_schedule and train.kan_grid_update_steps replace parameters during "
+                          "training, which DDP, FSDP and DeepSpeed cannot follow: train on one process")
     if resume_from is not None:  # weights, optimizer, RNG states and progress come back
-        for step, grid_size in cfg.kan_grid_schedule:  # the shapes the checkpoint was saved with
-            if step < checkpoint_step(resume_from):
+        # The grids the checkpoint was saved with: the scheduled sizes, the ranges the run recorded.
+        done = checkpoint_step(resume_from)
+        for record in read_metrics(run.metrics) if run.metrics.is_file() else []:
+            if "kan_grid_low" in record and record["step"] < done:
+                set_grid_ranges(accelerator.unwrap_model(model), optimizer, record["kan_grid_low"],
+                                record["kan_grid_high"])
+        for step, grid_size in cfg.kan_grid_schedule:
+            if step < done:
                 extend_grids(accelerator.unwrap_model(model), optimizer, grid_size)
         accelerator.load_state(str(resume_from))
         say(accelerator, f"resumed from {resume_from} at step {progress.step}")
@@ -150,6 +156,13 @@ def train(config: RunConfig) -> int:
     loss_sum, steps_since_log, t_log = 0.0, 0, time.perf_counter()
     with StopOnSignal() as stop, bar:  # the bar is closed before an error line is printed, not after it
         while progress.step < cfg.max_steps:
+            if progress.step in cfg.kan_grid_update_steps:  # on the first validation blocks: deterministic
+                ids = corpus.val.with_format("torch")[: cfg.batch_size]["input_ids"].to(accelerator.device)
+                low, high = grid_range_of_inputs(accelerator.unwrap_model(model), ids)
+                set_grid_ranges(accelerator.unwrap_model(model), optimizer, low, high)
+                record = {"step": progress.step, "kan_grid_low": low, "kan_grid_high": high}
+                log_metrics(accelerator, run, record)
+                say(accelerator, f"step {progress.step}: KAN grids moved to [{low}, {high}]")
             for step, grid_size in cfg.kan_grid_schedule:
                 if step == progress.step:
                     extend_grids(accelerator.unwrap_model(model), optimizer, grid_size)
@@ -307,18 +320,61 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Ada
 
 def extend_grids(model: KANGPT2LMHeadModel, optimizer: torch.optim.Optimizer, grid_size: int) -> None:
     """Refine the grid of every KAN layer to ``grid_size`` intervals (``KANLinear.extend_grid``: the
-    functions are kept), put the new parameters in the optimizer in place of the old ones (with fresh
-    state), and record the size in the model's config (so the saved model is built with it)."""
-    for layer in model.modules():
-        if isinstance(layer, KANLinear) and layer.basis_name != "rational" and layer.grid_size < grid_size:
-            before = list(layer.parameters())
-            layer.extend_grid(grid_size)
-            for old, new in zip(before, layer.parameters(), strict=True):
-                if new is not old:  # the per-edge weight, or a grouped layer's function coefficients
-                    optimizer.state.pop(old, None)
-                    for group in optimizer.param_groups:
-                        group["params"] = [new if p is old else p for p in group["params"]]
+    functions are kept) and record the size in the model's config (the saved model is built with it)."""
+    layers = [m for m in model.modules() if isinstance(m, KANLinear) and m.basis_name != "rational"]
+    _refit_layers(layers, optimizer, lambda layer: layer.extend_grid(grid_size))
     model.config.kan_grid_size = grid_size
+
+
+def set_grid_ranges(model: KANGPT2LMHeadModel, optimizer: torch.optim.Optimizer, low: float, high: float):
+    """Move the grid of every B-spline or RBF KAN layer to ``[low, high]`` (``KANLinear.set_grid_range``)
+    and record the range in the model's config."""
+    layers = [m for m in model.modules() if isinstance(m, KANLinear) and m.basis_name in ("bspline", "rbf")]
+    _refit_layers(layers, optimizer, lambda layer: layer.set_grid_range(low, high))
+    model.config.kan_grid_range = [low, high]
+
+
+def _refit_layers(layers: list[KANLinear], optimizer: torch.optim.Optimizer, refit) -> None:
+    """``refit(layer)`` every layer, then put the parameters it replaced (the per-edge weight, or a
+    grouped layer's function coefficients) in the optimizer in place of the old ones, with fresh state."""
+    for layer in layers:
+        before = list(layer.parameters())
+        refit(layer)
+        for old, new in zip(before, layer.parameters(), strict=True):
+            if new is not old:
+                optimizer.state.pop(old, None)
+                for group in optimizer.param_groups:
+                    group["params"] = [new if p is old else p for p in group["params"]]
+
+
+# Quantiles of the inputs a data-driven grid covers (grid range update), and its rounding.
+GRID_QUANTILES = (0.005, 0.995)
+
+
+@torch.no_grad()
+def grid_range_of_inputs(model: KANGPT2LMHeadModel, input_ids: torch.Tensor) -> tuple[float, float]:
+    """The range covering the ``GRID_QUANTILES`` of the inputs of every B-spline or RBF KAN layer on
+    ``input_ids`` (the widest over the layers, rounded out to 0.25): where a grid is worth its knots."""
+    layers = [m for m in model.modules() if isinstance(m, KANLinear) and m.basis_name in ("bspline", "rbf")]
+    lows, highs = [], []
+
+    def record(layer, args):
+        x = args[0].detach().float().flatten()
+        x = x[:: max(1, x.numel() // (1 << 20))]  # torch.quantile takes at most 16M values
+        q = torch.quantile(x, torch.tensor(GRID_QUANTILES, device=x.device))
+        lows.append(q[0].item())
+        highs.append(q[1].item())
+
+    handles = [layer.register_forward_pre_hook(record) for layer in layers]
+    was_training = model.training
+    model.eval()
+    try:
+        model(input_ids=input_ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return math.floor(min(lows) * 4) / 4, math.ceil(max(highs) * 4) / 4
 
 
 def kan_penalty(model: torch.nn.Module, weight: float) -> torch.Tensor | None:

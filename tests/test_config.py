@@ -125,6 +125,12 @@ def test_default_config_is_used_without_a_config_argument(tmp_path):
             {"model": {"ffn_type": "mlp"}, "train": {"kan_grid_schedule": [[10, 8]]}},
             "train.kan_grid_schedule needs KAN layers with a grid",
         ),
+        ({"train": {"kan_grid_update_steps": [20, 10]}}, "train.kan_grid_update_steps must increase"),
+        ({"train": {"kan_grid_update_steps": [1000]}}, "train.kan_grid_update_steps must increase within"),
+        (
+            {"model": {"kan_basis": "chebyshev"}, "train": {"kan_grid_update_steps": [10]}},
+            "needs KAN layers with a B-spline or RBF grid",
+        ),
     ],
 )
 def test_bad_values_name_the_key(raw, message):

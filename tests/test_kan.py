@@ -426,3 +426,23 @@ def test_grouped_inference_sees_coefficients_changed_in_place():
         after = layer(x)
     torch.testing.assert_close(after, reference_layer(layer, x).detach())
     assert not torch.allclose(before, after)
+
+
+@pytest.mark.parametrize("basis,sharing", [("bspline", "edge"), ("bspline", "group"), ("rbf", "group")])
+def test_set_grid_range_keeps_the_functions_on_the_new_range(basis, sharing):
+    torch.manual_seed(11)
+    layer = KANLinear(6, 4, basis=basis, sharing=sharing, groups=2, grid_size=8).double()
+    with torch.no_grad():  # smooth functions: every function's coefficients sampled from a sine
+        functions = layer.basis.coefficients if sharing == "group" else layer.coefficients()  # (..., F)
+        phase = 6 * torch.rand(*functions.shape[:-1], 1, dtype=functions.dtype)
+        functions.copy_(torch.sin(0.3 * torch.arange(functions.shape[-1], dtype=functions.dtype) + phase))
+        if sharing == "group":
+            layer.weight.normal_()
+    x = torch.linspace(-1.5, 1.5, 301, dtype=torch.float64).unsqueeze(-1).expand(-1, 6)
+    before = layer(x)
+    layer.set_grid_range(-2.5, 2.5)  # wider: the old functions live inside it
+    assert layer.grid_range == (-2.5, 2.5) and layer.basis.num_features == layer.num_features
+    tolerance = 0.02 if basis == "bspline" else 0.05  # a least-squares refit onto another grid
+    assert (layer(x) - before).abs().max() < tolerance * before.abs().max()
+    with pytest.raises(ValueError, match="chebyshev"):
+        KANLinear(4, 2, basis="chebyshev").set_grid_range(-1, 1)

@@ -348,12 +348,16 @@ def test_the_kan_penalty_is_the_weighted_sum_of_every_layers_regulariser():
 
 @pytest.mark.slow
 def test_a_grid_schedule_refines_the_grids_and_resumes_with_the_same_losses(env, tiny_config, tmp_path):
-    schedule = {"train.kan_grid_schedule": [[3, 8], [6, 11]], "model.kan_sharing": "group", **NO_DROPOUT}
+    schedule = {"train.kan_grid_schedule": [[3, 8], [6, 11]], "train.kan_grid_update_steps": [2, 5],
+                "model.kan_sharing": "group", **NO_DROPOUT}
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     result = run_train(env, [str(tiny_config), *overrides(straight, **schedule)])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "step 3: KAN grids refined to 8 intervals" in result.stdout
-    assert json.loads((straight / "model" / "config.json").read_text())["kan_grid_size"] == 11
+    saved = json.loads((straight / "model" / "config.json").read_text())
+    records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    ranges = [[r["kan_grid_low"], r["kan_grid_high"]] for r in records if "kan_grid_low" in r]
+    assert saved["kan_grid_size"] == 11 and len(ranges) == 2 and saved["kan_grid_range"] == ranges[-1]
     model = AutoModelForCausalLM.from_pretrained(straight / "model")  # built with the final grid
     assert model.transformer.h[0].mlp.layers[0].basis.coefficients.shape == (8, 2 + 11 + 3)
     shutil.copytree(straight, resumed)

@@ -569,15 +569,15 @@ class GroupedBSplineBasis(GroupedBasis):
         return self._cache[key]
 
     def _tables(self, coefficients, x, with_slopes: bool):
-        """The piece table by power, (k + 1, groups * rows) (a row per power, so that the gathered
-        pieces are contiguous), with the slope pieces ``dE/dt / h`` below when asked (k more rows);
-        every input's linear and SiLU weights (in,) each; its group's first table row (in,)."""
+        """The piece table (groups * rows, k + 1): the polynomial of every interval of every group, by
+        power, with the slope pieces ``dE/dt / h`` after them when asked (k more columns); every
+        input's linear and SiLU weights (in,) each; its group's first table row (in,)."""
         transform, first_row = self._constants(x)
         a = coefficients.to(x.dtype)  # (G, 2 + K)
-        table = torch.einsum("gj,jrp->pgr", a[:, 2:], transform).flatten(1)  # (k + 1, G * rows)
+        table = torch.einsum("gj,jrp->grp", a[:, 2:], transform).flatten(0, 1)  # (G * rows, k + 1)
         if with_slopes:
-            powers = torch.arange(1, table.shape[0], device=x.device, dtype=x.dtype).unsqueeze(-1)
-            table = torch.cat([table, table[1:] * powers / self.spline.step])
+            powers = torch.arange(1, table.shape[1], device=x.device, dtype=x.dtype)
+            table = torch.cat([table, table[:, 1:] * powers / self.spline.step], 1)
         linear, silu = (a[:, i].repeat_interleave(self.group_size) for i in (0, 1))
         return table, linear, silu, first_row
 
@@ -606,10 +606,10 @@ class GroupedBSplineBasis(GroupedBasis):
 
     @staticmethod
     def _horner(t, e, first: int, last: int):
-        """``sum_p e[first + p] t^p`` for p = 0 .. last - first, rows of the gathered pieces."""
-        value = e[last]
+        """``sum_p e[..., first + p] t^p`` for p = 0 .. last - first, columns of the gathered pieces."""
+        value = e[..., last]
         for p in range(last - 1, first - 1, -1):
-            value = torch.addcmul(e[p], value, t)
+            value = torch.addcmul(e[..., p], value, t)
         return value
 
     def _blocks(self, x):
@@ -625,7 +625,7 @@ class GroupedBSplineBasis(GroupedBasis):
         """phi_g(x) of every input of ``x`` (..., in) from the piece table, and its derivative if asked."""
         table, linear, silu_weight, first_row = self._tables(coefficients, x, with_slopes=slopes)
         index, t = self._locate(x, first_row)
-        e = table[:, index]  # (k + 1 [+ k], ..., in): the pieces of every input's interval
+        e = table[index]  # (..., in, k + 1 [+ k]): the pieces of every input's interval
         k = self.spline.spline_order
         value = self._horner(t, e, 0, k) + linear * x + silu_weight * F.silu(x)
         if not slopes:
@@ -643,7 +643,7 @@ class GroupedBSplineBasis(GroupedBasis):
             for rows in self._blocks(x2):
                 xb = x2[rows]
                 index, t = self._locate(xb, first_row)
-                e = table.index_select(1, index.flatten()).view(len(table), *xb.shape)
+                e = F.embedding(index, table)  # (rows, in, k + 1): a row gather, the fastest on CPU
                 value = torch.addcmul(self._horner(t, e, 0, k), xb, linear)
                 torch.addcmul(value, F.silu(xb), a_silu, out=out2[rows])
         return out
@@ -659,19 +659,18 @@ class GroupedBSplineBasis(GroupedBasis):
                 grad_out.reshape(-1, x.shape[-1]),
             )
             grad_x = torch.empty_like(x2)
-            histogram = table.new_zeros(k + 1, table.shape[1])  # sum of grad * t^p per table row
+            histogram = table.new_zeros(k + 1, table.shape[0])  # sum of grad * t^p per table row
             term_sums = x2.new_zeros(2, x.shape[-1])  # sums of grad * x and grad * silu(x) per input
             for rows in self._blocks(x2):
                 xb, gb = x2[rows], g2[rows]
                 index, t = self._locate(xb, first_row)
-                e = table.index_select(1, index.flatten()).view(len(table), *xb.shape)
+                e = F.embedding(index, table)  # (rows, in, 2k + 1)
                 silu = F.silu(xb)
                 value = torch.addcmul(self._horner(t, e, 0, k), xb, linear)
                 torch.addcmul(value, silu, a_silu, out=out2[rows])
                 grad = torch.ops.aten.silu_backward(gb * a_silu, xb).addcmul_(gb, linear)
-                if k:
-                    grad.addcmul_(gb, self._horner(t, e, k + 1, 2 * k))
-                grad_x[rows] = grad
+                slope = self._horner(t, e, k + 1, 2 * k) if k else torch.zeros_like(t)
+                torch.addcmul(grad, gb, slope, out=grad_x[rows])
                 term_sums[0] += (gb * xb).sum(0)
                 term_sums[1] += (gb * silu).sum(0)
                 flat, weight = index.flatten(), gb.flatten()

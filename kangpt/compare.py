@@ -443,7 +443,8 @@ def estimates_markdown(results: dict, args) -> str:
         lines += [
             f"### Peak memory, estimated ({args.estimate_dtype}, batch {args.estimate_batch} × {seq}; "
             f"training = forward + backward + AdamW step, fp32 weights; generation = prompt of {seq // 2} "
-            f"+ {seq // 4} cached steps, weights in {args.estimate_dtype}; fake tensors + MemTracker)",
+            f"+ {args.estimate_new_tokens} cached steps, weights in {args.estimate_dtype}; fake tensors + "
+            "MemTracker)",
             "",
             "| size | model | training peak GiB | × GPT-2 | generation peak GiB | × GPT-2 |",
             "|---|---|---:|---:|---:|---:|",
@@ -640,6 +641,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--estimate-dtype", choices=sorted(DTYPES), default="bf16", help="dtype of the estimates"
     )
+    parser.add_argument(
+        "--estimate-new-tokens", type=int, default=16, help="decoding steps of the estimated generation"
+    )
     parser.add_argument("--out", default="out/compare", help="folder of compare.json and the charts")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-spec", help=argparse.SUPPRESS)
@@ -723,7 +727,7 @@ def run(args) -> int:
             args.estimate_batch,
             args.estimate_seq_len,
             args.estimate_seq_len // 2,
-            args.estimate_seq_len // 4,
+            args.estimate_new_tokens,
             args.estimate_dtype,
             args.basis,
         )

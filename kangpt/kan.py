@@ -36,6 +36,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 BASES = ("bspline", "rbf", "chebyshev", "rational")
@@ -71,7 +72,8 @@ def _fp32_features(method):
 
     @functools.wraps(method)
     def wrapper(self, x, *args, **kwargs):
-        x = x.to(_compute_dtype(x))
+        if x.dtype != _compute_dtype(x):  # a no-op .to() still costs a dispatch per call (decoding)
+            x = x.to(_compute_dtype(x))
         if not torch.is_autocast_enabled(x.device.type):
             return method(self, x, *args, **kwargs)
         with torch.autocast(x.device.type, enabled=False):
@@ -586,6 +588,8 @@ class GroupedBSplineBasis(GroupedBasis):
         (compared, not tracked: ``.data`` writes bump no version) and the input's device and dtype
         stay: generation calls the layer once per new token."""
         c = self.coefficients.detach()
+        if isinstance(c, FakeTensor):  # shapes only (memory estimates): no values to compare
+            return self._tables(c, x, with_slopes=False)
         key = (x.device, x.dtype)
         if self._inference_key != key or not torch.equal(c, self._inference_source):
             self._inference = self._tables(c, x, with_slopes=False)
@@ -640,7 +644,8 @@ class GroupedBSplineBasis(GroupedBasis):
             table, linear, a_silu, first_row = self._inference_tables(x)
             k = self.spline.spline_order
             x2, out2 = x.reshape(-1, x.shape[-1]), out.view(-1, x.shape[-1])
-            for rows in self._blocks(x2):
+            blocks = self._blocks(x2) if x2.numel() > self._BLOCK_ELEMENTS else [slice(None)]
+            for rows in blocks:
                 xb = x2[rows]
                 index, t = self._locate(xb, first_row)
                 e = F.embedding(index, table)  # (rows, in, k + 1): a row gather, the fastest on CPU
@@ -751,14 +756,17 @@ def _forward_chunks(x, weight, bias, basis, chunk, dtype) -> torch.Tensor:
     The matmul is ``F.linear``: weight-only quantised weights (torchao's tensor subclasses)
     implement it, not ``matmul(out=...)`` or a transposed view.
     """
-    w = weight.to(dtype)
-    b = None if bias is None else bias.to(dtype)
+    w = weight if weight.dtype == dtype else weight.to(dtype)
+    b = bias if bias is None or bias.dtype == dtype else bias.to(dtype)
     buf = _feature_buffer(x, basis, chunk)
+    if x.shape[0] <= chunk:  # one chunk (e.g. a decoding step): no split, no cat
+        feats = basis.features_into(x, buf).flatten(1)
+        return F.linear(feats if feats.dtype == dtype else feats.to(dtype), w, b)
     outs = [
         F.linear(basis.features_into(xc, buf[: len(xc)]).flatten(1).to(dtype), w, b)  # (n, out)
         for xc in x.split(chunk)
     ]
-    return torch.cat(outs) if len(outs) > 1 else outs[0]
+    return torch.cat(outs)
 
 
 class _KANLinearFunction(torch.autograd.Function):

@@ -57,12 +57,17 @@ def estimate_generation_peak(build, batch: int, prompt_len: int, new_tokens: int
         tracker = MemTracker()
         tracker.track_external(model)
         with tracker, torch.no_grad():
-            out = model(input_ids=ids, use_cache=True)
+            out = model(input_ids=ids, use_cache=True, logits_to_keep=1)  # as generate() asks
             for _ in range(new_tokens):  # generate()'s stopping checks read values; fake tensors have none
                 token = out.logits[:, -1:].argmax(-1)
                 tracker.reset_mod_stats()  # per-module statistics of one call each; the peak stays
-                out = model(input_ids=token, cache=out.cache, use_cache=True)
+                out = model(input_ids=token, cache=_cache(out), use_cache=True)
         return _peak(tracker)
+
+
+def _cache(output):
+    """The KV cache of a model output: ``cache`` (KAN-GPT-2, transformers 5) or ``past_key_values``."""
+    return output.cache if getattr(output, "cache", None) is not None else output.past_key_values
 
 
 __all__ = ["estimate_generation_peak", "estimate_training_peak"]

@@ -190,14 +190,6 @@ class KANGPT2Config(PreTrainedConfig):
                 "kan_hidden_size",
                 f"must have n_layer={self.n_layer} entries",
             )
-        if self.ffn_type == "kan" and (self.kan_basis == "rational" or self.kan_sharing == "group"):
-            groups = self.kan_groups
-            need(self.n_embd % groups == 0, "kan_groups", f"must divide n_embd={self.n_embd}")
-            need(
-                all(w is None or w % groups == 0 for w in widths),
-                "kan_hidden_size",
-                f"must be a multiple of kan_groups={groups} for grouped KAN layers",
-            )
 
 
 __all__ = ["KANGPT2Config"]

@@ -603,7 +603,7 @@ class GroupedBSplineBasis(GroupedBasis):
         ``[0, K + k + 1]`` (beyond: the zero rows), where the cast to an integer is the floor."""
         spline = self.spline
         z = x.mul(1 / spline.step).add_(spline.spline_order + 1 - spline.grid_range[0] / spline.step)
-        z.clamp_(0.0, spline.num_functions + spline.spline_order + 1)
+        z.clamp_(0.0, float(spline.num_functions + spline.spline_order + 1))
         row = z.to(torch.int64)
         t = z.sub_(row)
         return row.add_(first_row), t

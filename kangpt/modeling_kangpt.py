@@ -119,10 +119,20 @@ class KANGPT2KANMLP(KANFeedForward):
     ``n_embd -> n_embd`` layer when the layer's ``kan_hidden_size`` is 0), then dropout."""
 
     def __init__(self, config: KANGPT2Config, layer_idx: int):
+        hidden = config.kan_hidden_size_of_layer(layer_idx)
+        if config.kan_basis == "rational" or config.kan_sharing == "group":  # checked here, as n_head is
+            groups = config.kan_groups
+            if config.n_embd % groups:
+                raise ValueError(f"KANGPT2Config.kan_groups must divide n_embd={config.n_embd}, got {groups}")
+            if hidden and hidden % groups:
+                raise ValueError(
+                    f"KANGPT2Config.kan_hidden_size must be a multiple of kan_groups={groups} for grouped "
+                    f"KAN layers, got {hidden}"
+                )
         super().__init__(
             config.n_embd,
             config.n_embd,
-            config.kan_hidden_size_of_layer(layer_idx),
+            hidden,
             output_gain=1 / math.sqrt(2 * config.n_layer),  # GPT-2's scaling of residual branches
             **config.kan_layer_kwargs(),
         )

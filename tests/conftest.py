@@ -1,6 +1,20 @@
-"""Test-session settings: everything runs offline on data the tests build themselves."""
+"""Test-session settings: everything runs offline on data the tests build themselves.
+
+Without a GPU, Triton kernels run on CPU tensors in Triton's interpreter. Triton reads
+``TRITON_INTERPRET`` when a kernel is defined, so it is set here, before any test module imports
+``kangpt.kan_triton`` (a pytest-xdist worker imports every module it collects first).
+
+Each pytest-xdist worker (one per core) computes on one thread: two workers of two threads each on
+two cores spend their time waiting for one another. (The processes tests start keep torch's default.)
+"""
 
 import os
 
+import torch
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "PYTEST_XDIST_WORKER" in os.environ:
+    torch.set_num_threads(1)
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -1,19 +1,15 @@
 """The fused Triton kernels of grouped B-spline layers against the PyTorch path.
 
 Without a GPU the kernels run on CPU tensors in Triton's interpreter (``TRITON_INTERPRET=1``, set
-here before Triton is imported); ``eval/gpu_check.sh`` runs this file on CUDA for real. Shapes are
-small and deliberately ragged: token counts, widths and group sizes that are no multiple of the
-kernels' 32-wide tiles.
+by ``conftest.py`` before Triton is imported); ``eval/gpu_check.sh`` runs this file on CUDA for
+real. Shapes are small and deliberately ragged: token counts, widths and group sizes that are no
+multiple of the kernels' 32-wide tiles.
 """
-
-import os
 
 import pytest
 import torch
 
 CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton", reason="triton is not installed (the dev extra installs it where it can)")
 
 from kangpt.kan import KANLinear  # noqa: E402

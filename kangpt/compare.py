@@ -527,6 +527,7 @@ def plot(results: dict, out: Path) -> list[Path]:
             bottom = [b + v for b, v in zip(bottom, values, strict=True)]
         ax.set_title(size)
         ax.set_ylabel("parameters (millions)")
+        ax.tick_params(axis="x", labelrotation=30, labelsize=8)  # the model names would overlap
     handles = [
         Rectangle((0, 0), 1, 1, facecolor="lightgray", hatch=h, edgecolor="white")
         for h in ("", "//", "..", "xx")
@@ -576,6 +577,7 @@ def _bars(figures: dict, names: list[str], colors: dict, unit: str, title: str, 
             )
         ax.set_title(figure, fontsize=10)
         ax.set_ylabel(unit)
+        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
     fig.tight_layout()
     return _save(fig, path)
 

@@ -994,7 +994,7 @@ class KANLinear(nn.Module):
         # Read the weight once, and decide on the tensors used, not on the module's parameters: under
         # a parametrization (PEFT's LoRA on the weight: W + BA) ``self.weight`` is computed, and its
         # gradient flows to parameters that live elsewhere.
-        weight, bias, basis_params = self.weight, self.bias, tuple(self.basis.parameters())
+        weight, bias = self.weight, self.bias
         dtype = _matmul_dtype(x, weight)
         if self._fused_kernel(x):  # Triton: phi(x) evaluated inside the matmuls, never written
             from .kan_triton import grouped_linear
@@ -1006,8 +1006,9 @@ class KANLinear(nn.Module):
                 self._formula, x2d, weight, bias, dtype, use_reentrant=False, context_fn=_recompute_features
             )
         elif torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, weight, bias, *basis_params)
+            t is not None and t.requires_grad for t in (x, weight, bias, *self.basis.parameters())
         ):
+            basis_params = tuple(self.basis.parameters())
             out = _KANLinearFunction.apply(x2d, weight, bias, self.basis, self._chunk(), *basis_params)
         else:  # inference: the same computation without autograd bookkeeping
             out = _forward_chunks(x2d, weight, bias, self.basis, self._chunk(), dtype)

@@ -55,7 +55,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from .cli import CommandError, command
 from .configuration_kangpt import KANGPT2Config
-from .kan import BASES
+from .kan import BASES, triton_kernels_apply
 from .measure import (
     DTYPES,
     MiB,
@@ -293,7 +293,7 @@ def estimate_memory(
             config = model_config(
                 name, shape, dropout=0.0, attn="sdpa", **({"basis": basis} if name == "kan" else {})
             )
-            if name == "kan" and fused and _fused_kernel_applies(config):
+            if name == "kan" and fused and triton_kernels_apply(config.kan_basis, config.kan_sharing):
                 config.kan_kernel = "triton"
             cls = GPT2LMHeadModel if name == "gpt2" else KANGPT2LMHeadModel
             build = lambda cls=cls, config=config: cls(config)  # noqa: E731
@@ -305,14 +305,6 @@ def estimate_memory(
                 ),
             }
     return table
-
-
-def _fused_kernel_applies(config: KANGPT2Config) -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return config.kan_sharing == "group" and config.kan_basis == "bspline"
 
 
 def measure_speed(names: list[str], args) -> dict:

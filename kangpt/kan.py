@@ -743,6 +743,12 @@ def _triton_available() -> bool:
     return True
 
 
+def triton_kernels_apply(basis: str, sharing: str) -> bool:
+    """Whether the fused Triton kernels (``kangpt.kan_triton``) can run a layer of this design: grouped
+    B-splines only, with ``triton`` installed."""
+    return sharing == "group" and basis == "bspline" and _triton_available()
+
+
 def _matmul_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """The autocast dtype where autocast is on (as ``nn.Linear`` would use), else the weight's."""
     if torch.is_autocast_enabled(x.device.type):
@@ -924,7 +930,7 @@ class KANLinear(nn.Module):
         self.groups, self.rational_order = groups, tuple(rational_order)
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-        if kernel == "triton" and not (_triton_available() and sharing == "group" and basis == "bspline"):
+        if kernel == "triton" and not triton_kernels_apply(basis, sharing):
             raise ValueError("kernel='triton' needs the triton package and a grouped B-spline layer "
                              f"(sharing='group', basis='bspline'), got sharing={sharing!r}, basis={basis!r}")
         self.kernel = kernel
@@ -995,6 +1001,7 @@ class KANLinear(nn.Module):
         # a parametrization (PEFT's LoRA on the weight: W + BA) ``self.weight`` is computed, and its
         # gradient flows to parameters that live elsewhere.
         weight, bias = self.weight, self.bias
+        basis_params = tuple(self.basis.parameters()) if torch.is_grad_enabled() else ()
         dtype = _matmul_dtype(x, weight)
         if self._fused_kernel(x):  # Triton: phi(x) evaluated inside the matmuls, never written
             from .kan_triton import grouped_linear
@@ -1006,9 +1013,8 @@ class KANLinear(nn.Module):
                 self._formula, x2d, weight, bias, dtype, use_reentrant=False, context_fn=_recompute_features
             )
         elif torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, weight, bias, *self.basis.parameters())
+            t is not None and t.requires_grad for t in (x, weight, bias, *basis_params)
         ):
-            basis_params = tuple(self.basis.parameters())
             out = _KANLinearFunction.apply(x2d, weight, bias, self.basis, self._chunk(), *basis_params)
         else:  # inference: the same computation without autograd bookkeeping
             out = _forward_chunks(x2d, weight, bias, self.basis, self._chunk(), dtype)

@@ -329,9 +329,13 @@ def extend_grids(model: KANGPT2LMHeadModel, optimizer: torch.optim.Optimizer, gr
 def set_grid_ranges(model: KANGPT2LMHeadModel, optimizer: torch.optim.Optimizer, low: float, high: float):
     """Move the grid of every B-spline or RBF KAN layer to ``[low, high]`` (``KANLinear.set_grid_range``)
     and record the range in the model's config."""
-    layers = [m for m in model.modules() if isinstance(m, KANLinear) and m.basis_name in ("bspline", "rbf")]
-    _refit_layers(layers, optimizer, lambda layer: layer.set_grid_range(low, high))
+    _refit_layers(_ranged_grid_layers(model), optimizer, lambda layer: layer.set_grid_range(low, high))
     model.config.kan_grid_range = [low, high]
+
+
+def _ranged_grid_layers(model: torch.nn.Module) -> list[KANLinear]:
+    """The KAN layers whose grid has a range to move: B-spline and RBF ones."""
+    return [m for m in model.modules() if isinstance(m, KANLinear) and m.basis_name in ("bspline", "rbf")]
 
 
 def _refit_layers(layers: list[KANLinear], optimizer: torch.optim.Optimizer, refit) -> None:
@@ -355,7 +359,7 @@ GRID_QUANTILES = (0.005, 0.995)
 def grid_range_of_inputs(model: KANGPT2LMHeadModel, input_ids: torch.Tensor) -> tuple[float, float]:
     """The range covering the ``GRID_QUANTILES`` of the inputs of every B-spline or RBF KAN layer on
     ``input_ids`` (the widest over the layers, rounded out to 0.25): where a grid is worth its knots."""
-    layers = [m for m in model.modules() if isinstance(m, KANLinear) and m.basis_name in ("bspline", "rbf")]
+    layers = _ranged_grid_layers(model)
     lows, highs = [], []
 
     def record(layer, args):

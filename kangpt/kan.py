@@ -541,7 +541,9 @@ class GroupedBSplineBasis(GroupedBasis):
     fuses. Work is done in blocks of rows whose temporaries stay in the CPU's cache.
     """
 
-    _BLOCK_ELEMENTS = 1 << 16  # elementwise work per block: its few temporaries fit in a core's L2
+    # Elements per block: larger blocks cost fewer op calls, smaller ones keep their temporaries in
+    # the CPU's caches (tuned with eval/bench_kan.py).
+    _BLOCK_ELEMENTS = 1 << 18
 
     def __init__(self, basis: BSplineBasis, in_features: int, groups: int, device=None, dtype=None):
         super().__init__(basis, in_features, groups, device=device, dtype=dtype)
@@ -570,16 +572,12 @@ class GroupedBSplineBasis(GroupedBasis):
             self._cache[key] = constants
         return self._cache[key]
 
-    def _tables(self, coefficients, x, with_slopes: bool):
+    def _tables(self, coefficients, x):
         """The piece table (groups * rows, k + 1): the polynomial of every interval of every group, by
-        power, with the slope pieces ``dE/dt / h`` after them when asked (k more columns); every
-        input's linear and SiLU weights (in,) each; its group's first table row (in,)."""
+        power; every input's linear and SiLU weights (in,) each; its group's first table row (in,)."""
         transform, first_row = self._constants(x)
         a = coefficients.to(x.dtype)  # (G, 2 + K)
         table = torch.einsum("gj,jrp->grp", a[:, 2:], transform).flatten(0, 1)  # (G * rows, k + 1)
-        if with_slopes:
-            powers = torch.arange(1, table.shape[1], device=x.device, dtype=x.dtype)
-            table = torch.cat([table, table[:, 1:] * powers / self.spline.step], 1)
         linear, silu = (a[:, i].repeat_interleave(self.group_size) for i in (0, 1))
         return table, linear, silu, first_row
 
@@ -589,10 +587,10 @@ class GroupedBSplineBasis(GroupedBasis):
         stay: generation calls the layer once per new token."""
         c = self.coefficients.detach()
         if isinstance(c, FakeTensor):  # shapes only (memory estimates): no values to compare
-            return self._tables(c, x, with_slopes=False)
+            return self._tables(c, x)
         key = (x.device, x.dtype)
         if self._inference_key != key or not torch.equal(c, self._inference_source):
-            self._inference = self._tables(c, x, with_slopes=False)
+            self._inference = self._tables(c, x)
             self._inference_key, self._inference_source = key, c.clone()
         return self._inference
 
@@ -600,21 +598,33 @@ class GroupedBSplineBasis(GroupedBasis):
         """(..., in) -> the table row of every input (int64) and its position ``t`` in the interval.
 
         Row ``c + 1`` of its group holds interval ``c = floor(z)``; ``z + 1`` is clamped to
-        ``[0, K + k + 1]`` (beyond: the zero rows), where the cast to an integer is the floor."""
+        ``[0, K + k + 1]`` (beyond: the zero rows), where the cast to an integer is the floor and the
+        fractional part is ``t``."""
         spline = self.spline
         z = x.mul(1 / spline.step).add_(spline.spline_order + 1 - spline.grid_range[0] / spline.step)
         z.clamp_(0.0, float(spline.num_functions + spline.spline_order + 1))
         row = z.to(torch.int64)
-        t = z.sub_(row)
-        return row.add_(first_row), t
+        return row.add_(first_row), z.frac_()
 
     @staticmethod
-    def _horner(t, e, first: int, last: int):
-        """``sum_p e[..., first + p] t^p`` for p = 0 .. last - first, columns of the gathered pieces."""
-        value = e[..., last]
-        for p in range(last - 1, first - 1, -1):
-            value = torch.addcmul(e[..., p], value, t)
+    def _piece(t, e):
+        """``sum_p e[p] t^p`` by Horner's rule: the spline part of phi_g, from the pieces ``e`` (k + 1
+        tensors, the columns of the gathered table rows)."""
+        value = e[-1]
+        for c in e[-2::-1]:
+            value = torch.addcmul(c, value, t)
         return value
+
+    @staticmethod
+    def _piece_slope(t, e):
+        """``sum_p p e[p] t^(p-1)``, the derivative of :meth:`_piece` in ``t`` (divide by the grid step
+        for the derivative in x), from the same pieces: ``e_1 + 2 t (e_2 + 3/2 t (e_3 + ...))``."""
+        if len(e) < 2:
+            return torch.zeros_like(t)
+        slope = e[-1]
+        for p in range(len(e) - 2, 0, -1):
+            slope = torch.addcmul(e[p], slope, t, value=(p + 1) / p)
+        return slope
 
     def _blocks(self, x):
         rows = max(1, self._BLOCK_ELEMENTS // x.shape[-1])
@@ -627,62 +637,70 @@ class GroupedBSplineBasis(GroupedBasis):
 
     def _values(self, x: torch.Tensor, coefficients: torch.Tensor, slopes: bool):
         """phi_g(x) of every input of ``x`` (..., in) from the piece table, and its derivative if asked."""
-        table, linear, silu_weight, first_row = self._tables(coefficients, x, with_slopes=slopes)
+        table, linear, silu_weight, first_row = self._tables(coefficients, x)
         index, t = self._locate(x, first_row)
-        e = table[index]  # (..., in, k + 1 [+ k]): the pieces of every input's interval
-        k = self.spline.spline_order
-        value = self._horner(t, e, 0, k) + linear * x + silu_weight * F.silu(x)
+        e = table[index].unbind(-1)  # k + 1 of (..., in): the pieces of every input's interval
+        value = self._piece(t, e) + linear * x + silu_weight * F.silu(x)
         if not slopes:
             return value, None
-        slope = self._horner(t, e, k + 1, 2 * k) if k else torch.zeros_like(x)
         sigmoid = torch.sigmoid(x)
-        return value, slope + linear + silu_weight * sigmoid * (1 + x * (1 - sigmoid))
+        silu_slope = sigmoid * (1 + x * (1 - sigmoid))
+        return value, self._piece_slope(t, e) / self.spline.step + linear + silu_weight * silu_slope
+
+    def _phi_into(self, x, tables, out):
+        """phi_g(x) of a (rows, in) block ``x`` written into ``out``; returns the row index, ``t``, the
+        gathered pieces and ``silu(x)`` for the backward."""
+        table, linear, a_silu, first_row = tables
+        index, t = self._locate(x, first_row)
+        e = F.embedding(index, table).unbind(-1)  # k + 1 of (rows, in): a row gather, fastest on CPU
+        silu = F.silu(x)
+        torch.addcmul(self._piece(t, e).addcmul_(x, linear), silu, a_silu, out=out)
+        return index, t, e, silu
 
     @_fp32_features
     def features_into(self, x, out):
         with torch.no_grad():
-            table, linear, a_silu, first_row = self._inference_tables(x)
-            k = self.spline.spline_order
+            tables = self._inference_tables(x)
             x2, out2 = x.reshape(-1, x.shape[-1]), out.view(-1, x.shape[-1])
-            blocks = self._blocks(x2) if x2.numel() > self._BLOCK_ELEMENTS else [slice(None)]
-            for rows in blocks:
-                xb = x2[rows]
-                index, t = self._locate(xb, first_row)
-                e = F.embedding(index, table)  # (rows, in, k + 1): a row gather, the fastest on CPU
-                value = torch.addcmul(self._horner(t, e, 0, k), xb, linear)
-                torch.addcmul(value, F.silu(xb), a_silu, out=out2[rows])
+            if x2.numel() <= self._BLOCK_ELEMENTS:  # a decoding step: one block
+                self._phi_into(x2, tables, out2)
+                return out
+            for rows in self._blocks(x2):
+                self._phi_into(x2[rows], tables, out2[rows])
         return out
 
     @_fp32_features
     def features_and_grads(self, x, out, grad_out):
         with torch.no_grad():
-            table, linear, a_silu, first_row = self._tables(self.coefficients, x, with_slopes=True)
-            k = self.spline.spline_order
+            tables = self._tables(self.coefficients, x)
+            _, linear, a_silu, _ = tables
+            k, bins = self.spline.spline_order, self.groups * self.rows
             x2, out2, g2 = (
                 x.reshape(-1, x.shape[-1]),
                 out.view(-1, x.shape[-1]),
                 grad_out.reshape(-1, x.shape[-1]),
             )
+            blocks = self._blocks(x2)
             grad_x = torch.empty_like(x2)
-            histogram = table.new_zeros(k + 1, table.shape[0])  # sum of grad * t^p per table row
+            # sum of grad * t^p per table row, one histogram per row of the block (a scatter along the
+            # last dimension runs its rows in parallel; one shared histogram would run on one thread)
+            histograms = x2.new_empty(len(x2[blocks[0]]), k + 1, bins)
+            histogram = x2.new_zeros(k + 1, bins)
             term_sums = x2.new_zeros(2, x.shape[-1])  # sums of grad * x and grad * silu(x) per input
-            for rows in self._blocks(x2):
+            for rows in blocks:
                 xb, gb = x2[rows], g2[rows]
-                index, t = self._locate(xb, first_row)
-                e = F.embedding(index, table)  # (rows, in, 2k + 1)
-                silu = F.silu(xb)
-                value = torch.addcmul(self._horner(t, e, 0, k), xb, linear)
-                torch.addcmul(value, silu, a_silu, out=out2[rows])
+                index, t, e, silu = self._phi_into(xb, tables, out2[rows])
                 grad = torch.ops.aten.silu_backward(gb * a_silu, xb).addcmul_(gb, linear)
-                slope = self._horner(t, e, k + 1, 2 * k) if k else torch.zeros_like(t)
-                torch.addcmul(grad, gb, slope, out=grad_x[rows])
+                torch.addcmul(grad, gb, self._piece_slope(t, e), value=1 / self.spline.step, out=grad_x[rows])
                 term_sums[0] += (gb * xb).sum(0)
                 term_sums[1] += (gb * silu).sum(0)
-                flat, weight = index.flatten(), gb.flatten()
+                block = histograms[: len(xb)].zero_()
+                weight = gb
                 for p in range(k + 1):
-                    histogram[p].scatter_add_(0, flat, weight)
+                    block[:, p].scatter_add_(1, index, weight)
                     if p < k:
-                        weight = weight * t.flatten()
+                        weight = weight * t
+                histogram += block.sum(0)
             transform, _ = self._constants(x)
             grad_spline = torch.einsum(
                 "pgr,jrp->gj", histogram.view(k + 1, self.groups, self.rows), transform
@@ -986,8 +1004,14 @@ class KANLinear(nn.Module):
         i -> j (``[j, i, 0]`` the SiLU weight for the spline-like bases). A view: writes go to the weight."""
         return coefficient_view(self.weight, self.in_features)
 
-    def _chunk(self) -> int:
-        return self.chunk_size or max(16, _CHUNK_ELEMENTS // (self.in_features * self.basis.chunk_width))
+    def _chunk(self, tokens: int) -> int:
+        """Tokens per chunk: at most ``chunk_size`` (or about ``_CHUNK_ELEMENTS`` transient feature
+        elements), the chunks of ``tokens`` as equal as possible (no small last chunk to matmul)."""
+        chunk = self.chunk_size or max(16, _CHUNK_ELEMENTS // (self.in_features * self.basis.chunk_width))
+        if tokens <= chunk:
+            return chunk
+        chunks = math.ceil(tokens / chunk)
+        return math.ceil(tokens / chunks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in_features) -> (..., out_features)."""
@@ -1015,9 +1039,10 @@ class KANLinear(nn.Module):
         elif torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, weight, bias, *basis_params)
         ):
-            out = _KANLinearFunction.apply(x2d, weight, bias, self.basis, self._chunk(), *basis_params)
+            chunk = self._chunk(len(x2d))
+            out = _KANLinearFunction.apply(x2d, weight, bias, self.basis, chunk, *basis_params)
         else:  # inference: the same computation without autograd bookkeeping
-            out = _forward_chunks(x2d, weight, bias, self.basis, self._chunk(), dtype)
+            out = _forward_chunks(x2d, weight, bias, self.basis, self._chunk(len(x2d)), dtype)
         return out.view(*lead, self.out_features)
 
     def _fused_kernel(self, x: torch.Tensor) -> bool:

@@ -186,6 +186,28 @@ def test_chunked_function_equals_plain_autograd(basis, sharing):
         torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("k", [0, 1, 3])
+def test_grouped_bspline_blocks_equal_plain_autograd(k, monkeypatch):
+    """The grouped B-spline eager path works in blocks of rows (per-row histograms for the gradient
+    of the coefficients); cut into blocks of 5 rows, the last one ragged, values and every gradient
+    equal plain autograd through the pointwise formula."""
+    monkeypatch.setattr(kan.GroupedBSplineBasis, "_BLOCK_ELEMENTS", 5 * 12)
+    torch.manual_seed(11)
+    layer = KANLinear(12, 6, spline_order=k, sharing="group", groups=4).double()
+    with torch.no_grad():
+        layer.basis.coefficients.normal_()
+    x = (2 * torch.randn(36, 12, dtype=torch.float64)).requires_grad_()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), reference_layer(layer, x))
+    layer(x).pow(2).sum().backward()
+    grads = [x.grad] + [p.grad for p in layer.parameters()]
+    x2 = x.detach().clone().requires_grad_()
+    layer.zero_grad()
+    reference_layer(layer, x2).pow(2).sum().backward()
+    for g, g_ref in zip(grads, [x2.grad] + [p.grad for p in layer.parameters()], strict=True):
+        torch.testing.assert_close(g, g_ref)
+
+
 @pytest.mark.parametrize("basis,sharing", KINDS)
 def test_compiled_path_formula_equals_eager(basis, sharing, monkeypatch):
     """Under torch.compile the layer uses the plain formula; it must give the same values."""

@@ -8,7 +8,8 @@ that finishes in minutes on a laptop CPU. Works the same under ``accelerate laun
 import sys
 from pathlib import Path
 
-from kangpt.training import main
+from kangpt.commands import main
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:], default_config=Path(__file__).resolve().parent / "configs" / "default.yaml"))
+    default = Path(__file__).resolve().parent / "configs" / "default.yaml"
+    sys.exit(main(["train", "--default-config", str(default), *sys.argv[1:]]))

@@ -1,6 +1,6 @@
 """KAN-GPT-2 side by side with the original GPT-2: parameters, memory and speed.
 
-The program lives in ``kangpt/compare.py`` so that the ``kangpt compare`` console command runs it
+The program lives in ``kangpt/commands/compare.py`` so that the ``kangpt compare`` console command runs it
 too; see that module's docstring, or ``python eval/compare.py --help``. Examples::
 
     python eval/compare.py                      # GPT-2 small..XL parameters; "mini" memory and speed on CPU
@@ -9,7 +9,7 @@ too; see that module's docstring, or ``python eval/compare.py --help``. Examples
 
 import sys
 
-from kangpt.compare import main
+from kangpt.commands.compare import main
 
 if __name__ == "__main__":
     sys.exit(main())

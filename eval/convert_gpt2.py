@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         [
             sys.executable,
             "-m",
-            "kangpt.cli",
+            "kangpt.commands",
             "convert",
             str(out / "gpt2" / "model"),
             str(out / "converted"),

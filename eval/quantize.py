@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from kangpt.cli import load_model
 from kangpt.data import load_documents, pack_documents
-from kangpt.interpret import validation_loss
+from kangpt.evaluation import validation_loss
+from kangpt.loading import load_model
 from kangpt.measure import MiB, interleaved_median_times
 from kangpt.quantization import quantize_int8, tensor_bytes
 

@@ -37,28 +37,27 @@ What each figure is:
 Training runs with fp32 weights under autocast to ``--dtype`` (mixed precision, as ``train.py``
 does); generation casts the weights to ``--dtype``. Output: markdown tables on stdout, ``compare.json``
 and bar charts ``parameters.png``, ``memory.png``, ``speed.png`` in ``--out``.
+
+This module measures (:func:`run_comparison`); ``kangpt.compare_report`` writes the tables and
+charts; ``kangpt.commands.compare`` is the command.
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import platform
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 import transformers
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from .cli import CommandError, command
 from .configuration_kangpt import KANGPT2Config
-from .kan import BASES, triton_kernels_apply
+from .kan import triton_kernels_apply
 from .measure import (
     DTYPES,
-    MiB,
     PeakMemory,
     SavedTensorBytes,
     autocast,
@@ -68,7 +67,6 @@ from .measure import (
     training_state_bytes,
 )
 from .modeling_kangpt import KANGPT2LMHeadModel
-from .plotting import new_figure
 from .report import parameter_counts
 
 # Shapes. The GPT-2 ones are OpenAI's (vocabulary 50257, 1024 positions); "mini" is GPT-2 scaled
@@ -89,8 +87,6 @@ MODELS = {
     "kan-edge-wide": "KAN-GPT-2, per-edge B-spline, MLP width",
 }
 PARTS = ("embeddings", "attention", "feed-forward", "layer norms", "total")
-# Targets for the parameter-matched KAN-GPT-2 against GPT-2 (reported, never asserted).
-TARGETS = {"train_step_s": ("<=", 1.3), "saved_bytes": ("<=", 1.0), "generate_tokens_per_s": (">=", 0.8)}
 # Settings a child process needs to measure one model.
 CHILD_KEYS = (
     "size",
@@ -125,7 +121,9 @@ def shape_of(args) -> dict:
     return shape
 
 
-def model_config(name: str, shape: dict, basis: str | None = None, dropout: float = 0.0, attn: str = "sdpa"):
+def comparison_config(
+    name: str, shape: dict, basis: str | None = None, dropout: float = 0.0, attn: str = "sdpa"
+):
     """Config of model ``name`` (see ``MODELS``) at ``shape``; the last token is BOS/EOS as in GPT-2.
     ``basis`` replaces the default basis of ``kan`` (None: keep it)."""
     common = {
@@ -149,9 +147,9 @@ def model_config(name: str, shape: dict, basis: str | None = None, dropout: floa
     raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
 
 
-def build_model(name: str, shape: dict, device: str = "meta", **config_kwargs) -> torch.nn.Module:
+def build_comparison_model(name: str, shape: dict, device: str = "meta", **config_kwargs) -> torch.nn.Module:
     """Model ``name`` built directly on ``device`` (``"meta"``: shapes only, no memory)."""
-    config = model_config(name, shape, **config_kwargs)
+    config = comparison_config(name, shape, **config_kwargs)
     cls = GPT2LMHeadModel if name == "gpt2" else KANGPT2LMHeadModel
     with torch.device(device):
         return cls(config)
@@ -163,7 +161,7 @@ def parameter_table(sizes: list[str], shapes: dict[str, dict], basis: str) -> di
     for size in sizes:
         rows = {}
         for name in MODELS:
-            model = build_model(name, shapes[size], "meta", basis=basis)
+            model = build_comparison_model(name, shapes[size], "meta", basis=basis)
             rows[name] = parameter_counts(model)
             if name != "gpt2":
                 rows[name]["kan_hidden_size"] = model.config.kan_hidden_size
@@ -226,7 +224,7 @@ def measure_memory(name: str, args) -> dict:
     config = {"basis": args.basis, "dropout": args.dropout, "attn": args.attn}
 
     torch.manual_seed(args.seed)
-    model = build_model(name, shape, device, **config).eval().to(dtype)
+    model = build_comparison_model(name, shape, device, **config).eval().to(dtype)
     gc.collect()
     with PeakMemory(device) as generate_peak:
         generate(model, ids[:, : args.prompt_len], args.new_tokens)
@@ -236,7 +234,7 @@ def measure_memory(name: str, args) -> dict:
         torch.cuda.empty_cache()
 
     torch.manual_seed(args.seed)
-    model = build_model(name, shape, device, **config).train()
+    model = build_comparison_model(name, shape, device, **config).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     step = make_train_step(model, optimizer, ids, dtype)
     step(zero_grad=False)  # warm-up; creates the optimizer state
@@ -261,9 +259,9 @@ def measure_memory(name: str, args) -> dict:
 
 
 def child_argv(args, name: str) -> list[str]:
-    """Arguments of ``python -m kangpt.compare`` measuring model ``name`` alone."""
+    """Arguments of ``python -m kangpt.compare NAME SETTINGS`` measuring model ``name`` alone."""
     spec = {key: getattr(args, key) for key in CHILD_KEYS}
-    return ["-m", "kangpt.compare", "--child", name, "--child-spec", json.dumps(spec)]
+    return ["-m", "kangpt.compare", name, json.dumps(spec)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,7 +288,7 @@ def estimate_memory(
     for size, shape in shapes.items():
         table[size] = {}
         for name in names:
-            config = model_config(
+            config = comparison_config(
                 name, shape, dropout=0.0, attn="sdpa", **({"basis": basis} if name == "kan" else {})
             )
             if name == "kan" and fused and triton_kernels_apply(config.kan_basis, config.kan_sharing):
@@ -314,7 +312,7 @@ def measure_speed(names: list[str], args) -> dict:
     models, steps = {}, {}
     for name in names:
         torch.manual_seed(args.seed)
-        models[name] = build_model(
+        models[name] = build_comparison_model(
             name, shape, device, basis=args.basis, dropout=args.dropout, attn=args.attn
         )
         optimizer = torch.optim.AdamW(models[name].parameters(), lr=1e-4)
@@ -340,136 +338,9 @@ def measure_speed(names: list[str], args) -> dict:
     }
 
 
-# ----------------------------------------------------------------------------------------------
-# Output
-
-
 def ratio(value, reference) -> float | None:
+    """``value / reference``; None where either is missing."""
     return None if value is None or not reference else value / reference
-
-
-def fmt_ratio(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.2f}×"
-
-
-def parameters_markdown(table: dict, shapes: dict) -> str:
-    lines = [
-        "### Parameters (counted on the meta device)",
-        "",
-        "| size | model | KAN width | embeddings | attention | feed-forward | layer norms | total "
-        "| × GPT-2 |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for size, rows in table.items():
-        s = shapes[size]
-        label = f"{size} ({s['n_layer']}×{s['n_embd']})"
-        for name, row in rows.items():
-            width = row.get("kan_hidden_size", "")
-            counts = " | ".join(f"{row[p]:,}" for p in PARTS)
-            lines.append(f"| {label} | {MODELS[name]} | {width} | {counts} | {row['ratio']:.3f}× |")
-    return "\n".join(lines)
-
-
-def measurements_markdown(results: dict, args, shape: dict) -> str:
-    mem, speed, names = results["memory"], results["speed"], list(results["memory"])
-    ref_mem, ref_speed = mem["gpt2"], speed["gpt2"]
-    cuda = args.device.startswith("cuda")
-    peak_kind = "`max_memory_allocated`" if cuda else "process peak RSS above its start-up RSS"
-    header = (
-        f"### {args.size} ({shape['n_layer']} layers, d={shape['n_embd']}, vocab {shape['vocab_size']}), "
-        f"batch {args.batch} × {args.seq_len} tokens, {args.dtype}, {args.device}\n\n"
-        f"Memory: each model in a fresh process. Saved for backward: measured (`saved_tensors_hooks`, "
-        f"parameters excluded). Params + grads + AdamW: counted from the tensors. Peaks: measured, "
-        f"{peak_kind}; training = forward + backward + AdamW step (fp32 weights, autocast {args.dtype}); "
-        f"generation = prompt of {args.prompt_len} tokens + {args.new_tokens} cached decode steps "
-        f"(weights in {args.dtype}).\n"
-    )
-    lines = [
-        header,
-        "| model | params | saved for backward MiB | × | params+grads+AdamW MiB | × "
-        "| training peak MiB | × | generation peak MiB | × |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for name in names:
-        m = mem[name]
-        cells = [f"{m['parameters']:,}"]
-        for key in ("saved_bytes", "state_bytes", "train_peak_bytes", "generate_peak_bytes"):
-            value = m[key]["total"] if key == "state_bytes" else m[key]
-            ref = ref_mem[key]["total"] if key == "state_bytes" else ref_mem[key]
-            cells += [f"{value / MiB:,.1f}", fmt_ratio(ratio(value, ref))]
-        lines.append(f"| {MODELS[name]} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        f"Speed: all models in one process, median of {args.repeats} training steps and "
-        f"{args.gen_repeats} generations, interleaved "
-        f"(measured; threads={results['environment']['threads']}).",
-        "",
-        "| model | training step ms | × | training tokens/s | × | generation tokens/s | × |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for name in names:
-        s = speed[name]
-        lines.append(
-            f"| {MODELS[name]} | {s['train_step_s'] * 1e3:,.1f} | "
-            f"{fmt_ratio(ratio(s['train_step_s'], ref_speed['train_step_s']))} | "
-            f"{s['train_tokens_per_s']:,.0f} | "
-            f"{fmt_ratio(ratio(s['train_tokens_per_s'], ref_speed['train_tokens_per_s']))} | "
-            f"{s['generate_tokens_per_s']:,.1f} | "
-            f"{fmt_ratio(ratio(s['generate_tokens_per_s'], ref_speed['generate_tokens_per_s']))} |"
-        )
-    if "kan" in results["ratios"]:
-        checks = []
-        for key, (op, bound) in TARGETS.items():
-            value = results["ratios"]["kan"][key]
-            met = value <= bound if op == "<=" else value >= bound
-            checks.append(f"{key} {value:.2f}× (target {op} {bound}×: {'met' if met else 'NOT met'})")
-        lines += ["", "Parameter-matched KAN-GPT-2 / GPT-2: " + "; ".join(checks) + "."]
-    return "\n".join(lines)
-
-
-def estimates_markdown(results: dict, args) -> str:
-    """The estimated peaks by size, and at the measured size the estimate beside the measurement."""
-    lines = []
-    if "estimate" in results:
-        seq = args.estimate_seq_len
-        lines += [
-            f"### Peak memory, estimated ({args.estimate_dtype}, batch {args.estimate_batch} × {seq}; "
-            f"training = forward + backward + AdamW step, fp32 weights; generation = prompt of {seq // 2} "
-            f"+ {args.estimate_new_tokens} cached steps, weights in {args.estimate_dtype}; fake tensors + "
-            "MemTracker)",
-            "",
-            "| size | model | training peak GiB | × GPT-2 | generation peak GiB | × GPT-2 |",
-            "|---|---|---:|---:|---:|---:|",
-        ]
-        for size, rows in results["estimate"].items():
-            ref = rows["gpt2"]
-            for name, row in rows.items():
-                cells = []
-                for key in ("train_peak_bytes", "generate_peak_bytes"):
-                    cells += [f"{row[key] / 2**30:,.2f}", fmt_ratio(ratio(row[key], ref[key]))]
-                lines.append(f"| {size} | {MODELS[name]} | " + " | ".join(cells) + " |")
-    if "estimate_check" in results:
-        kind = "max_memory_allocated" if args.device.startswith("cuda") else "peak RSS above start-up"
-        lines += [
-            "",
-            f"### Estimate against measurement at {args.size} ({args.dtype}, batch {args.batch} × "
-            f"{args.seq_len}; measured: {kind})",
-            "",
-            "| model | training peak MiB measured | estimated | estimated / measured "
-            "| generation peak MiB measured | estimated | estimated / measured |",
-            "|---|---:|---:|---:|---:|---:|---:|",
-        ]
-        for name, row in results["estimate_check"].items():
-            cells = []
-            for key in ("train_peak_bytes", "generate_peak_bytes"):
-                measured = results["memory"][name][key]
-                cells += [
-                    f"{measured / MiB:,.1f}",
-                    f"{row[key] / MiB:,.1f}",
-                    fmt_ratio(ratio(row[key], measured)),
-                ]
-            lines.append(f"| {MODELS[name]} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def ratios_to_gpt2(results: dict) -> dict:
@@ -489,188 +360,9 @@ def ratios_to_gpt2(results: dict) -> dict:
     return out
 
 
-def plot(results: dict, out: Path) -> list[Path]:
-    """Bar charts of parameters, memory and speed; returns the files written (none without matplotlib)."""
-    table = results["parameters"]
-    try:
-        fig = new_figure(3.2 * len(table), 4, layout=None)
-    except ModuleNotFoundError as err:
-        print(f"{err} (no charts written)", file=sys.stderr)
-        return []
-    from matplotlib.patches import Rectangle  # matplotlib is there: new_figure checked
-
-    written = []
-    colors = {"gpt2": "tab:gray", "kan": "tab:blue", "kan-edge": "tab:green", "kan-edge-wide": "tab:orange"}
-    axes = fig.subplots(1, len(table), squeeze=False)
-    for ax, (size, rows) in zip(axes[0], table.items(), strict=True):
-        names = list(rows)
-        bottom = [0.0] * len(names)
-        for part, hatch in zip(PARTS[:-1], ("", "//", "..", "xx"), strict=True):
-            values = [rows[n][part] / 1e6 for n in names]
-            ax.bar(
-                names,
-                values,
-                bottom=bottom,
-                color=[colors[n] for n in names],
-                hatch=hatch,
-                edgecolor="white",
-                label=part,
-            )
-            bottom = [b + v for b, v in zip(bottom, values, strict=True)]
-        ax.set_title(size)
-        ax.set_ylabel("parameters (millions)")
-        ax.tick_params(axis="x", labelrotation=30, labelsize=8)  # the model names would overlap
-    handles = [
-        Rectangle((0, 0), 1, 1, facecolor="lightgray", hatch=h, edgecolor="white")
-        for h in ("", "//", "..", "xx")
-    ]
-    fig.legend(handles, PARTS[:-1], loc="upper center", ncol=4)
-    fig.tight_layout(rect=(0, 0, 1, 0.92))
-    written.append(_save(fig, out / "parameters.png"))
-
-    if "memory" in results:
-        names = list(results["memory"])
-        cuda = results["args"]["device"].startswith("cuda")
-        figures = {
-            "saved for backward": [results["memory"][n]["saved_bytes"] / MiB for n in names],
-            "params + grads + AdamW": [results["memory"][n]["state_bytes"]["total"] / MiB for n in names],
-            f"training peak ({'VRAM' if cuda else 'RSS'})": [
-                results["memory"][n]["train_peak_bytes"] / MiB for n in names
-            ],
-            f"generation peak ({'VRAM' if cuda else 'RSS'})": [
-                results["memory"][n]["generate_peak_bytes"] / MiB for n in names
-            ],
-        }
-        a = results["args"]
-        title = f"{a['size']}, batch {a['batch']} × {a['seq_len']} tokens, {a['dtype']}, {a['device']}"
-        written.append(_bars(figures, names, colors, "MiB", title, out / "memory.png"))
-        speed = {
-            "training tokens/s": [results["speed"][n]["train_tokens_per_s"] for n in names],
-            "generation tokens/s": [results["speed"][n]["generate_tokens_per_s"] for n in names],
-        }
-        written.append(_bars(speed, names, colors, "tokens/s", title, out / "speed.png"))
-    return written
-
-
-def _bars(figures: dict, names: list[str], colors: dict, unit: str, title: str, path: Path) -> Path:
-    """One bar chart per figure, each bar labelled with its ratio to the first (GPT-2)."""
-    fig = new_figure(3.2 * len(figures), 3.9, layout=None)
-    axes = fig.subplots(1, len(figures), squeeze=False)
-    fig.suptitle(title, fontsize=10)
-    for ax, (figure, values) in zip(axes[0], figures.items(), strict=True):
-        bars = ax.bar(names, values, color=[colors[n] for n in names])
-        for bar, value in zip(bars, values, strict=True):
-            ax.annotate(
-                f"{value / values[0]:.2f}×",
-                (bar.get_x() + bar.get_width() / 2, value),
-                ha="center",
-                va="bottom",
-                fontsize=8,
-            )
-        ax.set_title(figure, fontsize=10)
-        ax.set_ylabel(unit)
-        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
-    fig.tight_layout()
-    return _save(fig, path)
-
-
-def _save(fig, path: Path) -> Path:
-    fig.savefig(path, dpi=110)
-    return path
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``eval/compare.py`` and ``kangpt compare``."""
-    parser.add_argument(
-        "--size",
-        choices=list(SHAPES),
-        default="mini",
-        help="shape measured for memory and speed (default: mini = 4 layers, d=256)",
-    )
-    parser.add_argument("--n-layer", type=int, help="override the shape's number of layers")
-    parser.add_argument("--n-embd", type=int, help="override the shape's width")
-    parser.add_argument("--n-head", type=int, help="override the shape's number of heads")
-    parser.add_argument("--vocab-size", type=int, help="override the shape's vocabulary size")
-    parser.add_argument("--basis", choices=BASES, help="basis of the default KAN-GPT-2 (default: its own)")
-    parser.add_argument(
-        "--models",
-        default=",".join(MODELS),
-        help=f"models measured, comma-separated, gpt2 first, among {', '.join(MODELS)} (default: all)",
-    )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument(
-        "--dtype",
-        choices=sorted(DTYPES),
-        default="fp32",
-        help="autocast dtype of training, weight dtype of generation",
-    )
-    parser.add_argument("--batch", type=int, default=8, help="sequences per step")
-    parser.add_argument("--seq-len", type=int, default=256, help="tokens per training sequence")
-    parser.add_argument("--prompt-len", type=int, help="generation prompt length (default: seq-len / 2)")
-    parser.add_argument("--new-tokens", type=int, help="tokens generated (default: seq-len / 4)")
-    parser.add_argument("--dropout", type=float, default=0.0, help="dropout of every model (GPT-2 used 0.1)")
-    parser.add_argument("--attn", choices=("sdpa", "eager"), default="sdpa", help="attention implementation")
-    parser.add_argument("--repeats", type=int, default=5, help="timed training steps per model")
-    parser.add_argument("--gen-repeats", type=int, default=3, help="timed generations per model")
-    parser.add_argument(
-        "--threads", type=int, help="CPU threads (default: torch's; 1 is steadier on a shared machine)"
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--params-only", action="store_true", help="only the parameter table (no memory, speed)"
-    )
-    parser.add_argument(
-        "--estimate-sizes",
-        default=",".join(GPT2_SIZES),
-        help="sizes whose peak memory is estimated without allocating ('' for none)",
-    )
-    parser.add_argument("--estimate-batch", type=int, default=8, help="sequences per step of the estimates")
-    parser.add_argument(
-        "--estimate-seq-len", type=int, default=1024, help="tokens per sequence of the estimates"
-    )
-    parser.add_argument(
-        "--estimate-dtype", choices=sorted(DTYPES), default="bf16", help="dtype of the estimates"
-    )
-    parser.add_argument(
-        "--estimate-new-tokens", type=int, default=16, help="decoding steps of the estimated generation"
-    )
-    parser.add_argument("--out", default="out/compare", help="folder of compare.json and the charts")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--child-spec", help=argparse.SUPPRESS)
-
-
-def check_arguments(args) -> None:
-    """Fill defaults that depend on other arguments; reject impossible combinations (CommandError)."""
-    shape = shape_of(args)
-    args.prompt_len = args.prompt_len or max(1, args.seq_len // 2)
-    args.new_tokens = args.new_tokens or max(1, args.seq_len // 4)
-    names = args.models.split(",")
-    if names[0] != "gpt2" or any(n not in MODELS for n in names) or len(set(names)) != len(names):
-        raise CommandError(f"--models must start with gpt2 and name each of {', '.join(MODELS)} at most once")
-    if min(args.batch, args.seq_len, args.repeats, args.gen_repeats) < 1:
-        raise CommandError("--batch, --seq-len, --repeats and --gen-repeats must be positive")
-    if max(args.seq_len, args.prompt_len + args.new_tokens) > shape["n_positions"]:
-        raise CommandError(f"sequences longer than the model's {shape['n_positions']} positions")
-    if args.prompt_len > args.seq_len:
-        raise CommandError("--prompt-len cannot exceed --seq-len (the prompt is cut from the training batch)")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise CommandError("--device cuda, but CUDA is not available")
-
-
-def run(args) -> int:
-    """Run the comparison ``args`` describes: print the tables, write JSON and charts to ``args.out``."""
-    if args.child:
-        spec = SimpleNamespace(**json.loads(args.child_spec))
-        print(json.dumps(measure_memory(args.child, spec)))
-        return 0
-    check_arguments(args)
-    transformers.utils.logging.set_verbosity_error()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+def run_comparison(args) -> dict:
+    """Every figure ``args`` asks for (see the module docstring), as the JSON-ready dict that
+    ``compare.json`` holds; progress is told on stderr. ``args`` are those of ``kangpt compare``."""
     shapes = {size: SHAPES[size] for size in GPT2_SIZES}
     shapes[args.size] = shape_of(args)
     results = {
@@ -687,8 +379,6 @@ def run(args) -> int:
         "shapes": shapes,
         "parameters": parameter_table(list(shapes), shapes, args.basis),
     }
-    print(parameters_markdown(results["parameters"], shapes))
-
     if not args.params_only:
         names = args.models.split(",")
         results["memory"] = {}
@@ -700,8 +390,6 @@ def run(args) -> int:
             torch.set_num_threads(args.threads)
         results["speed"] = measure_speed(names, args)
         results["ratios"] = ratios_to_gpt2(results)
-        print()
-        print(measurements_markdown(results, args, shapes[args.size]))
         results["estimate_check"] = estimate_memory(
             names,
             {args.size: shapes[args.size]},
@@ -725,37 +413,8 @@ def run(args) -> int:
             args.estimate_dtype,
             args.basis,
         )
-    if "estimate" in results or "estimate_check" in results:
-        print()
-        print(estimates_markdown(results, args))
-
-    (out / "compare.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    written = plot(results, out)
-    print(f"\nwrote {out / 'compare.json'}" + "".join(f", {p}" for p in written), file=sys.stderr)
-    return 0
+    return results
 
 
-@command("compare", "compare KAN-GPT-2 with GPT-2: parameters, memory and speed")
-def compare_command(parser: argparse.ArgumentParser):
-    """``kangpt compare``: the same arguments and program as ``eval/compare.py``."""
-    add_arguments(parser)
-    return run
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python eval/compare.py`` / ``python -m kangpt.compare``."""
-    parser = argparse.ArgumentParser(
-        prog="compare.py",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except CommandError as err:
-        parser.error(str(err))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # a child process: the memory of one model, as one JSON line
+    print(json.dumps(measure_memory(sys.argv[1], SimpleNamespace(**json.loads(sys.argv[2])))))

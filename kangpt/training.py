@@ -1,4 +1,4 @@
-"""Train KAN-GPT-2 with accelerate: ``python train.py [CONFIG] [--section.key=value ...]``.
+"""Train KAN-GPT-2 with accelerate (``python train.py`` and ``kangpt train`` run :func:`train`).
 
 The same command runs on one CPU, and under ``accelerate launch`` (DDP, FSDP, DeepSpeed) or
 ``torchrun`` on several devices. :func:`train` reads top to bottom: run folder, data, model,
@@ -13,14 +13,12 @@ import json
 import logging
 import math
 import signal
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import datasets
 import torch
-import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator
 from accelerate.tracking import get_available_trackers
@@ -31,8 +29,9 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
-from .config import ConfigError, DataConfig, RunConfig, TrainConfig, model_config, parse_args
+from .config import ConfigError, DataConfig, RunConfig, TrainConfig, model_config
 from .data import DataError, load_splits, load_tokenizer, pack_documents, stream_blocks, unigram_entropy
+from .evaluation import block_losses
 from .kan import KANLinear
 from .modeling_kangpt import KANGPT2LMHeadModel
 from .report import plot_losses, write_model_card
@@ -48,28 +47,7 @@ from .run_dir import (
     writing,
 )
 
-USAGE = """usage: train.py [CONFIG.yaml] [--section.key=value ...]
-
-Train KAN-GPT-2 as CONFIG.yaml (default: configs/default.yaml) says, with overrides such as
---train.max_steps=100 --data.dataset=corpus/ --model.n_layer=6. Sections: model, data, train
-(see kangpt/config.py). Runs under `accelerate launch` and `torchrun` too."""
 NO_MATPLOTLIB = "loss.png not written: matplotlib is not installed (pip install 'kangpt[plot]')"
-
-
-def main(argv: list[str] | None = None, default_config: str | Path | None = None) -> int:
-    """Command-line entry: parse, train, and turn bad input into one ``error: ...`` line (exit code 1)."""
-    argv = sys.argv[1:] if argv is None else argv
-    if any(arg in ("-h", "--help") for arg in argv):
-        print(USAGE)
-        return 0
-    try:
-        return train(parse_args(argv, default_config))
-    except (ConfigError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted; complete checkpoints already written are kept", file=sys.stderr)
-        return 130
 
 
 @dataclass
@@ -499,12 +477,10 @@ def _repeat(loader: DataLoader):
 def evaluate(model, val_loader, accelerator: Accelerator) -> float:
     """Mean next-token cross-entropy (nats/token) over all validation blocks, each counted once."""
     model.eval()
-    losses = []
-    for batch in val_loader:
-        input_ids = batch["input_ids"].to(accelerator.device)
-        logits = model(input_ids=input_ids).logits[:, :-1].float()  # position t predicts token t + 1
-        per_token = F.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")
-        losses.append(accelerator.gather_for_metrics(per_token.mean(dim=1)))
+    losses = [
+        accelerator.gather_for_metrics(block_losses(model, batch["input_ids"].to(accelerator.device)))
+        for batch in val_loader
+    ]
     model.train()
     return torch.cat(losses).mean().item()
 

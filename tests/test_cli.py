@@ -1,15 +1,16 @@
-"""The ``kangpt`` console script: command registry, ``kangpt generate`` output and errors."""
+"""The ``kangpt`` console script: the command table, ``kangpt generate`` output and errors."""
 
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoTokenizer
 
-from kangpt import KANGPT2Config, KANGPT2LMHeadModel, cli
+from kangpt import KANGPT2Config, KANGPT2LMHeadModel, commands
 from kangpt.data import load_tokenizer
 
 
@@ -28,7 +29,7 @@ def model_dir(tmp_path_factory):
 
 
 def test_greedy_generation_prints_the_prompt_and_the_models_own_continuation(model_dir, capsys):
-    assert cli.main(["generate", str(model_dir), "--prompt", "def add", "--max-new-tokens", "12",
+    assert commands.main(["generate", str(model_dir), "--prompt", "def add", "--max-new-tokens", "12",
                      "--temperature", "0"]) == 0
     printed = capsys.readouterr().out
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -43,7 +44,7 @@ def test_sampling_is_reproducible_with_a_seed(model_dir, capsys):
             "--top-p", "0.9", "--temperature", "1.5", "--seed", "3"]
     outputs = []
     for _ in range(2):
-        assert cli.main(args) == 0
+        assert commands.main(args) == 0
         outputs.append(capsys.readouterr().out)
     assert outputs[0] == outputs[1] and outputs[0].startswith("import")
 
@@ -55,7 +56,7 @@ def test_sampling_is_reproducible_with_a_seed(model_dir, capsys):
 ])
 def test_bad_input_is_one_error_line(args, message, model_dir, tmp_path, capsys):
     args = [a.format(empty=tmp_path, model=model_dir) for a in args]
-    assert cli.main(args) == 1
+    assert commands.main(args) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
 
@@ -85,7 +86,7 @@ def test_a_damaged_model_folder_is_one_error_line_and_stays_as_it_was(damage, me
     shutil.copytree(model_dir, folder)
     damage(folder)
     before = _snapshot(folder)
-    assert cli.main(["generate", str(folder), "--prompt", "def"]) == 1
+    assert commands.main(["generate", str(folder), "--prompt", "def"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: " + message.format(folder=folder)), err
     assert _snapshot(folder) == before
@@ -93,30 +94,30 @@ def test_a_damaged_model_folder_is_one_error_line_and_stays_as_it_was(damage, me
 
 def test_a_missing_folder_named_like_a_hub_model_says_there_is_no_such_folder(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert cli.main(["generate", "mine/model"]) == 1
+    assert commands.main(["generate", "mine/model"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
     assert err[0].startswith("error: no such model folder: 'mine/model', and no hub model of that name"), err
 
 
-def test_a_registered_command_gets_its_own_subcommand(capsys, monkeypatch):
-    monkeypatch.setattr(cli, "_COMMANDS", dict(cli._COMMANDS))
+def test_a_command_in_the_table_gets_its_own_subcommand(capsys, monkeypatch):
+    echo = types.SimpleNamespace(
+        HELP="print a word",
+        configure=lambda parser: parser.add_argument("word"),
+        run=lambda args: print(args.word * 2),
+    )
+    monkeypatch.setitem(commands.COMMANDS, "echo", echo)
 
-    @cli.command("echo", "print a word")
-    def echo_command(parser):
-        parser.add_argument("word")
-        return lambda args: print(args.word * 2)
-
-    assert cli.main(["echo", "hi"]) == 0
+    assert commands.main(["echo", "hi"]) == 0
     assert capsys.readouterr().out == "hihi\n"
     with pytest.raises(SystemExit):
-        cli.main(["--help"])
+        commands.main(["--help"])
     listed = capsys.readouterr().out
     assert "echo" in listed and "generate" in listed
 
 
 def test_the_console_script_runs_as_a_module(model_dir):
-    command = [sys.executable, "-m", "kangpt.cli", "generate", str(model_dir), "--prompt", "def"]
+    command = [sys.executable, "-m", "kangpt.commands", "generate", str(model_dir), "--prompt", "def"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.startswith("def")

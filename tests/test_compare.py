@@ -14,8 +14,9 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from kangpt import cli
-from kangpt.compare import GPT2_SIZES, MODELS, PARTS, SHAPES, main, parameter_table
+from kangpt import commands
+from kangpt.commands.compare import main
+from kangpt.compare import GPT2_SIZES, MODELS, PARTS, SHAPES, parameter_table
 from kangpt.config import load_config
 from kangpt.kan import BASES
 from kangpt.measure import (
@@ -176,12 +177,12 @@ def test_tiny_comparison_on_cpu_writes_tables_json_and_charts(tmp_path, capsys):
 
 
 def test_console_command_and_bad_arguments(tmp_path, capsys):
-    assert cli.main(["compare", "--size", "tiny", "--params-only", "--out", str(tmp_path)]) == 0
+    assert commands.main(["compare", "--size", "tiny", "--params-only", "--out", str(tmp_path)]) == 0
     assert "KAN-GPT-2 (default), parameter-matched" in capsys.readouterr().out
     assert json.loads((tmp_path / "compare.json").read_text())["parameters"]["tiny"]["gpt2"]["total"] > 0
-    assert cli.main(["compare", "--models", "kan", "--out", str(tmp_path)]) == 1
+    assert commands.main(["compare", "--models", "kan", "--out", str(tmp_path)]) == 1
     assert "--models must start with gpt2" in capsys.readouterr().err
-    assert cli.main(["compare", "--size", "tiny", "--seq-len", "1000", "--out", str(tmp_path)]) == 1
+    assert commands.main(["compare", "--size", "tiny", "--seq-len", "1000", "--out", str(tmp_path)]) == 1
 
 
 def quality_base(quality, *extra):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from kangpt import KANGPT2LMHeadModel, cli
+from kangpt import KANGPT2LMHeadModel, commands
 from kangpt.convert import convert_gpt2, fit_group_functions, load_gpt2
 from kangpt.data import load_documents, load_tokenizer, pack_documents
 from kangpt.evaluation import validation_loss
@@ -156,7 +156,7 @@ def test_convert_command_writes_a_folder_that_loads_with_its_report(gpt2_folder,
         "--set",
         "kan_basis=bspline",
     ]
-    assert cli.main(argv) == 0
+    assert commands.main(argv) == 0
     printed = capsys.readouterr().out
     assert "block  1: relative error" in printed and "converted" in printed
     report = json.loads((out / "conversion.json").read_text())
@@ -203,10 +203,8 @@ def test_bad_input_is_one_error_line_and_writes_nothing(case, message, gpt2_fold
         (out / "keep.txt").write_text("mine")
     before = sorted(tmp_path.rglob("*"))
     capsys.readouterr()  # what setting up the case printed
-    assert (
-        cli.main(["convert", source, str(out), "--calibration-tokens", "256", "--eval-tokens", "256", *extra])
-        == 1
-    )
+    argv = ["convert", source, str(out), "--calibration-tokens", "256", "--eval-tokens", "256", *extra]
+    assert commands.main(argv) == 1
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
     assert sorted(tmp_path.rglob("*")) == before  # nothing written, nothing left half-written
@@ -220,7 +218,7 @@ def test_train_py_fine_tunes_a_converted_folder_with_its_tokenizer(gpt2_folder, 
     folder, _, _ = gpt2_folder
     converted = tmp_path / "converted"
     assert (
-        cli.main(
+        commands.main(
             ["convert", str(folder), str(converted), "--calibration-tokens", "1024", "--eval-tokens", "1024"]
         )
         == 0

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from kangpt import KANGPT2Config, KANGPT2LMHeadModel
-from kangpt.cli import main
+from kangpt.commands import main
 from kangpt.data import load_tokenizer, pack_documents, stdlib_documents
 from kangpt.interpret import (
     auto_symbolic,

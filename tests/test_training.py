@@ -25,7 +25,7 @@ from accelerate import Accelerator
 from datasets import IterableDataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, pipeline
 
-from kangpt import KANGPT2LMHeadModel
+from kangpt import KANGPT2LMHeadModel, commands
 from kangpt.config import build_config, load_config, model_config
 from kangpt.kan import KANLinear
 from kangpt.run_dir import MANIFEST, checkpoint_problem
@@ -36,7 +36,6 @@ from kangpt.training import (
     kan_penalty,
     learning_rate,
     load_corpus,
-    main,
     sample,
     train_batches,
 )
@@ -94,6 +93,11 @@ def snapshot(folder: Path) -> dict:
         return path.stat().st_size, path.stat().st_mtime_ns, digest
     return {path: entry(path) for path in sorted(folder.rglob("*"))}
 
+
+
+def main(argv: list[str]) -> int:
+    """``python train.py ARGV`` (without its default config), in this process."""
+    return commands.main(["train", *argv])
 
 # Run as root, a child would write into folders whose modes forbid it (CAP_DAC_OVERRIDE); dropping that
 # capability (and CAP_DAC_READ_SEARCH) from the bounding set before exec makes modes bind it, while the
@@ -223,7 +227,8 @@ def log_then_interrupt(accelerator, run, record):
         os.kill(os.getpid(), signal.SIGINT)  # as if Ctrl-C were pressed during step 5
 
 training.log_metrics = log_then_interrupt
-sys.exit(training.main(sys.argv[1:]))
+from kangpt.commands import main
+sys.exit(main(["train", *sys.argv[1:]]))
 """
 
 
@@ -269,7 +274,8 @@ def save_and_dump(accelerator, model, *args):
     return save_model(accelerator, model, *args)
 
 training.save_model = save_and_dump
-sys.exit(training.main(sys.argv[1:]))
+from kangpt.commands import main
+sys.exit(main(["train", *sys.argv[1:]]))
 """
 
 
@@ -542,7 +548,8 @@ def save_then_lock(accelerator, run, step, keep):
     os.chmod(run.checkpoints, 0o555)  # as if the disk had stopped taking writes after the first checkpoint
 
 training.save_checkpoint = save_then_lock
-sys.exit(training.main(sys.argv[1:]))
+from kangpt.commands import main
+sys.exit(main(["train", *sys.argv[1:]]))
 """
 
 
@@ -677,7 +684,8 @@ WITHOUT_MATPLOTLIB = """
 import sys
 sys.modules["matplotlib"] = None  # importing it now fails as when it is not installed
 import kangpt.training as training
-sys.exit(training.main(sys.argv[1:]))
+from kangpt.commands import main
+sys.exit(main(["train", *sys.argv[1:]]))
 """
 
 

@@ -1,0 +1,7 @@
+"""``python -m kangpt.commands COMMAND ...``: the ``kangpt`` console script."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

@@ -1,0 +1,103 @@
+"""``kangpt convert``: a GPT-2 folder -> a KAN-GPT-2 folder whose blocks already do their job."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import datasets
+import torch
+import transformers
+import yaml
+from tqdm.auto import tqdm
+
+from ..configuration_kangpt import KANGPT2Config
+from ..convert import convert_gpt2, load_gpt2
+from ..data import DataError, load_documents, pack_documents
+from ..evaluation import validation_loss
+from ..modeling_kangpt import KANGPT2LMHeadModel, kangpt2_config_of
+from ..run_dir import publish, remove, temporary_name, writing
+from .arguments import default_device, positive_int
+from .errors import CommandError
+
+HELP = "turn a GPT-2's MLPs into KAN blocks that already do their job; write a KAN-GPT-2 folder"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("gpt2_dir", help="a GPT-2 folder (save_pretrained output) or hub name")
+    parser.add_argument("out_dir", help="folder to write the KAN-GPT-2 to (from_pretrained loads it)")
+    parser.add_argument("--data", default="stdlib",
+                        help="calibration corpus: stdlib, pydoc-topics, text files or a hub dataset")
+    parser.add_argument("--text-field", default="text", help="text column of .jsonl/.parquet/hub data")
+    parser.add_argument("--calibration-tokens", type=positive_int, default=16384,
+                        help="training-split tokens whose activations the blocks are fitted on")
+    parser.add_argument("--eval-tokens", type=positive_int, default=16384,
+                        help="validation-split tokens on which GPT-2 and the conversion are evaluated")
+    parser.add_argument("--block-size", type=positive_int, help="tokens per block (default: up to 256)")
+    parser.add_argument("--steps", type=int, default=200, help="Adam steps per distilled per-edge block")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a KANGPT2Config field of the KAN design, e.g. kan_sharing=edge (repeatable)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``kangpt convert``: GPT-2 -> KAN-GPT-2 with converted blocks, its loss before and after, a report."""
+    out = Path(args.out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise CommandError(f"{args.out_dir!r} exists and is not empty; pass --overwrite to replace it")
+    overrides = {}
+    for item in args.set:
+        name, sep, text = item.partition("=")
+        if not sep or name not in KANGPT2Config.__dataclass_fields__:
+            raise CommandError(f"--set {item!r}: expected FIELD=VALUE with a KANGPT2Config field")
+        overrides[name] = yaml.safe_load(text)
+    device = default_device(args.device)
+    transformers.utils.logging.disable_progress_bar()  # the blocks' bar is the command's
+    datasets.disable_progress_bars()
+    try:
+        gpt2, tokenizer = load_gpt2(args.gpt2_dir)
+        with torch.device("meta"):  # a design that cannot be built is refused before any work
+            KANGPT2LMHeadModel(kangpt2_config_of(gpt2.config, **overrides))
+    except ValueError as err:
+        raise CommandError(str(err)) from err
+    block = args.block_size or min(256, gpt2.config.n_positions)
+    train_docs, val_docs = load_documents(args.data, text_field=args.text_field)
+    blocks = {}
+    for split, docs, tokens in (("calibration", train_docs, args.calibration_tokens),
+                                ("evaluation", val_docs, args.eval_tokens)):
+        try:
+            enough = docs.select(range(min(len(docs), 4 * tokens // block + 1)))  # more than needed
+            packed = pack_documents(enough, tokenizer, block)
+        except DataError as err:
+            raise DataError(f"{split} text of {args.data!r}: {err}") from err
+        blocks[split] = torch.tensor(packed["input_ids"][: math.ceil(tokens / block)])
+    gpt2.to(device)
+    before = validation_loss(gpt2, blocks["evaluation"])
+    try:
+        model, report = convert_gpt2(gpt2, blocks["calibration"].to(device), steps=args.steps,
+                                     progress=lambda items: tqdm(items, desc="blocks"), **overrides)
+    except ValueError as err:
+        raise CommandError(f"cannot convert: {err}") from err
+    after = validation_loss(model, blocks["evaluation"])
+    summary = {**report.to_dict(), "source": args.gpt2_dir, "design": overrides, "eval_tokens":
+               blocks["evaluation"].numel(), "loss": {"gpt2": before, "converted": after}}
+    tmp = temporary_name(out)
+    with writing(tmp):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove(tmp)
+        model.generation_config = gpt2.generation_config
+        model.save_pretrained(tmp)
+        tokenizer.model_max_length = model.config.n_positions
+        tokenizer.save_pretrained(tmp)
+        (tmp / "conversion.json").write_text(json.dumps(summary, indent=2) + "\n")
+        publish(tmp, out)
+    for entry in report.blocks:
+        print(f"block {entry['block']:>2}: relative error {entry['relative_error']:.4f}")
+    print(f"held-out loss ({blocks['evaluation'].numel():,} tokens of {args.data}): GPT-2 {before:.4f}, "
+          f"converted {after:.4f} nats/token ({after - before:+.4f})")
+    print(f"{report.method} in {report.seconds:.0f} s")
+    print(f"wrote {out}")
+    return 0

@@ -2,7 +2,7 @@
 
 Without CONFIG it trains ``configs/default.yaml``, a small model on the Python standard library
 that finishes in minutes on a laptop CPU. Works the same under ``accelerate launch`` and
-``torchrun``. See ``kangpt/config.py`` for the keys and ``kangpt/training.py`` for the loop.
+``torchrun``. See ``kangpt/run_config.py`` for the keys and ``kangpt/training.py`` for the loop.
 """
 
 import sys

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from kangpt.config import load_config
 from kangpt.data import load_documents, pack_documents
 from kangpt.evaluation import validation_loss
+from kangpt.run_config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 

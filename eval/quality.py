@@ -46,11 +46,11 @@ from pathlib import Path
 import torch
 import yaml
 
-from kangpt.config import ConfigError, RunConfig, build_config, load_config, model_config
 from kangpt.data import DataError
 from kangpt.modeling_kangpt import KANGPT2LMHeadModel
 from kangpt.plotting import new_figure
 from kangpt.report import parameter_counts
+from kangpt.run_config import ConfigError, RunConfig, build_config, load_config, model_config
 from kangpt.run_dir import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent

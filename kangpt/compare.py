@@ -55,7 +55,7 @@ import transformers
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from .configuration_kangpt import KANGPT2Config
-from .kan import triton_kernels_apply
+from .kan_fast import triton_kernels_apply
 from .measure import (
     DTYPES,
     PeakMemory,

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from transformers import PreTrainedConfig
 
-from .kan import BASES, KERNELS, SHARINGS, kan_block_hidden_size
+from .kan import kan_block_hidden_size
+from .kan_spec import KANSpec
 
 FFN_TYPES = ("kan", "mlp")
 
@@ -105,18 +108,16 @@ class KANGPT2Config(PreTrainedConfig):
         inner = self.n_inner if self.n_inner is not None else 4 * self.n_embd
         return 2 * self.n_embd * inner + inner + self.n_embd
 
+    def kan_spec(self) -> KANSpec:
+        """The settings of every KAN layer (the ``kan_*`` fields; a ``ValueError`` names a bad one)."""
+        try:
+            return KANSpec(**{field: getattr(self, f"kan_{field}") for field in KANSpec.__dataclass_fields__})
+        except ValueError as err:  # the spec's message starts with the field's name
+            raise ValueError(f"KANGPT2Config.kan_{err}") from None
+
     def kan_layer_kwargs(self) -> dict:
         """Keyword arguments of ``kangpt.kan.KANLinear`` for this config."""
-        return {
-            "basis": self.kan_basis,
-            "grid_size": self.kan_grid_size,
-            "spline_order": self.kan_spline_order,
-            "grid_range": tuple(self.kan_grid_range),
-            "rational_order": tuple(self.kan_rational_order),
-            "sharing": self.kan_sharing,
-            "groups": self.kan_groups,
-            "kernel": self.kan_kernel,
-        }
+        return dataclasses.asdict(self.kan_spec())
 
     def kan_hidden_size_of_layer(self, layer_idx: int) -> int:
         """KAN block width of layer ``layer_idx`` (0: a single KAN layer)."""
@@ -137,15 +138,7 @@ class KANGPT2Config(PreTrainedConfig):
                 "must be a positive integer",
             )
 
-        for field in (
-            "vocab_size",
-            "n_positions",
-            "n_embd",
-            "n_layer",
-            "n_head",
-            "kan_grid_size",
-            "kan_groups",
-        ):
+        for field in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
             positive_int(field)
         need(
             self.n_inner is None or (isinstance(self.n_inner, int) and self.n_inner > 0),
@@ -158,26 +151,7 @@ class KANGPT2Config(PreTrainedConfig):
         need(self.layer_norm_epsilon > 0, "layer_norm_epsilon", "must be > 0")
         need(self.initializer_range > 0, "initializer_range", "must be > 0")
         need(self.ffn_type in FFN_TYPES, "ffn_type", f"must be one of {FFN_TYPES}")
-        need(self.kan_basis in BASES, "kan_basis", f"must be one of {BASES}")
-        need(self.kan_sharing in SHARINGS, "kan_sharing", f"must be one of {SHARINGS}")
-        need(self.kan_kernel in KERNELS, "kan_kernel", f"must be one of {KERNELS}")
-        need(
-            isinstance(self.kan_spline_order, int) and self.kan_spline_order >= 0,
-            "kan_spline_order",
-            "must be an integer >= 0",
-        )
-        need(
-            len(self.kan_grid_range) == 2 and self.kan_grid_range[0] < self.kan_grid_range[1],
-            "kan_grid_range",
-            "must be [low, high] with low < high",
-        )
-        need(
-            len(self.kan_rational_order) == 2
-            and self.kan_rational_order[0] >= 0
-            and self.kan_rational_order[1] >= 1,
-            "kan_rational_order",
-            "must be [m >= 0, n >= 1]",
-        )
+        self.kan_spec()
         widths = self.kan_hidden_size if isinstance(self.kan_hidden_size, list) else [self.kan_hidden_size]
         need(
             all(w is None or (isinstance(w, int) and w >= 0) for w in widths),

@@ -32,7 +32,8 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from .configuration_kangpt import KANGPT2Config
-from .kan import GroupedBasis, KANLinear, RationalBasis
+from .kan import KANLinear
+from .kan_bases import GroupedBasis, RationalBasis
 
 _FIT_VALUES = 1 << 16  # values of each group's inputs a function is fitted on (a random sample)
 _PRE_TOKENS = 4096  # tokens whose MLP pre-activations (4 x d each) are kept per block
@@ -59,7 +60,7 @@ def keeps_linear_maps(config: KANGPT2Config) -> bool:
     ``n_embd -> n_inner -> n_embd``."""
     inner = config.n_inner or 4 * config.n_embd
     widths = {config.kan_hidden_size_of_layer(b) for b in range(config.n_layer)}
-    grouped = config.kan_basis == "rational" or config.kan_sharing == "group"
+    grouped = config.kan_spec().grouped
     return grouped and widths == {inner}
 
 

@@ -23,7 +23,7 @@ import os
 
 import torch
 
-from .kan import GroupedBSplineBasis
+from .kan_bases import GroupedBSplineBasis
 
 try:  # imported only where triton is installed; the guard keeps remote code loadable without it
     import triton

@@ -27,7 +27,8 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_kangpt import KANGPT2Config
-from .kan import GroupedBasis, KANFeedForward, KANLinear, RationalBasis
+from .kan import KANFeedForward, KANLinear
+from .kan_bases import GroupedBasis, RationalBasis
 
 logger = logging.get_logger(__name__)
 
@@ -114,13 +115,14 @@ class KANGPT2MLP(nn.Module):
         return self.dropout(self.c_proj(self.act(self.c_fc(hidden_states))))
 
 
-class KANGPT2KANMLP(KANFeedForward):
-    """The KAN feed-forward block (``ffn_type="kan"``): ``n_embd -> h -> n_embd`` KAN layers (or one
-    ``n_embd -> n_embd`` layer when the layer's ``kan_hidden_size`` is 0), then dropout."""
+class KANGPT2FeedForward(KANFeedForward):
+    """The KAN feed-forward block (``ffn_type="kan"``), in GPT-2's MLP's place (the ``mlp`` of a
+    block): ``n_embd -> h -> n_embd`` KAN layers (or one ``n_embd -> n_embd`` layer when the layer's
+    ``kan_hidden_size`` is 0), then dropout."""
 
     def __init__(self, config: KANGPT2Config, layer_idx: int):
         hidden = config.kan_hidden_size_of_layer(layer_idx)
-        if config.kan_basis == "rational" or config.kan_sharing == "group":  # checked here, as n_head is
+        if config.kan_spec().grouped:  # checked here, as n_head is
             groups = config.kan_groups
             if config.n_embd % groups:
                 raise ValueError(f"KANGPT2Config.kan_groups must divide n_embd={config.n_embd}, got {groups}")
@@ -151,9 +153,8 @@ class KANGPT2Block(GradientCheckpointingLayer):
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.attn = KANGPT2Attention(config, layer_idx)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.mlp = (
-            KANGPT2KANMLP(config, layer_idx) if config.ffn_type == "kan" else KANGPT2MLP(config, layer_idx)
-        )
+        feed_forward = KANGPT2FeedForward if config.ffn_type == "kan" else KANGPT2MLP
+        self.mlp = feed_forward(config, layer_idx)  # GPT-2's name, so that checkpoints keep their keys
 
     def forward(self, hidden_states, cache: Cache | None = None, attention_mask=None, **kwargs):
         """(B, T, C) -> (B, T, C)."""

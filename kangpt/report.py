@@ -7,8 +7,8 @@ from pathlib import Path
 import yaml
 from torch import nn
 
-from .config import RunConfig
 from .plotting import new_figure
+from .run_config import RunConfig
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:

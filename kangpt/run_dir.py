@@ -27,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import ConfigError, RunConfig
+from .run_config import ConfigError, RunConfig
 
 RUN_FILE = "run.yaml"
 METRICS_FILE = "metrics.jsonl"

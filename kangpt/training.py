@@ -29,12 +29,12 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
-from .config import ConfigError, DataConfig, RunConfig, TrainConfig, model_config
 from .data import DataError, load_splits, load_tokenizer, pack_documents, stream_blocks, unigram_entropy
 from .evaluation import block_losses
 from .kan import KANLinear
 from .modeling_kangpt import KANGPT2LMHeadModel
 from .report import plot_losses, write_model_card
+from .run_config import ConfigError, DataConfig, RunConfig, TrainConfig, model_config
 from .run_dir import (
     RunDir,
     checkpoint_problem,

@@ -17,7 +17,6 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from kangpt import commands
 from kangpt.commands.compare import main
 from kangpt.compare import GPT2_SIZES, MODELS, PARTS, SHAPES, parameter_table
-from kangpt.config import load_config
 from kangpt.kan import BASES
 from kangpt.measure import (
     MiB,
@@ -26,6 +25,7 @@ from kangpt.measure import (
     adamw_state_bytes_per_parameter,
     training_state_bytes,
 )
+from kangpt.run_config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 # transformers' GPT2LMHeadModel parameter counts (LM head tied to the token embeddings).

@@ -8,7 +8,7 @@ import yaml
 from accelerate.commands.config.config_args import load_config_from_file
 
 from kangpt import KANGPT2LMHeadModel, modeling_kangpt
-from kangpt.config import ConfigError, build_config, load_config, model_config, parse_args
+from kangpt.run_config import ConfigError, build_config, load_config, model_config, parse_args
 from kangpt.run_dir import RunDir, read_metrics, write_manifest
 from kangpt.training import learning_rate
 

@@ -5,16 +5,16 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from kangpt import kan
+from kangpt import kan_bases, kan_fast
 from kangpt.kan import (
     BASES,
     SHARINGS,
-    BSplineBasis,
     KANFeedForward,
     KANLinear,
     kan_block_hidden_size,
     kan_linear_num_parameters,
 )
+from kangpt.kan_bases import BSplineBasis
 
 # Every kind of layer: the spline-like bases per edge and grouped, and the (always grouped) rational.
 KINDS = [(basis, sharing) for sharing in SHARINGS for basis in BASES if basis != "rational"] + [
@@ -186,12 +186,23 @@ def test_chunked_function_equals_plain_autograd(basis, sharing):
         torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("basis,sharing", KINDS)
+def test_reference_forward_is_the_layer(basis, sharing):
+    """``reference_forward`` (features, one matmul) gives what ``forward`` gives, and is the obvious
+    formula of this test file."""
+    torch.manual_seed(12)
+    layer = KANLinear(12, 5, basis=basis, groups=4, sharing=sharing).double()
+    x = 2 * torch.randn(3, 7, 12, dtype=torch.float64)
+    torch.testing.assert_close(layer.reference_forward(x), reference_layer(layer, x))
+    torch.testing.assert_close(layer(x), layer.reference_forward(x))
+
+
 @pytest.mark.parametrize("k", [0, 1, 3])
 def test_grouped_bspline_blocks_equal_plain_autograd(k, monkeypatch):
     """The grouped B-spline eager path works in blocks of rows (per-row histograms for the gradient
     of the coefficients); cut into blocks of 5 rows, the last one ragged, values and every gradient
     equal plain autograd through the pointwise formula."""
-    monkeypatch.setattr(kan.GroupedBSplineBasis, "_BLOCK_ELEMENTS", 5 * 12)
+    monkeypatch.setattr(kan_bases.GroupedBSplineBasis, "_BLOCK_ELEMENTS", 5 * 12)
     torch.manual_seed(11)
     layer = KANLinear(12, 6, spline_order=k, sharing="group", groups=4).double()
     with torch.no_grad():
@@ -217,7 +228,7 @@ def test_compiled_path_formula_equals_eager(basis, sharing, monkeypatch):
     eager = layer(x)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     torch.testing.assert_close(layer(x), eager)
-    monkeypatch.setattr(kan, "_COMPILE_CHUNK_ELEMENTS", 2 * 8 * layer.num_features)  # chunks 2, 2, 1
+    monkeypatch.setattr(kan_fast, "_COMPILE_CHUNK_ELEMENTS", 2 * 8 * layer.num_features)  # chunks 2, 2, 1
     torch.testing.assert_close(layer(x), eager)
 
 
@@ -389,7 +400,7 @@ def test_torch_compile_matches_eager_and_keeps_only_the_input(sharing, monkeypat
     with torch.no_grad():
         for param in layer.basis.parameters():  # grouped: functions far from their SiLU start
             param.normal_()
-    monkeypatch.setattr(kan, "_COMPILE_CHUNK_ELEMENTS", 20 * 16 * layer.num_features)  # 4 chunks
+    monkeypatch.setattr(kan_fast, "_COMPILE_CHUNK_ELEMENTS", 20 * 16 * layer.num_features)  # 4 chunks
     x = 2 * torch.randn(64, 16)
     x.requires_grad_()
     layer(x).pow(2).sum().backward()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kangpt.config import ConfigError, build_config
+from kangpt.run_config import ConfigError, build_config
 from kangpt.run_dir import MANIFEST, RunDir, checkpoint_problem, publish, write_manifest, writing
 
 

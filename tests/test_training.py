@@ -26,8 +26,8 @@ from datasets import IterableDataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, pipeline
 
 from kangpt import KANGPT2LMHeadModel, commands
-from kangpt.config import build_config, load_config, model_config
 from kangpt.kan import KANLinear
+from kangpt.run_config import build_config, load_config, model_config
 from kangpt.run_dir import MANIFEST, checkpoint_problem
 from kangpt.training import (
     NO_MATPLOTLIB,

@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..config import ConfigError
 from ..data import DataError
 from ..loading import ModelFolderError
+from ..run_config import ConfigError
 from . import compare, convert, generate, inspect, train
 from .errors import CommandError
 

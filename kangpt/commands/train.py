@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..config import parse_args
+from ..run_config import parse_args
 from ..training import train
 
 HELP = "train KAN-GPT-2 as CONFIG.yaml says, with --section.key=value overrides (as python train.py)"
@@ -14,10 +14,11 @@ HELP = "train KAN-GPT-2 as CONFIG.yaml says, with --section.key=value overrides 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Train KAN-GPT-2 as CONFIG.yaml says, with overrides such as --train.max_steps=100 "
-        "--data.dataset=corpus/ --model.n_layer=6. Sections: model, data, train (see kangpt/config.py). "
+        "--data.dataset=corpus/ --model.n_layer=6. Sections: model, data, train (see kangpt/run_config.py). "
         "Runs under `accelerate launch` and `torchrun` too."
     )
-    parser.add_argument("config", nargs="?", help="run config (default: every key at its default)")
+    parser.add_argument("config", nargs="?", help="run config (default: python train.py takes "
+                        "configs/default.yaml, kangpt train every key at its default)")
     parser.add_argument("--default-config", help=argparse.SUPPRESS)  # train.py's configs/default.yaml
     parser.set_defaults(overrides=[])
 

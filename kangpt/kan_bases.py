@@ -1,0 +1,734 @@
+"""The functions of KAN layers: the spline-like bases (B-splines, Gaussian RBFs, Chebyshev
+polynomials of a squashed input), the group-rational function of GR-KAN, and the grouped functions
+(one learnable function per group of inputs) built on the spline-like bases.
+
+Every basis has the interface of :class:`Basis`: its features of an input ``x`` (..., in) are
+(..., F, in), a plain differentiable formula (``features``, what ``torch.compile`` fuses and what
+plots and fits read) and an eager fast path that writes them into a buffer and, for the backward,
+returns the input's gradient from the hand-derived derivative (``features_and_grads``). Each class
+holds its formula and its derivative side by side. See ``kangpt.kan`` for how a layer uses them.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
+
+from .kan_spec import KANSpec
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """Features are evaluated in at least fp32 (bf16/fp16 inputs are upcast, fp64 is kept)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _fp32_features(method):
+    """Run a feature method in at least fp32 with autocast off (matmuls inside stay exact)."""
+
+    @functools.wraps(method)
+    def wrapper(self, x, *args, **kwargs):
+        if x.dtype != _compute_dtype(x):  # a no-op .to() still costs a dispatch per call (decoding)
+            x = x.to(_compute_dtype(x))
+        if not torch.is_autocast_enabled(x.device.type):
+            return method(self, x, *args, **kwargs)
+        with torch.autocast(x.device.type, enabled=False):
+            return method(self, x, *args, **kwargs)
+
+    return wrapper
+
+
+def _horner(x: torch.Tensor, coefs, inplace: bool = False) -> torch.Tensor:
+    """``sum_p coefs[p] * x**p`` by Horner's rule; every ``coefs[p]`` broadcasts against ``x``.
+
+    With ``inplace`` the running value is updated in place (fewer allocations, not differentiable).
+    """
+    shape = torch.broadcast_shapes(x.shape, *(c.shape for c in coefs))
+    if len(coefs) < 2:
+        return coefs[0].expand(shape).clone() if coefs else x.new_zeros(shape)
+    y = torch.addcmul(coefs[-2], x, coefs[-1])  # one fused multiply-add per power
+    for c in coefs[-3::-1]:
+        y = torch.addcmul(c, y, x, out=y) if inplace else torch.addcmul(c, y, x)
+    return y
+
+
+class Basis(Protocol):
+    """What a KAN layer needs of its basis. ``F = num_features`` features per input; the layer's
+    weight has ``F * in_features`` columns, feature-major (feature f of every input, then f + 1)."""
+
+    num_features: int
+    chunk_width: int  # values per input held while a chunk of tokens is processed (sets the chunk size)
+
+    def initial_parameters(self) -> dict[str, torch.Tensor]:
+        """The basis's own parameters at initialisation, by attribute name (none for most)."""
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in) -> (..., F, in) in at least fp32, differentiable (the reference formula)."""
+
+    def features_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The features of ``x`` written into ``out`` (..., F, in), without autograd (fast path)."""
+
+    def features_and_grads(self, x: torch.Tensor, out: torch.Tensor, grad_out: torch.Tensor):
+        """Features into ``out`` and, from d(loss)/d(features) ``grad_out`` (..., F, in), the gradients
+        of the input and of the basis's parameters: ``(out, grad_x, (grad_param, ...))``."""
+
+
+class SplineBasis(nn.Module):
+    """Base class of the spline-like bases: features ``[silu(x), B_0(x), ..., B_{K-1}(x)]``.
+
+    Two evaluation paths compute the same values: :meth:`functions`, a plain differentiable
+    formula (pointwise, so that ``torch.compile`` fuses it and can recompute it in backward), and
+    :meth:`_write`, the eager fast path of the layer's custom autograd function, which fills a
+    reusable buffer and returns a hand-written vector-Jacobian product. The basis holds no
+    parameters: the coefficients live in the layer's weight.
+    """
+
+    def __init__(self, num_functions: int, grid_range: tuple[float, float]):
+        super().__init__()
+        self.num_functions = num_functions
+        self.grid_range = (float(grid_range[0]), float(grid_range[1]))
+
+    @property
+    def num_features(self) -> int:
+        return 1 + self.num_functions
+
+    @property
+    def chunk_width(self) -> int:
+        """Values per input held while a chunk is processed (sets the chunk size)."""
+        return self.num_features
+
+    def initial_parameters(self) -> dict[str, torch.Tensor]:
+        """The basis's own parameters at initialisation: none (the coefficients are the layer's)."""
+        return {}
+
+    def each_function(self, x: torch.Tensor):
+        """The K basis functions of ``x``, one tensor of ``x``'s shape after the other (differentiable,
+        pointwise: ``torch.compile`` fuses a weighted sum of them into one kernel)."""
+        raise NotImplementedError
+
+    def _functions(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in) -> (..., K, in), differentiable; ``x`` is already fp32 or fp64."""
+        return torch.stack(list(self.each_function(x)), dim=-2)
+
+    def _vjp(self, x: torch.Tensor, values: torch.Tensor):
+        """A function mapping d(loss)/d(values) (..., K, in) to d(loss)/dx (..., in)."""
+        raise NotImplementedError
+
+    def _write(self, x: torch.Tensor, out: torch.Tensor, vjp: bool):
+        """Write the K basis values of ``x`` into ``out`` (..., K, in); return :meth:`_vjp` if asked."""
+        out.copy_(self._functions(x))
+        return self._vjp(x, out) if vjp else None
+
+    @_fp32_features
+    def functions(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in) -> (..., K, in) basis values, in fp32 (or fp64)."""
+        return self._functions(x)
+
+    @_fp32_features
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in) -> (..., 1 + K, in) features in fp32 (or fp64), differentiable."""
+        return torch.cat([F.silu(x).unsqueeze(-2), self._functions(x)], dim=-2)
+
+    @_fp32_features
+    def features_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The features of ``x`` written into ``out`` (..., 1 + K, in) by the fast path."""
+        out[..., 0, :] = F.silu(x)
+        self._write(x, out[..., 1:, :], vjp=False)
+        return out
+
+    @_fp32_features
+    def features_and_vjp(self, x: torch.Tensor, out: torch.Tensor):
+        """:meth:`features_into`, plus a function mapping d(loss)/d(features) to (d(loss)/dx, ())."""
+        out[..., 0, :] = F.silu(x)
+        spline_vjp = self._write(x, out[..., 1:, :], vjp=True)
+
+        def vjp(grad_feats):  # (..., 1 + K, in) -> (..., in)
+            silu_grad = torch.ops.aten.silu_backward(grad_feats[..., 0, :], x)
+            return silu_grad + spline_vjp(grad_feats[..., 1:, :]), ()
+
+        return out, vjp
+
+    def features_and_grads(self, x: torch.Tensor, out: torch.Tensor, grad_out: torch.Tensor):
+        """Features into ``out`` and the input's gradient from d(loss)/d(features) ``grad_out``:
+        ``(out, grad_x, ())`` (the basis has no parameters)."""
+        out, vjp = self.features_and_vjp(x, out)
+        return (out, *vjp(grad_out))
+
+
+class BSplineBasis(SplineBasis):
+    """B-splines of order (degree) ``k`` on a uniform grid, in closed form.
+
+    The range ``[a, b]`` is cut into ``G = grid_size`` intervals of width ``h``; the knot vector is
+    extended by ``k`` knots on each side, ``t_j = a + (j - k) h``, which gives ``K = G + k`` basis
+    functions, each a shifted cardinal B-spline ``B_j(x) = N_k((x - t_j) / h)`` with the
+    truncated-power formula ``N_k(u) = 1/k! sum_r (-1)^r C(k+1, r) (u - r)_+^k``. No Cox-de Boor
+    recursion runs. Parameters per edge: K coefficients + 1 SiLU weight.
+
+    - Eager fast path: with ``z = (x - a) / h + k``, ``c = floor(z)``, ``t = z - c``, exactly the
+      k + 1 functions ``B_{c-m}`` (m = 0..k) are non-zero, and ``B_{c-m}(x) = P_m(t)``, the m-th
+      polynomial piece of ``N_k`` (coefficients precomputed). k + 1 polynomials in ``t in [0, 1)``
+      and one scatter per input; backward gathers the k + 1 matching gradients.
+    - Pointwise formula (compile, plotting): ``N_k`` folded at its centre, ``v = min(u, k + 1 - u)``,
+      ``N_k = 1/k! sum_{m < (k+1)/2} (-1)^m C(k+1, m) max(v - m, 0)^k`` for every j: no
+      scatter, every term bounded by ``((k+1)/2)^k``.
+
+    Inputs outside the grid: the B-splines near the ends fade to zero across the ``k`` extra knots
+    ``[a - k h, a)`` and ``(b, b + k h]``, and are exactly zero beyond; there only the SiLU term of
+    each edge acts (as in the KAN paper). Inside ``[a, b]`` the K functions sum to one. At a knot,
+    values are those of the half-open convention ``[t_j, t_{j+1})`` (it matters only for k = 0).
+    """
+
+    def __init__(self, grid_size: int, spline_order: int, grid_range: tuple[float, float]):
+        super().__init__(grid_size + spline_order, grid_range)
+        self.grid_size = grid_size
+        self.spline_order = spline_order
+        self.step = (self.grid_range[1] - self.grid_range[0]) / grid_size
+        self._pieces = _cardinal_bspline_pieces(spline_order)
+        self._cache = {}
+        k = spline_order
+        self._folded = [(-1) ** m * math.comb(k + 1, m) / math.factorial(k) for m in range((k + 2) // 2)]
+
+    def each_function(self, x):
+        k = self.spline_order
+        z = x * (1 / self.step) + (k - self.grid_range[0] / self.step)  # (x - a) / h + k, no division
+        for j in range(self.num_functions):
+            u = z - j  # (x - t_j) / h
+            if k == 0:  # indicator of [t_j, t_{j+1})
+                yield ((u >= 0) & (u < 1)).to(x.dtype)
+                continue
+            v = (k + 1) / 2 - (u - (k + 1) / 2).abs()  # min(u, k + 1 - u), with a cheaper gradient
+            yield sum(coef * (v - m).clamp(min=0).pow(k) for m, coef in enumerate(self._folded))
+
+    def _constants(self, x):
+        """Small per-(device, dtype) tensors of the fast path, built once: the shifts m = 0..k,
+        the coefficients of every piece by power, ``pieces[p][m]``, and those of ``P_m' / h``, each
+        with a trailing unit dimension (against (..., k + 1, in))."""
+        key = (x.device, x.dtype)
+        if key not in self._cache:
+            k = self.spline_order
+            pieces = torch.tensor(self._pieces, device=x.device, dtype=x.dtype).t()  # (power, m)
+            slopes = pieces[1:] * torch.arange(1, k + 1, device=x.device, dtype=x.dtype).unsqueeze(-1)
+            shifts = torch.arange(k + 1, device=x.device, dtype=x.dtype)
+            self._cache[key] = tuple(
+                c.unsqueeze(-1).contiguous() for c in (shifts, pieces, slopes / self.step)
+            )
+        return self._cache[key]
+
+    def _write(self, x, out, vjp):
+        k, n_fun = self.spline_order, self.num_functions
+        shifts, pieces, slopes = self._constants(x)
+        z = (x * (1 / self.step)).add_(k - self.grid_range[0] / self.step)  # (..., in): (x - a) / h + k
+        c = z.clamp_(-1.0, n_fun + k).floor()  # beyond these bounds every function is zero anyway
+        t = z.sub_(c)  # (..., in) in [0, 1)
+        rows = c.unsqueeze(-2) - shifts  # (..., k + 1, in): row of B_{c-m}
+        clamped = rows.clamp(0, n_fun - 1)
+        invalid = clamped != rows
+        index = clamped.to(torch.int64)
+        t = t.unsqueeze(-2)  # against (power, k + 1, 1) coefficients: the k + 1 pieces at once
+        values = _horner(t, pieces.unbind(0), inplace=True).masked_fill_(invalid, 0.0)  # B_{c-m}(x)
+        out.zero_().scatter_add_(-2, index, values)  # invalid entries add 0 to a clamped row
+        if not vjp:
+            return None
+        dvalues = _horner(t, slopes.unbind(0), inplace=True).masked_fill_(invalid, 0.0)
+
+        def spline_vjp(grad_values):  # (..., K, in) -> (..., in)
+            return (grad_values.gather(-2, index) * dvalues).sum(-2)
+
+        return spline_vjp
+
+
+def _cardinal_bspline_pieces(k: int) -> list[list[float]]:
+    """Coefficients ``C[m][p]`` with ``N_k(t + m) = sum_p C[m][p] t^p`` for t in [0, 1), m = 0..k."""
+    pieces = []
+    for m in range(k + 1):
+        coefs = [0.0] * (k + 1)
+        for r in range(m + 1):  # terms (t + m - r)^k of the truncated-power formula that are active
+            w = (-1) ** r * math.comb(k + 1, r) / math.factorial(k)
+            for p in range(k + 1):
+                coefs[p] += w * math.comb(k, p) * (m - r) ** (k - p)
+        pieces.append(coefs)
+    return pieces
+
+
+class RBFBasis(SplineBasis):
+    """Gaussian radial basis functions (FastKAN): ``B_k(x) = exp(-((x - c_k) / h)^2)``.
+
+    The K centres ``c_k`` are spread evenly over ``grid_range`` (ends included) and ``h`` is their
+    spacing. Parameters per edge: K coefficients + 1 SiLU weight. Far outside the range every
+    Gaussian underflows to zero and only the SiLU term acts.
+    """
+
+    def __init__(self, num_functions: int, grid_range: tuple[float, float]):
+        super().__init__(num_functions, grid_range)
+        a, b = self.grid_range
+        self.step = (b - a) / max(num_functions - 1, 1)
+
+    def _distances(self, x):
+        centres = torch.linspace(*self.grid_range, self.num_functions, device=x.device, dtype=x.dtype)
+        return (x.unsqueeze(-2) - centres.unsqueeze(-1)) * (1 / self.step)  # (..., K, in)
+
+    def each_function(self, x):
+        for centre in torch.linspace(*self.grid_range, self.num_functions, dtype=torch.float64).tolist():
+            d = (x - centre) * (1 / self.step)
+            yield torch.exp(-d * d)
+
+    def _vjp(self, x, values):
+        def spline_vjp(grad_values):  # d/dx exp(-d^2) = -2 d exp(-d^2) / h
+            return (grad_values * values * self._distances(x)).sum(-2) * (-2.0 / self.step)
+
+        return spline_vjp
+
+
+class ChebyshevBasis(SplineBasis):
+    """Chebyshev polynomials of a squashed input: ``B_k(x) = T_k(tanh(x))``, ``k = 0..K-1``.
+
+    ``T_k`` comes from the recurrence ``T_{k+1}(s) = 2 s T_k(s) - T_{k-1}(s)`` (no ``acos``, so no
+    infinite slope at ``s = +-1`` and nothing unsafe in bf16); ``tanh`` keeps ``s`` in [-1, 1] for
+    any input, so large inputs saturate instead of blowing up. Derivatives use
+    ``T_k' = k U_{k-1}`` with the Chebyshev polynomials of the second kind ``U``. Parameters per
+    edge: K coefficients (degree K - 1) + 1 SiLU weight.
+    """
+
+    def each_function(self, x):
+        s = torch.tanh(x)
+        previous, current = torch.ones_like(s), s
+        yield previous
+        for _ in range(1, self.num_functions):
+            yield current
+            previous, current = current, 2 * s * current - previous
+
+    def _vjp(self, x, values):
+        s = values[..., 1, :] if self.num_functions > 1 else torch.tanh(x)
+
+        def spline_vjp(grad_values):  # sum_k g_k T_k'(s) ds/dx
+            grad_s = torch.zeros_like(s)
+            u_prev, u = torch.zeros_like(s), torch.ones_like(s)  # U_{-1}, U_0
+            for k in range(1, self.num_functions):
+                grad_s += grad_values[..., k, :] * (k * u)
+                u_prev, u = u, 2 * s * u - u_prev
+            return grad_s * (1 - s * s)
+
+        return spline_vjp
+
+
+@functools.cache
+def _rational_silu_coefficients(
+    num_order: int, den_order: int
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Coefficients of P/(1 + |Q|) approximating SiLU on [-4, 4] (linearised least squares, fp64)."""
+    x = torch.linspace(-4, 4, 801, dtype=torch.float64, device="cpu")
+    y = F.silu(x)
+    # P(x) - y Q(x) = y with Q assumed positive on the fit range.
+    design = torch.cat(
+        [
+            torch.stack([x**p for p in range(num_order + 1)], -1),
+            torch.stack([-y * x**q for q in range(1, den_order + 1)], -1),
+        ],
+        dim=-1,
+    )
+    sol = torch.linalg.lstsq(design, y.unsqueeze(-1)).solution.squeeze(-1)
+    return tuple(sol[: num_order + 1].tolist()), tuple(sol[num_order + 1 :].tolist())
+
+
+class RationalBasis(nn.Module):
+    """Group-rational activation (GR-KAN, from the Kolmogorov-Arnold Transformer).
+
+    Inputs are split into ``groups`` contiguous groups; every input of group g goes through
+
+        R_g(x) = (a_g0 + a_g1 x + ... + a_gm x^m) / (1 + |b_g1 x + ... + b_gn x^n|),
+
+    whose denominator is at least 1, so it never vanishes. The layer then applies its linear map:
+    ``phi_ij(x) = w_ij R_g(i)(x)``. Parameters: one weight per edge, plus ``groups * (m + 1 + n)``
+    rational coefficients per layer. ``(m, n) = rational_order``, (5, 4) by default. The
+    coefficients start as a fit of SiLU.
+    """
+
+    num_features = 1
+
+    # Sets the chunk size (the backward holds several (tokens, in) temporaries): smaller values
+    # give longer chunks, faster but with a higher peak (tuned with eval/bench_kan.py).
+    chunk_width = 4
+
+    def __init__(self, in_features: int, groups: int, order: tuple[int, int], device=None, dtype=None):
+        super().__init__()
+        self.groups = groups
+        self.order = (int(order[0]), int(order[1]))
+        self.numerator = nn.Parameter(torch.empty(groups, self.order[0] + 1, device=device, dtype=dtype))
+        self.denominator = nn.Parameter(torch.empty(groups, self.order[1], device=device, dtype=dtype))
+        self.group_size = in_features // groups
+
+    def initial_parameters(self) -> dict[str, torch.Tensor]:
+        """Every group starts as the same rational fit of SiLU."""
+        num, den = _rational_silu_coefficients(*self.order)
+        factory = {"device": self.numerator.device, "dtype": self.numerator.dtype}
+        return {
+            "numerator": torch.tensor(num, **factory).expand_as(self.numerator),
+            "denominator": torch.tensor(den, **factory).expand_as(self.denominator),
+        }
+
+    def _coefficients(self, x):
+        """Per-power coefficients of P, Q, P' and Q' in ``x``'s dtype, each (G, 1) (against (..., G, S))."""
+        a, b = self.numerator.to(x.dtype), self.denominator.to(x.dtype)  # (G, m + 1), (G, n)
+        m, n = self.order
+        da = a[:, 1:] * torch.arange(1, m + 1, device=x.device, dtype=x.dtype)  # P' (G, m)
+        db = b * torch.arange(1, n + 1, device=x.device, dtype=x.dtype)  # Q' (G, n)
+        return [c.unsqueeze(-1).unbind(1) for c in (a, b, da, db)]
+
+    def _groups(self, x):
+        return x.unflatten(-1, (self.groups, self.group_size))  # (..., in) -> (..., G, S)
+
+    @staticmethod
+    def _rational(xg, a, b):
+        """Q(x), 1 + |Q(x)| and R(x) = P(x) / (1 + |Q(x)|), each (..., G, S)."""
+        q = xg * _horner(xg, b)  # Q(x) = b_1 x + ... + b_n x^n
+        den = 1 + q.abs()
+        return q, den, _horner(xg, a) / den
+
+    @_fp32_features
+    def features(self, x):
+        """(..., in) -> (..., 1, in): R_g(x) of every input, differentiable."""
+        xg = self._groups(x)
+        a, b, _, _ = self._coefficients(x)
+        return self._rational(xg, a, b)[2].flatten(-2).unsqueeze(-2)
+
+    def features_into(self, x, out):
+        """The features of ``x`` written into ``out`` (..., 1, in)."""
+        return out.copy_(self.features(x))
+
+    @_fp32_features
+    def features_and_vjp(self, x, out):
+        """:meth:`features_into`, plus a function mapping d(loss)/d(features) to (d/dx, (d/da, d/db))."""
+        xg = self._groups(x)  # (..., G, S)
+        a, b, da, db = self._coefficients(x)
+        q, den, r = self._rational(xg, a, b)
+        out.copy_(r.flatten(-2).unsqueeze(-2))
+        sums = [d for d in range(xg.dim()) if d != xg.dim() - 2]  # every dimension but the group's
+
+        def power_sums(g, first, last):  # (G, last - first + 1): sum of g x^i for i = first..last
+            t = g * xg if first else g
+            cols = [t.sum(sums)]
+            for _ in range(first, last):
+                t = t * xg
+                cols.append(t.sum(sums))
+            return torch.stack(cols, -1)
+
+        def vjp(grad_feats):  # (..., 1, in) -> (..., in), ((G, m + 1), (G, n))
+            g = self._groups(grad_feats.squeeze(-2))
+            g_num = g / den  # dL/dP
+            g_q = -g_num * r * torch.sign(q)  # dL/dQ
+            grad_x = g_num * _horner(xg, da) + g_q * _horner(xg, db)
+            m, n = self.order
+            return grad_x.flatten(-2), (power_sums(g_num, 0, m), power_sums(g_q, 1, n))
+
+        return out, vjp
+
+    def features_and_grads(self, x, out, grad_out):
+        """Features into ``out`` and, from d(loss)/d(features) ``grad_out``, the gradients of the input
+        and of the coefficients: ``(out, grad_x, (grad_numerator, grad_denominator))``."""
+        out, vjp = self.features_and_vjp(x, out)
+        return (out, *vjp(grad_out))
+
+
+class GroupedBasis(nn.Module):
+    """One learnable function per group of inputs over a spline-like basis (GR-KAN's sharing).
+
+    Inputs are split into ``groups`` contiguous groups; every input ``i`` of group ``g`` goes through
+
+        phi_g(x) = a_g0 x + a_g1 silu(x) + sum_k a_g,k+2 B_k(x),
+
+    a linear term, the KAN residual SiLU and the spline-like basis, weighted by the group's
+    coefficients ``a_g`` (the ``coefficients`` parameter, (groups, 2 + K)); the layer's weight
+    scales it per edge: ``phi_ij(x) = w_ij phi_g(i)(x)``. The layer is then as wide as an MLP for the
+    parameters of one: one weight per edge plus ``groups * (2 + K)`` function coefficients per layer.
+    The linear term makes the identity exact everywhere, and with the SiLU term the tails of the
+    usual activations (GELU - SiLU vanishes on both sides), which converting an MLP needs. Every
+    group starts as SiLU (``a_g = [0, 1, 0, ..., 0]``).
+
+    This class evaluates the K basis functions of every input densely; :class:`GroupedBSplineBasis`
+    uses the B-splines' local support instead.
+    """
+
+    num_features = 1
+    chunk_width = 1  # the features are as large as the input: chunks only bound the matmuls
+
+    def __init__(self, basis: SplineBasis, in_features: int, groups: int, device=None, dtype=None):
+        super().__init__()
+        self.spline = basis
+        self.groups = groups
+        self.group_size = in_features // groups
+        self.coefficients = nn.Parameter(
+            torch.empty(groups, 1 + basis.num_features, device=device, dtype=dtype)
+        )
+
+    def initial_parameters(self) -> dict[str, torch.Tensor]:
+        """Every group starts as SiLU."""
+        a = torch.zeros_like(self.coefficients)
+        a[:, 1] = 1.0
+        return {"coefficients": a}
+
+    @_fp32_features
+    def terms(self, x: torch.Tensor) -> torch.Tensor:
+        """(P,) -> (P, 2 + K): the terms ``[x, silu(x), B_0(x), ...]`` every group function combines."""
+        return torch.cat([x.unsqueeze(-1), self.spline.features(x.unsqueeze(-1)).squeeze(-1)], -1)
+
+    @_fp32_features
+    def group_functions(self, x: torch.Tensor) -> torch.Tensor:
+        """(P,) -> (P, groups): every group function at points ``x``."""
+        return self.terms(x) @ self.coefficients.to(x.dtype).t()
+
+    @_fp32_features
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in) -> (..., 1, in): phi_g(x) of every input, differentiable (the reference formula,
+        pointwise: one term per basis function, each group's coefficient broadcast over its inputs)."""
+        xg = x.unflatten(-1, (self.groups, self.group_size))  # (..., G, S)
+        a = self.coefficients.to(x.dtype).unsqueeze(-1)  # (G, 2 + K, 1)
+        phi = a[:, 0] * xg + a[:, 1] * F.silu(xg)
+        for k, values in enumerate(self.spline.each_function(xg), start=2):
+            phi = phi + a[:, k] * values
+        return phi.flatten(-2).unsqueeze(-2)
+
+    def features_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The features of ``x`` written into ``out`` (..., 1, in)."""
+        with torch.no_grad():
+            return out.copy_(self.features(x))
+
+    @_fp32_features
+    def features_and_grads(self, x: torch.Tensor, out: torch.Tensor, grad_out: torch.Tensor):
+        """Features into ``out`` and, from d(loss)/d(features) ``grad_out`` (..., 1, in), the gradients
+        of the input and of ``coefficients``: ``(out, grad_x, (grad_coefficients,))``, by autograd
+        through :meth:`features` (:class:`GroupedBSplineBasis` has a faster path)."""
+        with torch.enable_grad():
+            x = x.detach().requires_grad_()
+            feats = self.features(x)
+            grad_x, grad_coefficients = torch.autograd.grad(feats, (x, self.coefficients), grad_out)
+        out.copy_(feats.detach())
+        return out, grad_x, (grad_coefficients,)
+
+
+class GroupedBSplineBasis(GroupedBasis):
+    """:class:`GroupedBasis` over B-splines, evaluated by their local support (cost independent of K).
+
+    On the uniform grid, ``phi_g`` is one polynomial of degree k per grid interval: with
+    ``z = (x - a) / h + k``, ``c = floor(z)`` and ``t = z - c``, the spline part is
+    ``sum_p E[g, c, p] t^p``, where the piece table ``E = a_g @ T`` follows from the coefficients by a
+    fixed linear map ``T`` (the k + 1 B-spline pieces active on each interval). Evaluating it is one
+    gather of a table row and a Horner step per input, whatever the number of B-splines; the
+    gradient of the table is a histogram of ``grad * t^p`` over (group, interval), mapped back by
+    ``T``. This is the eager path; ``features`` (the pointwise formula) is what ``torch.compile``
+    fuses. Work is done in blocks of rows whose temporaries stay in the CPU's cache.
+    """
+
+    # Elements per block: larger blocks cost fewer op calls, smaller ones keep their temporaries in
+    # the CPU's caches (tuned with eval/bench_kan.py).
+    _BLOCK_ELEMENTS = 1 << 18
+
+    def __init__(self, basis: BSplineBasis, in_features: int, groups: int, device=None, dtype=None):
+        super().__init__(basis, in_features, groups, device=device, dtype=dtype)
+        self._cache = {}
+        self._inference, self._inference_key, self._inference_source = None, None, None
+
+    @property
+    def rows(self) -> int:
+        """Table rows per group: the intervals c = -1 .. K + k (the first and last hold zeros)."""
+        return self.spline.num_functions + self.spline.spline_order + 2
+
+    def _constants(self, x):
+        """``T`` (K, rows, k + 1) and every input's first table row (in,), per device and dtype (built
+        once, not under ``torch.compile``: a tensor stored while tracing would escape the graph)."""
+        key = (x.device, x.dtype)
+        if key not in self._cache or torch.compiler.is_compiling():
+            k, n_fun = self.spline.spline_order, self.spline.num_functions
+            pieces = torch.tensor(_cardinal_bspline_pieces(k), dtype=torch.float64)  # (m, power)
+            transform = torch.zeros(n_fun, self.rows, k + 1, dtype=torch.float64)
+            for j in range(n_fun):  # B_j is piece m on interval c = j + m, which is table row c + 1
+                transform[j, j + 1 : j + k + 2] = pieces
+            first_row = torch.arange(self.groups).repeat_interleave(self.group_size) * self.rows
+            constants = (transform.to(x.device, x.dtype), first_row.to(x.device))
+            if torch.compiler.is_compiling():
+                return constants
+            self._cache[key] = constants
+        return self._cache[key]
+
+    def _tables(self, coefficients, x):
+        """The piece table (groups * rows, k + 1): the polynomial of every interval of every group, by
+        power; every input's linear and SiLU weights (in,) each; its group's first table row (in,)."""
+        transform, first_row = self._constants(x)
+        a = coefficients.to(x.dtype)  # (G, 2 + K)
+        table = torch.einsum("gj,jrp->grp", a[:, 2:], transform).flatten(0, 1)  # (G * rows, k + 1)
+        linear, silu = (a[:, i].repeat_interleave(self.group_size) for i in (0, 1))
+        return table, linear, silu, first_row
+
+    def _inference_tables(self, x):
+        """:meth:`_tables` of the forward-only path, kept while the coefficients hold the same values
+        (compared, not tracked: ``.data`` writes bump no version) and the input's device and dtype
+        stay: generation calls the layer once per new token."""
+        c = self.coefficients.detach()
+        if isinstance(c, FakeTensor):  # shapes only (memory estimates): no values to compare
+            return self._tables(c, x)
+        key = (x.device, x.dtype)
+        if self._inference_key != key or not torch.equal(c, self._inference_source):
+            self._inference = self._tables(c, x)
+            self._inference_key, self._inference_source = key, c.clone()
+        return self._inference
+
+    def _locate(self, x, first_row):
+        """(..., in) -> the table row of every input (int64) and its position ``t`` in the interval.
+
+        Row ``c + 1`` of its group holds interval ``c = floor(z)``; ``z + 1`` is clamped to
+        ``[0, K + k + 1]`` (beyond: the zero rows), where the cast to an integer is the floor and the
+        fractional part is ``t``."""
+        spline = self.spline
+        z = x.mul(1 / spline.step).add_(spline.spline_order + 1 - spline.grid_range[0] / spline.step)
+        z.clamp_(0.0, float(spline.num_functions + spline.spline_order + 1))
+        row = z.to(torch.int64)
+        return row.add_(first_row), z.frac_()
+
+    @staticmethod
+    def _piece(t, e):
+        """``sum_p e[p] t^p`` by Horner's rule: the spline part of phi_g, from the pieces ``e`` (k + 1
+        tensors, the columns of the gathered table rows)."""
+        value = e[-1]
+        for c in e[-2::-1]:
+            value = torch.addcmul(c, value, t)
+        return value
+
+    @staticmethod
+    def _piece_slope(t, e):
+        """``sum_p p e[p] t^(p-1)``, the derivative of :meth:`_piece` in ``t`` (divide by the grid step
+        for the derivative in x), from the same pieces: ``e_1 + 2 t (e_2 + 3/2 t (e_3 + ...))``."""
+        if len(e) < 2:
+            return torch.zeros_like(t)
+        slope = e[-1]
+        for p in range(len(e) - 2, 0, -1):
+            slope = torch.addcmul(e[p], slope, t, value=(p + 1) / p)
+        return slope
+
+    def _blocks(self, x):
+        rows = max(1, self._BLOCK_ELEMENTS // x.shape[-1])
+        return [slice(s, s + rows) for s in range(0, x.shape[0], rows)]
+
+    def compiled_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in) -> (..., 1, in): the features as ``torch.compile`` computes them (see
+        :class:`_GroupedSplineFunction`); the same values as :meth:`features`."""
+        return _GroupedSplineFunction.apply(x, self.coefficients, self).unsqueeze(-2)
+
+    def _values(self, x: torch.Tensor, coefficients: torch.Tensor, slopes: bool):
+        """phi_g(x) of every input of ``x`` (..., in) from the piece table, and its derivative if asked."""
+        table, linear, silu_weight, first_row = self._tables(coefficients, x)
+        index, t = self._locate(x, first_row)
+        e = table[index].unbind(-1)  # k + 1 of (..., in): the pieces of every input's interval
+        value = self._piece(t, e) + linear * x + silu_weight * F.silu(x)
+        if not slopes:
+            return value, None
+        sigmoid = torch.sigmoid(x)
+        silu_slope = sigmoid * (1 + x * (1 - sigmoid))
+        return value, self._piece_slope(t, e) / self.spline.step + linear + silu_weight * silu_slope
+
+    def _phi_into(self, x, tables, out):
+        """phi_g(x) of a (rows, in) block ``x`` written into ``out``; returns the row index, ``t``, the
+        gathered pieces and ``silu(x)`` for the backward."""
+        table, linear, a_silu, first_row = tables
+        index, t = self._locate(x, first_row)
+        e = F.embedding(index, table).unbind(-1)  # k + 1 of (rows, in): a row gather, fastest on CPU
+        silu = F.silu(x)
+        torch.addcmul(self._piece(t, e).addcmul_(x, linear), silu, a_silu, out=out)
+        return index, t, e, silu
+
+    @_fp32_features
+    def features_into(self, x, out):
+        with torch.no_grad():
+            tables = self._inference_tables(x)
+            x2, out2 = x.reshape(-1, x.shape[-1]), out.view(-1, x.shape[-1])
+            if x2.numel() <= self._BLOCK_ELEMENTS:  # a decoding step: one block
+                self._phi_into(x2, tables, out2)
+                return out
+            for rows in self._blocks(x2):
+                self._phi_into(x2[rows], tables, out2[rows])
+        return out
+
+    @_fp32_features
+    def features_and_grads(self, x, out, grad_out):
+        with torch.no_grad():
+            tables = self._tables(self.coefficients, x)
+            _, linear, a_silu, _ = tables
+            k, bins = self.spline.spline_order, self.groups * self.rows
+            x2, out2, g2 = (
+                x.reshape(-1, x.shape[-1]),
+                out.view(-1, x.shape[-1]),
+                grad_out.reshape(-1, x.shape[-1]),
+            )
+            blocks = self._blocks(x2)
+            grad_x = torch.empty_like(x2)
+            # sum of grad * t^p per table row, one histogram per row of the block (a scatter along the
+            # last dimension runs its rows in parallel; one shared histogram would run on one thread)
+            histograms = x2.new_empty(len(x2[blocks[0]]), k + 1, bins)
+            histogram = x2.new_zeros(k + 1, bins)
+            term_sums = x2.new_zeros(2, x.shape[-1])  # sums of grad * x and grad * silu(x) per input
+            for rows in blocks:
+                xb, gb = x2[rows], g2[rows]
+                index, t, e, silu = self._phi_into(xb, tables, out2[rows])
+                grad = torch.ops.aten.silu_backward(gb * a_silu, xb).addcmul_(gb, linear)
+                torch.addcmul(grad, gb, self._piece_slope(t, e), value=1 / self.spline.step, out=grad_x[rows])
+                term_sums[0] += (gb * xb).sum(0)
+                term_sums[1] += (gb * silu).sum(0)
+                block = histograms[: len(xb)].zero_()
+                weight = gb
+                for p in range(k + 1):
+                    block[:, p].scatter_add_(1, index, weight)
+                    if p < k:
+                        weight = weight * t
+                histogram += block.sum(0)
+            transform, _ = self._constants(x)
+            grad_spline = torch.einsum(
+                "pgr,jrp->gj", histogram.view(k + 1, self.groups, self.rows), transform
+            )
+            grad_a = torch.cat([term_sums.view(2, self.groups, -1).sum(-1).t(), grad_spline], 1)
+        return out, grad_x.view(x.shape), (grad_a,)
+
+
+class _GroupedSplineFunction(torch.autograd.Function):
+    """Grouped B-spline values for ``torch.compile``: the value and its slope come from the piece
+    table (a gather, which Inductor fuses as an indirect load); the gradient of the coefficients is a
+    reduction of ``grad * term`` over the inputs of each group, with every B-spline written densely
+    (the histogram of the eager path would become atomic adds). Saves ``x`` and the coefficients."""
+
+    @staticmethod
+    def forward(ctx, x, coefficients, basis):
+        ctx.save_for_backward(x, coefficients)
+        ctx.basis = basis
+        return basis._values(x, coefficients, slopes=False)[0]
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, coefficients = ctx.saved_tensors
+        basis = ctx.basis
+        _, slope = basis._values(x, coefficients, slopes=True)
+        shape = (*x.shape[:-1], basis.groups, basis.group_size)
+        xg, gg = x.reshape(shape), grad.reshape(shape)
+        dims = (*range(xg.dim() - 2), xg.dim() - 1)  # everything but the group
+        terms = [xg, F.silu(xg), *basis.spline.each_function(xg)]
+        grad_coefficients = torch.stack([(gg * term).sum(dims) for term in terms], 1)  # (G, 2 + K)
+        return grad * slope, grad_coefficients.to(coefficients.dtype), None
+
+
+def make_basis(spec: KANSpec, in_features: int, device=None, dtype=None) -> nn.Module:
+    """The basis a layer with ``spec`` and ``in_features`` inputs evaluates."""
+    factory = {"device": device, "dtype": dtype}
+    k, rng = spec.spline_order, spec.grid_range
+    if spec.basis == "rational":
+        return RationalBasis(in_features, spec.groups, spec.rational_order, **factory)
+    if spec.basis == "bspline":
+        basis = BSplineBasis(spec.grid_size, k, rng)
+    elif spec.basis == "rbf":
+        basis = RBFBasis(spec.num_functions, rng)
+    else:
+        basis = ChebyshevBasis(spec.num_functions, rng)
+    if not spec.grouped:
+        return basis
+    grouped = GroupedBSplineBasis if spec.basis == "bspline" else GroupedBasis
+    return grouped(basis, in_features, spec.groups, **factory)

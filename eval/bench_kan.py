@@ -208,7 +208,8 @@ def main(argv=None):
                 str(args.seed),
                 *(["--compile"] if args.compile else []),
             ]
-            rows[n]["peak"] = int(run_fresh_process([__file__, *child]).strip().splitlines()[-1])
+            printed = run_fresh_process([__file__, *child], peak_rss=True)
+            rows[n]["peak"] = int(printed.strip().splitlines()[-1])
 
     ref = rows["mlp"]
     peak_kind = "CUDA max_memory_allocated" if device.type == "cuda" else "peak RSS of a fresh process"

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,15 +26,22 @@ import torch
 
 from kangpt.data import load_documents, pack_documents
 from kangpt.evaluation import validation_loss
+from kangpt.measure import run_fresh_process
 from kangpt.run_config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def child(argv: list[str]) -> None:
+    """``python ARGV`` in a fresh process; its failure ends this script with its message."""
+    try:
+        run_fresh_process(argv)
+    except RuntimeError as err:
+        raise SystemExit(f"error: {err}") from None
+
+
 def train(argv: list[str]) -> None:
-    done = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"error: python train.py {' '.join(argv)} failed:\n{done.stderr[-2000:]}")
+    child([str(ROOT / "train.py"), *argv])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,24 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         ]
     )
     start = time.perf_counter()
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "kangpt.commands",
-            "convert",
-            str(out / "gpt2" / "model"),
-            str(out / "converted"),
-            "--calibration-tokens",
-            "32768",
-            "--overwrite",
-        ],
-        capture_output=True,
-        text=True,
-    )
+    converted = str(out / "converted")
+    child(["-m", "kangpt.commands", "convert", str(out / "gpt2" / "model"), converted,
+           "--calibration-tokens", "32768", "--overwrite"])
     convert_seconds = time.perf_counter() - start
-    if done.returncode != 0:
-        raise SystemExit(f"error: kangpt convert failed:\n{done.stderr[-2000:]}")
     train(
         [
             str(ROOT / "configs" / "finetune.yaml"),

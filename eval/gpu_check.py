@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,23 +32,17 @@ TARGETS = {"block_triton": 1.2, "train_tokens": 0.85, "train_vram": 1.0}
 
 def run(step: str, argv: list[str], out: Path, env: dict | None = None) -> tuple[bool, float]:
     """Run ``python ARGV`` from the project root, its output to ``out/STEP.log``; (success, seconds)."""
+    from kangpt.measure import run_fresh_process
+
     start = time.perf_counter()
-    with open(out / f"{step}.log", "w") as log:
-        done = subprocess.run(
-            [sys.executable, *argv],
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
-            check=False,
-        )
+    try:
+        run_fresh_process(argv, env={"HF_HUB_OFFLINE": "1", **(env or {})}, log=out / f"{step}.log", cwd=ROOT)
+        ok = True
+    except RuntimeError:  # the log says why
+        ok = False
     seconds = time.perf_counter() - start
-    print(
-        f"[{step}] {'ok' if done.returncode == 0 else 'FAILED'} in {seconds:.0f} s",
-        file=sys.stderr,
-        flush=True,
-    )
-    return done.returncode == 0, seconds
+    print(f"[{step}] {'ok' if ok else 'FAILED'} in {seconds:.0f} s", file=sys.stderr, flush=True)
+    return ok, seconds
 
 
 def bench_steps(dry: bool) -> dict[str, list[str]]:

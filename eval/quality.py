@@ -37,7 +37,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -47,6 +46,7 @@ import torch
 import yaml
 
 from kangpt.data import DataError
+from kangpt.measure import run_fresh_process
 from kangpt.modeling_kangpt import KANGPT2LMHeadModel
 from kangpt.plotting import new_figure
 from kangpt.report import parameter_counts
@@ -231,18 +231,9 @@ class Runner:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
             print(f"[{time.strftime('%H:%M:%S')}] python train.py {path}", file=sys.stderr, flush=True)
-            env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "TOKENIZERS_PARALLELISM": "false"}
+            env = {"OMP_NUM_THREADS": str(self.threads), "TOKENIZERS_PARALLELISM": "false"}
             start = time.perf_counter()
-            done = subprocess.run(
-                [sys.executable, str(ROOT / "train.py"), str(path)],
-                env=env,
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-            if done.returncode != 0:
-                tail = "\n".join(done.stderr.strip().splitlines()[-10:])
-                raise RuntimeError(f"run {name} failed (exit code {done.returncode}):\n{tail}")
+            run_fresh_process([str(ROOT / "train.py"), str(path)], env=env)
             (folder / "wall_time.json").write_text(json.dumps({"wall_s": time.perf_counter() - start}))
         return summarize(config)
 

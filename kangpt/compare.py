@@ -384,7 +384,8 @@ def run_comparison(args) -> dict:
         results["memory"] = {}
         for name in names:
             print(f"measuring memory of {name} in a fresh process ...", file=sys.stderr, flush=True)
-            results["memory"][name] = json.loads(run_fresh_process(child_argv(args, name)).splitlines()[-1])
+            child = run_fresh_process(child_argv(args, name), peak_rss=True)
+            results["memory"][name] = json.loads(child.splitlines()[-1])
         print("measuring speed ...", file=sys.stderr, flush=True)
         if args.threads:
             torch.set_num_threads(args.threads)

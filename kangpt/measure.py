@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import torch
 
@@ -175,19 +176,39 @@ class PeakMemory:
         return max(0, self.peak - self.before)
 
 
-def run_fresh_process(args: list[str], timeout: float | None = None) -> str:
-    """Run ``python ARGS...`` in a fresh process with :data:`MALLOC_ENV`; return its stdout.
+def run_fresh_process(
+    args: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    peak_rss: bool = False,
+    log: Path | None = None,
+    cwd: Path | None = None,
+    timeout: float | None = None,
+) -> str:
+    """Run ``python ARGS...`` in a fresh process and return its stdout: the one way every benchmark
+    starts a child (a training run, a model measured alone, a step of the GPU check).
 
-    Raises ``RuntimeError`` with the end of its stderr if it fails.
+    ``env`` adds environment variables; with ``peak_rss`` the child starts with :data:`MALLOC_ENV`
+    (for a child whose peak RSS is measured); with ``log`` its stdout and stderr go to that file as
+    they come (a run that is killed leaves its log) and ``""`` is returned. Raises ``RuntimeError``
+    naming the command, with the end of its stderr (or of the log), if it fails.
     """
-    env = {**os.environ, **MALLOC_ENV}
-    done = subprocess.run(
-        [sys.executable, *args], capture_output=True, text=True, env=env, timeout=timeout, check=False
-    )
+    env = {**os.environ, **(MALLOC_ENV if peak_rss else {}), **(env or {})}
+    command = [sys.executable, *args]
+    if log is None:
+        done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
+        output, errors = done.stdout, done.stderr
+    else:
+        with open(log, "w") as out:
+            done = subprocess.run(
+                command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd, timeout=timeout
+            )
+        output, errors = "", Path(log).read_text(errors="replace")
     if done.returncode != 0:
-        tail = "\n".join(done.stderr.strip().splitlines()[-15:])
-        raise RuntimeError(f"`python {' '.join(args)}` failed (exit code {done.returncode}):\n{tail}")
-    return done.stdout
+        tail = "\n".join(errors.strip().splitlines()[-15:])
+        what = f"`python {' '.join(map(str, args))}`"
+        raise RuntimeError(f"{what} failed (exit code {done.returncode}):\n{tail}")
+    return output
 
 
 # ----------------------------------------------------------------------------------------------

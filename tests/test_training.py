@@ -287,7 +287,9 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(env, tin
     assert single.returncode == 0, single.stderr[-3000:]
     script = tmp_path / "ddp_driver.py"
     script.write_text(DUMP_WEIGHTS_OF_EVERY_RANK)
-    ddp_env = {**env, "ACCELERATE_USE_CPU": "1", "DUMP_DIR": str(tmp_path)}
+    # One thread per rank: two ranks and the other test worker share two cores (with two threads per
+    # rank, a run of the suite timed out here after 300 s; alone the test takes under a minute).
+    ddp_env = {**env, "ACCELERATE_USE_CPU": "1", "DUMP_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
     per_process = {"train.batch_size": 2, "train.gradient_accumulation_steps": 2}
     ddp_args = [str(tiny_config), *overrides(two, **NO_DROPOUT, **per_process)]
     torchrun = (

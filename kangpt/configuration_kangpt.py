@@ -1,9 +1,8 @@
 """Configuration of KAN-GPT-2: GPT-2's configuration plus the choice of feed-forward block."""
 
-from __future__ import annotations
-
 import dataclasses
 
+from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
 from .kan import kan_block_hidden_size
@@ -12,6 +11,7 @@ from .kan_spec import KANSpec
 FFN_TYPES = ("kan", "mlp")
 
 
+@strict
 class KANGPT2Config(PreTrainedConfig):
     r"""Configuration of a KAN-GPT-2 model.
 
@@ -45,7 +45,9 @@ class KANGPT2Config(PreTrainedConfig):
         when the config is built and stored, so a saved config holds the actual number.
 
     ``KANGPT2Config()`` is KAN-GPT-2 small: GPT-2 small's shape with parameter-matched KAN blocks.
-    Invalid values raise a ``ValueError`` that names the field.
+    As ``GPT2Config``, it is a ``huggingface_hub`` strict dataclass: a value of the wrong type is
+    refused when set (``StrictDataclassFieldValidationError``), and the ``validate_*`` methods check
+    the values, again before saving. A bad value raises a ``ValueError`` that names the field.
     """
 
     model_type = "kangpt2"
@@ -80,7 +82,7 @@ class KANGPT2Config(PreTrainedConfig):
     kan_basis: str = "bspline"
     kan_grid_size: int = 5
     kan_spline_order: int = 3
-    kan_grid_range: list[float] | tuple[float, float] = (-2.0, 2.0)
+    kan_grid_range: list[float | int] | tuple[float | int, float | int] = (-2.0, 2.0)
     kan_rational_order: list[int] | tuple[int, int] = (5, 4)
     kan_sharing: str = "group"
     kan_groups: int = 8
@@ -92,7 +94,10 @@ class KANGPT2Config(PreTrainedConfig):
             self.kan_groups = kwargs.pop("kan_rational_groups")
         self.kan_grid_range = [float(v) for v in self.kan_grid_range]
         self.kan_rational_order = [int(v) for v in self.kan_rational_order]
-        self._check_fields()
+        # Checked here, before the matched width is computed from them, and so that a bad value is a
+        # ValueError naming the field; @strict runs the same validators after __init__ and on saving.
+        self.validate_shape()
+        self.validate_feed_forward()
         if self.ffn_type == "kan" and self.kan_hidden_size is None:
             self.kan_hidden_size = (
                 kan_block_hidden_size(
@@ -125,45 +130,30 @@ class KANGPT2Config(PreTrainedConfig):
             return self.kan_hidden_size[layer_idx]
         return self.kan_hidden_size
 
-    def _check_fields(self):
-        def need(ok: bool, field: str, rule: str):
-            if not ok:
-                raise ValueError(f"KANGPT2Config.{field} {rule}, got {getattr(self, field)!r}")
+    def _need(self, ok: bool, field: str, rule: str) -> None:
+        if not ok:
+            raise ValueError(f"KANGPT2Config.{field} {rule}, got {getattr(self, field)!r}")
 
-        def positive_int(field: str):
-            value = getattr(self, field)
-            need(
-                isinstance(value, int) and not isinstance(value, bool) and value > 0,
-                field,
-                "must be a positive integer",
-            )
-
+    def validate_shape(self) -> None:
+        """GPT-2's fields: positive sizes, dropout probabilities in [0, 1), positive scales."""
         for field in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
-            positive_int(field)
-        need(
-            self.n_inner is None or (isinstance(self.n_inner, int) and self.n_inner > 0),
-            "n_inner",
-            "must be None or > 0",
-        )
+            self._need(getattr(self, field) > 0, field, "must be a positive integer")
+        self._need(self.n_inner is None or self.n_inner > 0, "n_inner", "must be None or > 0")
         for field in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
-            value = getattr(self, field)
-            need(isinstance(value, (int, float)) and 0 <= value < 1, field, "must be in [0, 1)")
-        need(self.layer_norm_epsilon > 0, "layer_norm_epsilon", "must be > 0")
-        need(self.initializer_range > 0, "initializer_range", "must be > 0")
-        need(self.ffn_type in FFN_TYPES, "ffn_type", f"must be one of {FFN_TYPES}")
+            self._need(0 <= getattr(self, field) < 1, field, "must be in [0, 1)")
+        self._need(self.layer_norm_epsilon > 0, "layer_norm_epsilon", "must be > 0")
+        self._need(self.initializer_range > 0, "initializer_range", "must be > 0")
+
+    def validate_feed_forward(self) -> None:
+        """The block's kind, the KAN settings (``KANSpec``) and the KAN widths."""
+        self._need(self.ffn_type in FFN_TYPES, "ffn_type", f"must be one of {FFN_TYPES}")
         self.kan_spec()
         widths = self.kan_hidden_size if isinstance(self.kan_hidden_size, list) else [self.kan_hidden_size]
-        need(
-            all(w is None or (isinstance(w, int) and w >= 0) for w in widths),
-            "kan_hidden_size",
-            "must be None, an integer >= 0 or a list of them",
-        )
+        self._need(all(w is None or w >= 0 for w in widths), "kan_hidden_size",
+                   "must be None, an integer >= 0 or a list of them")
         if isinstance(self.kan_hidden_size, list):
-            need(
-                len(self.kan_hidden_size) == self.n_layer,
-                "kan_hidden_size",
-                f"must have n_layer={self.n_layer} entries",
-            )
+            self._need(len(self.kan_hidden_size) == self.n_layer, "kan_hidden_size",
+                       f"must have n_layer={self.n_layer} entries")
 
 
 __all__ = ["KANGPT2Config"]

@@ -45,6 +45,7 @@ from datasets import Dataset, IterableDataset
 from datasets.distributed import split_dataset_by_node
 from datasets.exceptions import DatasetGenerationError
 from datasets.table import InMemoryTable
+from huggingface_hub.errors import StrictDataclassError
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -438,6 +439,10 @@ def _rows(shards: list) -> Iterator[dict]:
 
 
 def _first_line(err: BaseException) -> str:
+    """The first line of an error's message; of its cause for a strict dataclass's validation error
+    (whose own first line only names the field)."""
+    if isinstance(err, StrictDataclassError) and err.__cause__ is not None:
+        err = err.__cause__
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 

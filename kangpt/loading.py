@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import transformers
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -34,7 +35,7 @@ def load_model(name: str, device: str = "cpu", *, hub: bool = True):
     except SafetensorError as err:  # a truncated or damaged weights file
         damaged = f"cannot load {name!r}: a weights file is damaged ({_first_line(err)})"
         raise ModelFolderError(damaged) from err
-    except (OSError, ValueError) as err:  # missing files, a hub that cannot be reached, a bad config
+    except (OSError, ValueError, StrictDataclassError) as err:  # missing files, no hub, a bad config
         if not folder.is_dir():  # "org/name" was neither a folder here nor a model the hub gave
             raise ModelFolderError(
                 f"no such model folder: {name!r}, and no hub model of that name loaded ({_first_line(err)})"

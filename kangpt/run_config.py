@@ -25,8 +25,10 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate.utils import LoggerType
+from huggingface_hub.errors import StrictDataclassError
 
 from .configuration_kangpt import KANGPT2Config
+from .data import _first_line
 from .modeling_kangpt import KANGPT2LMHeadModel
 
 SECTIONS = ("model", "data", "train")
@@ -174,8 +176,8 @@ def model_config(config: RunConfig, **tokenizer_fields) -> KANGPT2Config:
         return _init_from_config(config)
     try:
         return KANGPT2Config(**{**tokenizer_fields, **config.model})
-    except ValueError as err:
-        raise ConfigError(f"model: {err}") from err
+    except (ValueError, StrictDataclassError) as err:
+        raise ConfigError(f"model: {_first_line(err)}") from err
 
 
 def _init_from_config(config: RunConfig) -> KANGPT2Config:
@@ -199,10 +201,10 @@ def _init_from_config(config: RunConfig) -> KANGPT2Config:
             raise ConfigError(f"train.init_from: {path!r} holds a {loaded.model_type!r} model, "
                               "not a KAN-GPT-2 or a GPT-2")
         return KANGPT2Config(**{**loaded.to_dict(), **config.model})
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, StrictDataclassError) as err:
         if isinstance(err, ConfigError):
             raise
-        raise ConfigError(f"train.init_from: cannot read {path!r}: {str(err).splitlines()[0]}") from err
+        raise ConfigError(f"train.init_from: cannot read {path!r}: {_first_line(err)}") from err
 
 
 def _buildable_model_config(config: RunConfig) -> KANGPT2Config:

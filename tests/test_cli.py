@@ -75,8 +75,14 @@ def _snapshot(folder: Path) -> dict:
     return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()}
 
 
+def _wrong_type(folder: Path):
+    config = folder / "config.json"
+    config.write_text(config.read_text().replace('"n_layer": 2', '"n_layer": "2"'))
+
+
 @pytest.mark.parametrize("damage, message", [
     (_truncate_weights, "cannot load '{folder}': a weights file is damaged (Error while deserializing"),
+    (_wrong_type, "cannot load '{folder}': Field 'n_layer' expected int, got str"),
     (_unknown_basis, "cannot load '{folder}': KANGPT2Config.kan_basis must be one of ('bspline', 'rbf', "
                      "'chebyshev', 'rational'), got 'fourier'"),
 ])

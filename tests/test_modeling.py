@@ -7,6 +7,7 @@ import textwrap
 
 import pytest
 import torch
+from huggingface_hub.errors import StrictDataclassFieldValidationError
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -437,3 +438,13 @@ def test_bf16_forward_and_backward_stay_finite(basis):
         mixed = fp32(ids, labels=ids).loss
     mixed.backward()
     assert torch.isfinite(mixed) and all(torch.isfinite(p.grad).all() for p in fp32.parameters())
+
+
+def test_a_field_of_the_wrong_type_is_refused_by_the_strict_dataclass():
+    """KANGPT2Config is a huggingface_hub strict dataclass, as GPT2Config: types are checked on set."""
+    with pytest.raises(StrictDataclassFieldValidationError, match="n_layer"):
+        KANGPT2Config(n_layer="12")
+    config = KANGPT2Config(kan_grid_range=[-6, 6])  # ints where floats are expected: YAML writes them so
+    assert config.kan_grid_range == [-6.0, 6.0]
+    with pytest.raises(StrictDataclassFieldValidationError, match="kan_basis"):
+        config.kan_basis = 3

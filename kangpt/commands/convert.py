@@ -11,11 +11,12 @@ import datasets
 import torch
 import transformers
 import yaml
+from huggingface_hub.errors import StrictDataclassError
 from tqdm.auto import tqdm
 
 from ..configuration_kangpt import KANGPT2Config
 from ..convert import convert_gpt2, load_gpt2
-from ..data import DataError, load_documents, pack_documents
+from ..data import DataError, _first_line, load_documents, pack_documents
 from ..evaluation import validation_loss
 from ..modeling_kangpt import KANGPT2LMHeadModel, kangpt2_config_of
 from ..run_dir import publish, remove, temporary_name, writing
@@ -61,8 +62,8 @@ def run(args: argparse.Namespace) -> int:
         gpt2, tokenizer = load_gpt2(args.gpt2_dir)
         with torch.device("meta"):  # a design that cannot be built is refused before any work
             KANGPT2LMHeadModel(kangpt2_config_of(gpt2.config, **overrides))
-    except ValueError as err:
-        raise CommandError(str(err)) from err
+    except (ValueError, StrictDataclassError) as err:
+        raise CommandError(_first_line(err)) from err
     block = args.block_size or min(256, gpt2.config.n_positions)
     train_docs, val_docs = load_documents(args.data, text_field=args.text_field)
     blocks = {}

@@ -716,7 +716,7 @@ class _GroupedSplineFunction(torch.autograd.Function):
         return grad * slope, grad_coefficients.to(coefficients.dtype), None
 
 
-def make_basis(spec: KANSpec, in_features: int, device=None, dtype=None) -> nn.Module:
+def make_basis(spec: KANSpec, in_features: int, device=None, dtype=None) -> Basis:
     """The basis a layer with ``spec`` and ``in_features`` inputs evaluates."""
     factory = {"device": device, "dtype": dtype}
     k, rng = spec.spline_order, spec.grid_range

@@ -50,7 +50,7 @@ from kangpt.measure import run_fresh_process
 from kangpt.modeling_kangpt import KANGPT2LMHeadModel
 from kangpt.plotting import new_figure
 from kangpt.report import parameter_counts
-from kangpt.run_config import ConfigError, RunConfig, build_config, load_config, model_config
+from kangpt.run_config import ConfigError, RunConfig, build_config, load_config, model_config, read_yaml
 from kangpt.run_dir import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -410,7 +410,7 @@ def parse_variants(names: str, extra: list[str]) -> dict[str, dict]:
     known = {name: {"label": label, **sections} for name, (label, sections) in VARIANTS.items()}
     for spec in extra:
         name, sep, text = spec.partition("=")
-        sections = yaml.safe_load(text) if sep else None
+        sections = read_yaml(text) if sep else None
         if not name or not isinstance(sections, dict) or set(sections) - {"model", "train", "label"}:
             raise ConfigError(
                 f"--variant must look like NAME={{model: {{...}}, train: {{...}}}}, got {spec!r}"

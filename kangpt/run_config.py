@@ -17,6 +17,8 @@ sections or keys and values of the wrong type raise :class:`ConfigError` naming 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +28,8 @@ import torch
 import yaml
 from accelerate.utils import LoggerType
 from huggingface_hub.errors import StrictDataclassError
+from pydantic import ConfigDict, TypeAdapter, ValidationError, with_config
+from typing_extensions import TypedDict  # pydantic reads typing's TypedDict only from Python 3.12
 
 from .configuration_kangpt import KANGPT2Config
 from .data import _first_line
@@ -35,10 +39,29 @@ SECTIONS = ("model", "data", "train")
 TRACKERS = tuple(t.value for t in LoggerType if t != LoggerType.ALL)
 # Model fields that the training script sets from the tokenizer.
 TOKENIZER_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+# How pydantic checks a section's values (torch.dtype is an "arbitrary" type to it).
+_STRICT = ConfigDict(strict=True, extra="forbid", arbitrary_types_allowed=True)
 
 
 class ConfigError(ValueError):
     """A run configuration that cannot be used; the message names the offending key or file."""
+
+
+class _YAMLLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading ``1e-3`` as a float as YAML 1.2 does (PyYAML follows YAML 1.1,
+    whose floats need a dot, so ``learning_rate: 1e-3`` was the string "1e-3")."""
+
+
+_YAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"),
+)
+
+
+def read_yaml(text: str):
+    """The value of a YAML text, read safely, with YAML 1.2's floats (``1e-3``, ``2E5``)."""
+    return yaml.load(text, Loader=_YAMLLoader)
 
 
 @dataclass
@@ -153,9 +176,9 @@ def build_config(raw: dict) -> RunConfig:
             raise ConfigError(f"section {name!r} must be a mapping of keys to values, got {section!r}")
         sections[name] = section
     config = RunConfig(
-        model=_check_section("model", sections["model"], _model_field_types()),
-        data=DataConfig(**_check_section("data", sections["data"], _field_types(DataConfig))),
-        train=TrainConfig(**_check_section("train", sections["train"], _field_types(TrainConfig))),
+        model=_check_section("model", sections["model"]),
+        data=DataConfig(**_check_section("data", sections["data"])),
+        train=TrainConfig(**_check_section("train", sections["train"])),
     )
     _check_values(config)
     return config
@@ -226,7 +249,7 @@ def _read_yaml(path: Path) -> dict:
     except OSError as err:
         raise ConfigError(f"cannot read config {str(path)!r}: {err.strerror or err}") from err
     try:
-        raw = yaml.safe_load(text)
+        raw = read_yaml(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -257,88 +280,51 @@ def _parse_overrides(args: list[str]) -> list[tuple[str, str, object]]:
         if section not in SECTIONS:
             raise ConfigError(f"unknown section {section!r} in {arg!r} (sections: {', '.join(SECTIONS)})")
         try:
-            value = yaml.safe_load(text)
+            value = read_yaml(text)
         except yaml.YAMLError:
             value = text
         parsed.append((section, key, value))
     return parsed
 
 
-def _field_types(cls) -> dict[str, object]:
-    return typing.get_type_hints(cls)
-
-
-def _model_field_types() -> dict[str, object]:
+@functools.cache
+def _section_types(section: str) -> dict[str, object]:
+    """Key -> type annotation of a section: a dataclass's fields; for ``model``, KANGPT2Config's less
+    the tokenizer's."""
+    if section != "model":
+        return typing.get_type_hints({"data": DataConfig, "train": TrainConfig}[section])
     hints = typing.get_type_hints(KANGPT2Config, localns={"torch": torch})
-    return {
-        f.name: hints[f.name] for f in dataclasses.fields(KANGPT2Config) if f.name not in TOKENIZER_FIELDS
-    }
+    fields = dataclasses.fields(KANGPT2Config)
+    return {f.name: hints[f.name] for f in fields if f.name not in TOKENIZER_FIELDS}
 
 
-def _check_section(section: str, values: dict, types_: dict[str, object]) -> dict:
-    """Check every key of a section exists and its value has the declared type; return coerced values."""
-    checked = {}
-    for key, value in values.items():
-        if key not in types_:
+@functools.cache
+def _section_validator(section: str) -> TypeAdapter:
+    """pydantic's validator of a section: any subset of its keys, each of its declared type, strictly (no
+    "10" for an int, no 1 for a bool; an int does for a float), no other key."""
+    schema = TypedDict(f"{section}_section", _section_types(section), total=False)
+    return TypeAdapter(with_config(_STRICT)(schema))
+
+
+def _check_section(section: str, values: dict) -> dict:
+    """The section's values, ints given for floats made floats; ConfigError naming the first bad key."""
+    try:
+        return _section_validator(section).validate_python(values)
+    except ValidationError as err:
+        error = err.errors()[0]
+        key = error["loc"][0]
+        if error["type"] == "extra_forbidden":
             hint = " (set from the tokenizer)" if key in TOKENIZER_FIELDS else ""
-            raise ConfigError(f"unknown key {section}.{key}{hint}")
-        try:
-            checked[key] = _coerce(value, types_[key])
-        except TypeError:
-            expected = _type_name(types_[key])
-            raise ConfigError(f"{section}.{key} must be {expected}, got {value!r}") from None
-    return checked
-
-
-def _coerce(value, annotation):
-    """Return ``value`` if it matches ``annotation``; ints and float strings ("1e-3") become floats.
-
-    PyYAML reads ``1e-3`` (no dot) as a string, so strings that parse as numbers are accepted where
-    only a float fits. Raises TypeError when nothing fits.
-    """
-    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if _matches(value, annotation):
-        return value
-    if isinstance(value, str) and _matches(0.0, annotation) and not _matches("", annotation):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    raise TypeError
-
-
-def _matches(value, annotation) -> bool:
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if annotation is typing.Any:
-        return True
-    if annotation is type(None):
-        return value is None
-    if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, arg) for arg in args)
-    if origin is typing.Literal:
-        return value in args
-    if origin in (list, tuple):  # YAML gives lists for both
-        if not isinstance(value, (list, tuple)):
-            return False
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            return len(value) == len(args) and all(_matches(v, a) for v, a in zip(value, args, strict=True))
-        return not args or all(_matches(v, args[0]) for v in value)
-    if origin is dict:
-        return isinstance(value, dict) and (
-            not args or all(_matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items())
-        )
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(annotation, type) and isinstance(value, annotation)
+            raise ConfigError(f"unknown key {section}.{key}{hint}") from None
+        expected = _type_name(_section_types(section)[key])
+        raise ConfigError(f"{section}.{key} must be {expected}, got {values[key]!r}") from None
 
 
 def _type_name(annotation) -> str:
+    """How an error message names a type: ``int``, ``a list of str``, ``str or null``."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in args)
+        return " or ".join(dict.fromkeys(_type_name(a) for a in args))  # a list or a tuple: "a list" once
     if origin is typing.Literal:
         return "one of " + ", ".join(repr(a) for a in args)
     if annotation is type(None):

@@ -79,9 +79,21 @@ def test_overrides_are_parsed_as_yaml_and_win_over_the_file(tmp_path):
         ]
     )
     assert config.train.max_steps == 7 and config.train.overwrite is True and config.train.resume == "auto"
-    assert config.train.learning_rate == pytest.approx(1e-3)  # PyYAML reads "1e-3" as a string
+    assert config.train.learning_rate == pytest.approx(1e-3)  # a float, as in YAML 1.2 (PyYAML: a string)
     assert config.model == {"kan_grid_range": [-1, 1]}
     assert config.data.dataset == "corpus/*.txt" and config.data.max_documents is None
+
+
+def test_yaml_reads_floats_as_yaml_1_2_and_ints_stay_ints(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  layer_norm_epsilon: 1E-6\ntrain:\n  learning_rate: 2e-3\n  grad_clip: 1\n")
+    config = load_config(path, ["--train.min_learning_rate=5e-5", "--train.seed=7"])
+    assert config.model == {"layer_norm_epsilon": 1e-6}
+    assert (config.train.learning_rate, config.train.min_learning_rate) == (2e-3, 5e-5)
+    assert type(config.train.grad_clip) is float and config.train.grad_clip == 1.0  # an int does for a float
+    assert config.train.seed == 7 and type(config.train.seed) is int
+    with pytest.raises(ConfigError, match=r"train.max_steps must be int, got 1000.0"):
+        load_config(path, ["--train.max_steps=1e3"])
 
 
 def test_default_config_is_used_without_a_config_argument(tmp_path):
@@ -99,6 +111,11 @@ def test_default_config_is_used_without_a_config_argument(tmp_path):
         ({"model": {"eos_token_id": 3}}, "unknown key model.eos_token_id (set from the tokenizer)"),
         ({"train": {"max_steps": "ten"}}, "train.max_steps must be int, got 'ten'"),
         ({"train": {"overwrite": "maybe"}}, "train.overwrite must be bool"),
+        ({"train": {"overwrite": 1}}, "train.overwrite must be bool, got 1"),
+        ({"train": {"max_steps": "10"}}, "train.max_steps must be int, got '10'"),
+        ({"train": {"learning_rate": "1e-3"}}, "train.learning_rate must be float, got '1e-3'"),
+        ({"train": {"kan_grid_schedule": [[10, 8.5]]}}, "kan_grid_schedule must be a list of a list of int"),
+        ({"model": {"kan_grid_range": "wide"}}, "model.kan_grid_range must be a list of float or int, got"),
         ({"data": {"block_size": 2.5}}, "data.block_size must be int"),
         ({"model": {"n_layer": "four"}}, "model.n_layer must be int"),
         ({"train": {"trackers": "tensorboard"}}, "train.trackers must be a list of str"),

@@ -10,7 +10,6 @@ from pathlib import Path
 import datasets
 import torch
 import transformers
-import yaml
 from huggingface_hub.errors import StrictDataclassError
 from tqdm.auto import tqdm
 
@@ -19,6 +18,7 @@ from ..convert import convert_gpt2, load_gpt2
 from ..data import DataError, _first_line, load_documents, pack_documents
 from ..evaluation import validation_loss
 from ..modeling_kangpt import KANGPT2LMHeadModel, kangpt2_config_of
+from ..run_config import read_yaml
 from ..run_dir import publish, remove, temporary_name, writing
 from .arguments import default_device, positive_int
 from .errors import CommandError
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         name, sep, text = item.partition("=")
         if not sep or name not in KANGPT2Config.__dataclass_fields__:
             raise CommandError(f"--set {item!r}: expected FIELD=VALUE with a KANGPT2Config field")
-        overrides[name] = yaml.safe_load(text)
+        overrides[name] = read_yaml(text)
     device = default_device(args.device)
     transformers.utils.logging.disable_progress_bar()  # the blocks' bar is the command's
     datasets.disable_progress_bars()

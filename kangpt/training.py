@@ -69,19 +69,7 @@ def train(config: RunConfig) -> int:
     cfg = config.train
     run = RunDir(cfg.out_dir)
     resume_from = run.plan(config)  # reads only: refuses a folder that holds something else
-    accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision,
-        gradient_accumulation_plugin=GradientAccumulationPlugin(
-            num_steps=cfg.gradient_accumulation_steps, sync_with_dataloader=False
-        ),
-        log_with=installed_trackers(cfg.trackers) or None,
-        project_config=ProjectConfiguration(project_dir=str(run.path), logging_dir=str(run.logs)),
-    )
-    check_mixed_precision(accelerator, cfg)
-    if not accelerator.is_main_process:
-        datasets.disable_progress_bars()
-    # save_state warns at every checkpoint that it drops the LM head tied to the embeddings (reloads fine).
-    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
+    accelerator = make_accelerator(cfg, run)
     set_seed(cfg.seed)
     say(accelerator, yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip())
     for note in run.notes:  # the resume decision: a damaged checkpoint skipped, a start from step 0
@@ -99,16 +87,7 @@ def train(config: RunConfig) -> int:
         raise ConfigError("train.kan_grid_schedule and train.kan_grid_update_steps replace parameters during "
                           "training, which DDP, FSDP and DeepSpeed cannot follow: train on one process")
     if resume_from is not None:  # weights, optimizer, RNG states and progress come back
-        # The grids the checkpoint was saved with: the scheduled sizes, the ranges the run recorded.
-        done = checkpoint_step(resume_from)
-        for record in read_metrics(run.metrics) if run.metrics.is_file() else []:
-            if "kan_grid_low" in record and record["step"] < done:
-                set_grid_ranges(accelerator.unwrap_model(model), optimizer, record["kan_grid_low"],
-                                record["kan_grid_high"])
-        for step, grid_size in cfg.kan_grid_schedule:
-            if step < done:
-                extend_grids(accelerator.unwrap_model(model), optimizer, grid_size)
-        accelerator.load_state(str(resume_from))
+        resume(accelerator, model, optimizer, run, resume_from, cfg)
         say(accelerator, f"resumed from {resume_from} at step {progress.step}")
     if accelerator.is_main_process:
         with writing(run.path):
@@ -116,8 +95,6 @@ def train(config: RunConfig) -> int:
     accelerator.wait_for_everyone()
     with writing(run.logs):
         accelerator.init_trackers("kangpt", config=_flat_hparams(config))
-    micro_steps_done = progress.step * cfg.gradient_accumulation_steps
-    batches = train_batches(corpus.train, cfg, accelerator, skip=micro_steps_done)
     tokens_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
     tokens_per_step *= config.data.block_size
     n_params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
@@ -127,59 +104,32 @@ def train(config: RunConfig) -> int:
                      f"unigram baseline {corpus.baseline:.4f} nats/token")
 
     # The loop: one iteration per optimizer step.
+    micro_steps_done = progress.step * cfg.gradient_accumulation_steps
+    batches = train_batches(corpus.train, cfg, accelerator, skip=micro_steps_done)
     model.train()
     bar = tqdm(total=cfg.max_steps, initial=progress.step, desc="train", mininterval=1.0,
                disable=not accelerator.is_main_process)
+    window = LossWindow()
     val_loss, stopped_by, grad_norm = None, None, None
-    loss_sum, steps_since_log, t_log = 0.0, 0, time.perf_counter()
     with StopOnSignal() as stop, bar:  # the bar is closed before an error line is printed, not after it
         while progress.step < cfg.max_steps:
-            if progress.step in cfg.kan_grid_update_steps:  # on the first validation blocks: deterministic
-                ids = corpus.val.with_format("torch")[: cfg.batch_size]["input_ids"].to(accelerator.device)
-                low, high = grid_range_of_inputs(accelerator.unwrap_model(model), ids)
-                set_grid_ranges(accelerator.unwrap_model(model), optimizer, low, high)
-                record = {"step": progress.step, "kan_grid_low": low, "kan_grid_high": high}
-                log_metrics(accelerator, run, record)
-                say(accelerator, f"step {progress.step}: KAN grids moved to [{low}, {high}]")
-            for step, grid_size in cfg.kan_grid_schedule:
-                if step == progress.step:
-                    extend_grids(accelerator.unwrap_model(model), optimizer, grid_size)
-                    say(accelerator, f"step {step}: KAN grids refined to {grid_size} intervals")
+            change_grids(accelerator, model, optimizer, run, corpus.val, cfg, progress.step)
             lr = learning_rate(progress.step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group["lr_scale"]
-            for _ in range(cfg.gradient_accumulation_steps):
-                input_ids = next(batches).to(accelerator.device)
-                with accelerator.accumulate(model):  # gradients are synced and applied on the last micro-step
-                    loss = model(input_ids=input_ids, labels=input_ids).loss  # the model shifts the labels
-                    penalty = kan_penalty(model, cfg.kan_regularization)
-                    accelerator.backward(loss if penalty is None else loss + penalty)
-                    if accelerator.sync_gradients and cfg.grad_clip > 0:
-                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                loss_sum += loss.detach().float() / cfg.gradient_accumulation_steps
+            loss, norm = optimizer_step(accelerator, model, optimizer, batches, cfg, lr)
+            grad_norm = grad_norm if norm is None else norm
+            window.add(loss)
             progress.step += 1
             progress.tokens += tokens_per_step
-            steps_since_log += 1
             step, last = progress.step, progress.step == cfg.max_steps
             bar.update()
 
             if step % cfg.log_interval == 0 or last:
-                train_loss = accelerator.reduce(loss_sum, "mean").item() / steps_since_log  # all processes
-                tokens_per_sec = steps_since_log * tokens_per_step / (time.perf_counter() - t_log)
-                record = {"step": step, "loss": train_loss, "lr": lr, "tokens": progress.tokens,
-                          "tokens_per_sec": tokens_per_sec}
-                if grad_norm is not None:
-                    record["grad_norm"] = float(grad_norm)
+                record = window.take(accelerator, step, lr, progress.tokens, tokens_per_step, grad_norm)
                 log_metrics(accelerator, run, record)
-                bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_sec:.0f}")
-                loss_sum, steps_since_log, t_log = 0.0, 0, time.perf_counter()
+                bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}",
+                                tok_s=f"{record['tokens_per_sec']:.0f}")
             if step % cfg.eval_interval == 0 or last:
-                val_loss = evaluate(model, val_loader, accelerator)
-                val_record = {"step": step, "val_loss": val_loss, "val_ppl": math.exp(val_loss)}
-                log_metrics(accelerator, run, val_record)
-                say(accelerator, f"step {step}: val loss {val_loss:.4f}, perplexity {math.exp(val_loss):.2f}")
+                val_loss = validate(accelerator, model, val_loader, run, step)
             if stop.signum is not None:
                 accelerator.set_trigger()
             if accelerator.check_trigger():  # some process was signalled: all stop after this same step
@@ -192,8 +142,125 @@ def train(config: RunConfig) -> int:
     if stopped_by:
         say(accelerator, f"stopped by {signal.Signals(stopped_by).name} at step {progress.step}; checkpoint "
                          f"{run.checkpoint(progress.step)}; continue with --train.resume=auto")
-        accelerator.end_training()
-        return 128 + int(stopped_by)
+    else:
+        finish(accelerator, model, val_loader, corpus, run, config, progress, val_loss)
+    accelerator.end_training()
+    return 128 + int(stopped_by) if stopped_by else 0
+
+
+def make_accelerator(cfg: TrainConfig, run: RunDir) -> Accelerator:
+    """The run's Accelerator: mixed precision, gradient accumulation, trackers logging into ``run``."""
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=cfg.gradient_accumulation_steps, sync_with_dataloader=False
+        ),
+        log_with=installed_trackers(cfg.trackers) or None,
+        project_config=ProjectConfiguration(project_dir=str(run.path), logging_dir=str(run.logs)),
+    )
+    check_mixed_precision(accelerator, cfg)
+    if not accelerator.is_main_process:
+        datasets.disable_progress_bars()
+    # save_state warns at every checkpoint that it drops the LM head tied to the embeddings (reloads fine).
+    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
+    return accelerator
+
+
+def resume(accelerator: Accelerator, model, optimizer, run: RunDir, checkpoint: Path, cfg: TrainConfig):
+    """Load ``checkpoint`` (weights, optimizer, RNG states, progress) into the prepared objects.
+
+    The KAN grids are first given the shape the checkpoint was saved with: the sizes scheduled before its
+    step, the ranges the run recorded in metrics.jsonl.
+    """
+    done = checkpoint_step(checkpoint)
+    unwrapped = accelerator.unwrap_model(model)
+    for record in read_metrics(run.metrics) if run.metrics.is_file() else []:
+        if "kan_grid_low" in record and record["step"] < done:
+            set_grid_ranges(unwrapped, optimizer, record["kan_grid_low"], record["kan_grid_high"])
+    for step, grid_size in cfg.kan_grid_schedule:
+        if step < done:
+            extend_grids(unwrapped, optimizer, grid_size)
+    accelerator.load_state(str(checkpoint))
+
+
+def change_grids(accelerator: Accelerator, model, optimizer, run: RunDir, val: Dataset, cfg: TrainConfig,
+                 step: int) -> None:
+    """The grid changes due before optimizer step ``step``: ``train.kan_grid_update_steps`` moves every
+    grid to the range its inputs take, ``train.kan_grid_schedule`` refines it."""
+    unwrapped = accelerator.unwrap_model(model)
+    if step in cfg.kan_grid_update_steps:  # on the first validation blocks: deterministic
+        ids = val.with_format("torch")[: cfg.batch_size]["input_ids"].to(accelerator.device)
+        low, high = grid_range_of_inputs(unwrapped, ids)
+        set_grid_ranges(unwrapped, optimizer, low, high)
+        log_metrics(accelerator, run, {"step": step, "kan_grid_low": low, "kan_grid_high": high})
+        say(accelerator, f"step {step}: KAN grids moved to [{low}, {high}]")
+    for at, grid_size in cfg.kan_grid_schedule:
+        if at == step:
+            extend_grids(unwrapped, optimizer, grid_size)
+            say(accelerator, f"step {step}: KAN grids refined to {grid_size} intervals")
+
+
+def optimizer_step(accelerator: Accelerator, model, optimizer, batches, cfg: TrainConfig, lr: float):
+    """One optimizer step at learning rate ``lr`` over ``gradient_accumulation_steps`` micro-batches.
+
+    Returns the mean loss of its micro-batches (a tensor, not synced: no wait) and the gradient norm
+    before clipping (None when the gradients are not clipped).
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"]
+    loss_sum, grad_norm = 0.0, None
+    for _ in range(cfg.gradient_accumulation_steps):
+        input_ids = next(batches).to(accelerator.device)
+        with accelerator.accumulate(model):  # gradients are synced and applied on the last micro-step
+            loss = model(input_ids=input_ids, labels=input_ids).loss  # the model shifts the labels
+            penalty = kan_penalty(model, cfg.kan_regularization)
+            accelerator.backward(loss if penalty is None else loss + penalty)
+            if accelerator.sync_gradients and cfg.grad_clip > 0:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        loss_sum += loss.detach().float() / cfg.gradient_accumulation_steps
+    return loss_sum, grad_norm
+
+
+class LossWindow:
+    """The training losses of the optimizer steps since the last metrics record, and their time."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum, self.steps, self.started = 0.0, 0, time.perf_counter()
+
+    def add(self, loss) -> None:
+        self.loss_sum += loss
+        self.steps += 1
+
+    def take(self, accelerator: Accelerator, step: int, lr: float, tokens: int, tokens_per_step: int,
+             grad_norm) -> dict:
+        """The metrics record of the window (loss averaged over all processes); the window starts anew."""
+        train_loss = accelerator.reduce(self.loss_sum, "mean").item() / self.steps
+        tokens_per_sec = self.steps * tokens_per_step / (time.perf_counter() - self.started)
+        record = {"step": step, "loss": train_loss, "lr": lr, "tokens": tokens,
+                  "tokens_per_sec": tokens_per_sec}
+        if grad_norm is not None:
+            record["grad_norm"] = float(grad_norm)
+        self.reset()
+        return record
+
+
+def validate(accelerator: Accelerator, model, val_loader, run: RunDir, step: int) -> float:
+    """The validation loss at ``step``, recorded and printed."""
+    val_loss = evaluate(model, val_loader, accelerator)
+    log_metrics(accelerator, run, {"step": step, "val_loss": val_loss, "val_ppl": math.exp(val_loss)})
+    say(accelerator, f"step {step}: val loss {val_loss:.4f}, perplexity {math.exp(val_loss):.2f}")
+    return val_loss
+
+
+def finish(accelerator: Accelerator, model, val_loader, corpus: Corpus, run: RunDir, config: RunConfig,
+           progress: Progress, val_loss: float | None) -> None:
+    """After the last step: the test loss (if there is a test split), ``model/``, the sample."""
+    cfg = config.train
     if val_loss is None:  # resumed a run that had already finished
         val_loss = evaluate(model, val_loader, accelerator)
     metrics = {"step": progress.step, "tokens": progress.tokens, "val_loss": val_loss,
@@ -213,8 +280,6 @@ def train(config: RunConfig) -> int:
         say(accelerator, "sample: " + sample(run.model, cfg.sample_prompt, cfg.sample_tokens))
     if missing:  # last, where it is seen: the model folder lacks what the README promises
         say(accelerator, missing)
-    accelerator.end_training()
-    return 0
 
 
 def check_mixed_precision(accelerator: Accelerator, cfg: TrainConfig) -> None:

@@ -32,6 +32,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from .configuration_kangpt import KANGPT2Config
+from .errors import first_line
 from .kan import KANLinear
 from .kan_bases import GroupedBasis, RationalBasis
 
@@ -304,7 +305,7 @@ def load_gpt2(source: str):
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as err:
-        raise ValueError(f"cannot load {source!r}: {_first_line(err)}") from err
+        raise ValueError(f"cannot load {source!r}: {first_line(err)}") from err
     gpt2_twin = config.model_type == KANGPT2Config.model_type and config.ffn_type == "mlp"
     if config.model_type != "gpt2" and not gpt2_twin:
         kind = f"a KAN-GPT-2 with ffn_type={config.ffn_type!r}" if config.model_type == "kangpt2" else (
@@ -319,11 +320,7 @@ def load_gpt2(source: str):
             model = GPT2LMHeadModel.from_pretrained(source, config=config)
         return model.eval(), AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as err:
-        raise ValueError(f"cannot load the GPT-2 in {source!r}: {_first_line(err)}") from err
-
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"cannot load the GPT-2 in {source!r}: {first_line(err)}") from err
 
 
 __all__ = ["ConversionReport", "convert_gpt2", "fit_group_functions", "keeps_linear_maps", "load_gpt2",

@@ -45,9 +45,10 @@ from datasets import Dataset, IterableDataset
 from datasets.distributed import split_dataset_by_node
 from datasets.exceptions import DatasetGenerationError
 from datasets.table import InMemoryTable
-from huggingface_hub.errors import StrictDataclassError
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from .errors import first_line
 
 __all__ = [
     "DataError",
@@ -328,7 +329,7 @@ def _load_splits(dataset: str, name: str | None, text_field: str, streaming: boo
     try:
         splits = dict(datasets.load_dataset(*args, streaming=streaming, **kwargs))
     except OSError as err:  # includes FileNotFoundError (unknown dataset) and ConnectionError (offline)
-        raise DataError(f"cannot load dataset {dataset!r}: {_first_line(err)}") from err
+        raise DataError(f"cannot load dataset {dataset!r}: {first_line(err)}") from err
     if streaming and local is not None:
         splits = {split: _guard_stream(ds, *local) for split, ds in splits.items()}
     return splits, text_field
@@ -438,14 +439,6 @@ def _rows(shards: list) -> Iterator[dict]:
         yield from shard
 
 
-def _first_line(err: BaseException) -> str:
-    """The first line of an error's message; of its cause for a strict dataclass's validation error
-    (whose own first line only names the field)."""
-    if isinstance(err, StrictDataclassError) and err.__cause__ is not None:
-        err = err.__cause__
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
-
-
 # ---------------------------------------------------------------------------------------------
 # Broken local files
 #
@@ -503,7 +496,7 @@ def _corpus_error(builder: str, files: list[str], err: BaseException) -> DataErr
     while err.__cause__ is not None:  # DatasetGenerationError wraps the informative error
         err = err.__cause__
     where = _display(files[0]) if len(files) == 1 else f"the {len(files)} corpus files"
-    return DataError(f"cannot read {where}: {_first_line(err)}")
+    return DataError(f"cannot read {where}: {first_line(err)}")
 
 
 def _text_problem(path: str) -> str | None:
@@ -558,7 +551,7 @@ def _parquet_problem(path: str) -> str | None:
     try:
         pq.read_metadata(path)
     except (pa.ArrowException, OSError) as err:
-        return f"is not a readable Parquet file ({_first_line(err)}); rewrite it or remove it from the corpus"
+        return f"is not a readable Parquet file ({first_line(err)}); rewrite it or remove it from the corpus"
     return None
 
 
@@ -592,7 +585,7 @@ def load_tokenizer(
         try:
             tokenizer = AutoTokenizer.from_pretrained(spec)
         except OSError as err:
-            raise DataError(f"cannot load tokenizer {spec!r}: {_first_line(err)}") from err
+            raise DataError(f"cannot load tokenizer {spec!r}: {first_line(err)}") from err
         if tokenizer.eos_token is None:
             raise DataError(f"tokenizer {spec!r} has no EOS token, which packing needs")
         if tokenizer.pad_token is None:

@@ -10,7 +10,7 @@ from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from .data import _first_line
+from .errors import first_line
 
 
 class ModelFolderError(ValueError):
@@ -33,12 +33,12 @@ def load_model(name: str, device: str = "cpu", *, hub: bool = True):
         model = AutoModelForCausalLM.from_pretrained(source, config=config)
         tokenizer = AutoTokenizer.from_pretrained(source)
     except SafetensorError as err:  # a truncated or damaged weights file
-        damaged = f"cannot load {name!r}: a weights file is damaged ({_first_line(err)})"
+        damaged = f"cannot load {name!r}: a weights file is damaged ({first_line(err)})"
         raise ModelFolderError(damaged) from err
     except (OSError, ValueError, StrictDataclassError) as err:  # missing files, no hub, a bad config
         if not folder.is_dir():  # "org/name" was neither a folder here nor a model the hub gave
             raise ModelFolderError(
-                f"no such model folder: {name!r}, and no hub model of that name loaded ({_first_line(err)})"
+                f"no such model folder: {name!r}, and no hub model of that name loaded ({first_line(err)})"
             ) from err
-        raise ModelFolderError(f"cannot load {name!r}: {_first_line(err)}") from err
+        raise ModelFolderError(f"cannot load {name!r}: {first_line(err)}") from err
     return tokenizer, model.to(device).eval()

@@ -32,7 +32,7 @@ from pydantic import ConfigDict, TypeAdapter, ValidationError, with_config
 from typing_extensions import TypedDict  # pydantic reads typing's TypedDict only from Python 3.12
 
 from .configuration_kangpt import KANGPT2Config
-from .data import _first_line
+from .errors import first_line
 from .modeling_kangpt import KANGPT2LMHeadModel
 
 SECTIONS = ("model", "data", "train")
@@ -200,7 +200,7 @@ def model_config(config: RunConfig, **tokenizer_fields) -> KANGPT2Config:
     try:
         return KANGPT2Config(**{**tokenizer_fields, **config.model})
     except (ValueError, StrictDataclassError) as err:
-        raise ConfigError(f"model: {_first_line(err)}") from err
+        raise ConfigError(f"model: {first_line(err)}") from err
 
 
 def _init_from_config(config: RunConfig) -> KANGPT2Config:
@@ -227,7 +227,7 @@ def _init_from_config(config: RunConfig) -> KANGPT2Config:
     except (OSError, ValueError, StrictDataclassError) as err:
         if isinstance(err, ConfigError):
             raise
-        raise ConfigError(f"train.init_from: cannot read {path!r}: {_first_line(err)}") from err
+        raise ConfigError(f"train.init_from: cannot read {path!r}: {first_line(err)}") from err
 
 
 def _buildable_model_config(config: RunConfig) -> KANGPT2Config:

@@ -15,7 +15,8 @@ from tqdm.auto import tqdm
 
 from ..configuration_kangpt import KANGPT2Config
 from ..convert import convert_gpt2, load_gpt2
-from ..data import DataError, _first_line, load_documents, pack_documents
+from ..data import DataError, load_documents, pack_documents
+from ..errors import first_line
 from ..evaluation import validation_loss
 from ..modeling_kangpt import KANGPT2LMHeadModel, kangpt2_config_of
 from ..run_config import read_yaml
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         with torch.device("meta"):  # a design that cannot be built is refused before any work
             KANGPT2LMHeadModel(kangpt2_config_of(gpt2.config, **overrides))
     except (ValueError, StrictDataclassError) as err:
-        raise CommandError(_first_line(err)) from err
+        raise CommandError(first_line(err)) from err
     block = args.block_size or min(256, gpt2.config.n_positions)
     train_docs, val_docs = load_documents(args.data, text_field=args.text_field)
     blocks = {}

@@ -10,8 +10,10 @@
       max_steps: 1000
 
 Command-line overrides ``--section.key=value`` (or ``--section.key value``) are applied on top;
-values are parsed as YAML (``--train.overwrite=true``, ``--model.kan_grid_range=[-1,1]``). Unknown
-sections or keys and values of the wrong type raise :class:`ConfigError` naming the key.
+values are parsed as YAML (``--train.overwrite=true``, ``--model.kan_grid_range=[-1,1]``), whose
+``1e-3`` is a float as in YAML 1.2. pydantic checks each value against its field's declared type,
+strictly (``"10"`` is no int; an int does for a float). Unknown sections or keys and values of the
+wrong type raise :class:`ConfigError` naming the key.
 """
 
 from __future__ import annotations

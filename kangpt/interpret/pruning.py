@@ -120,17 +120,7 @@ def prune(
     kept: dict[int, torch.Tensor] = {}
     for b, count in removals.items():
         first, second = layers[b, 0], layers[b, 1]
-        step = second.groups if second.sharing == "group" else 1
-        keep = _kept_units(input_importance(second, stats[b, 1]), count, step).to(first.weight.device)
-        removed = torch.ones(second.in_features, dtype=torch.bool, device=keep.device)
-        removed[keep] = False
-        _, mean = edge_moments(second, stats[b, 1])  # (d, h)
-        p0, p1 = names[first] + ".", names[second] + "."
-        state[p0 + "weight"] = first.weight.view(first.out_features, -1)[keep]
-        state[p0 + "bias"] = first.bias[keep]
-        w2 = second.weight.view(second.out_features, -1, second.in_features)[..., keep]  # (d, F, kept)
-        state[p1 + "weight"] = w2.reshape(second.out_features, -1)
-        state[p1 + "bias"] = second.bias + mean[:, removed.cpu()].sum(1).to(second.bias)
+        keep = _remove_units(state, names, first, second, stats[b, 1], count)
         kept[b], widths[b] = keep, len(keep)
     zeroed = 0
     for (b, i), layer in layers.items():
@@ -140,25 +130,47 @@ def prune(
                 index = kept[b].cpu()
                 spread, mean = (spread[index], mean[index]) if i == 0 else (spread[:, index], mean[:, index])
             zeroed += _zero_edges(state, names[layer] + ".", spread, mean, edge_fraction)
-    new_config = copy.deepcopy(config)
-    if removals:
-        new_config.kan_hidden_size = widths
-    parameter = next(model.parameters())
-    pruned = type(model)(new_config).to(device=parameter.device, dtype=parameter.dtype)
-    pruned.load_state_dict(state)
-    if getattr(model, "generation_config", None) is not None:
-        pruned.generation_config = copy.deepcopy(model.generation_config)
-    pruned.eval()
+    pruned = _rebuilt(model, widths if removals else None, state)
     before, after = _parameter_counts(model), _parameter_counts(pruned)
     report = {
         "hidden_fraction": hidden_fraction,
         "edge_fraction": edge_fraction,
         "scope": scope,
-        "hidden_sizes": {
-            "before": widths_before,
-            "after": widths,
-        },
+        "hidden_sizes": {"before": widths_before, "after": widths},
         "zeroed_edges": zeroed,
         **{key: {"before": before[key], "after": after[key]} for key in before},
     }
     return pruned, report
+
+
+def _remove_units(state: dict, names: dict, first: KANLinear, second: KANLinear, stats: LayerStats,
+                  count: int) -> torch.Tensor:
+    """Remove from ``state`` the ``count`` least important hidden units between ``first`` and ``second``
+    (named in ``names``): rows of the first layer, columns of the second, whose bias takes their mean
+    outputs. Returns the indices of the units kept."""
+    step = second.groups if second.sharing == "group" else 1
+    keep = _kept_units(input_importance(second, stats), count, step).to(first.weight.device)
+    removed = torch.ones(second.in_features, dtype=torch.bool, device=keep.device)
+    removed[keep] = False
+    _, mean = edge_moments(second, stats)  # (d, h)
+    p0, p1 = names[first] + ".", names[second] + "."
+    state[p0 + "weight"] = first.weight.view(first.out_features, -1)[keep]
+    state[p0 + "bias"] = first.bias[keep]
+    w2 = second.weight.view(second.out_features, -1, second.in_features)[..., keep]  # (d, F, kept)
+    state[p1 + "weight"] = w2.reshape(second.out_features, -1)
+    state[p1 + "bias"] = second.bias + mean[:, removed.cpu()].sum(1).to(second.bias)
+    return keep
+
+
+def _rebuilt(model: nn.Module, widths: list[int] | None, state: dict) -> nn.Module:
+    """A new model of ``model``'s class with per-block hidden ``widths`` (None: the same) holding
+    ``state``, on ``model``'s device and dtype, with its generation config, in eval mode."""
+    config = copy.deepcopy(model.config)
+    if widths is not None:
+        config.kan_hidden_size = widths
+    parameter = next(model.parameters())
+    pruned = type(model)(config).to(device=parameter.device, dtype=parameter.dtype)
+    pruned.load_state_dict(state)
+    if getattr(model, "generation_config", None) is not None:
+        pruned.generation_config = copy.deepcopy(model.generation_config)
+    return pruned.eval()

@@ -127,6 +127,81 @@ def mfu(speed: dict, device_name: str) -> float | None:
     return flops_per_token * speed["tokens_per_s"] / peak
 
 
+def compare_argv(dry: bool) -> list[str]:
+    """``eval/compare.py``'s sizes: GPT-2 small in bf16 on the GPU; a tiny model on CPU in a dry run."""
+    if dry:
+        return ["--size", "tiny", "--device", "cpu", "--batch", "2", "--seq-len", "32", "--estimate-sizes",
+                "tiny", "--estimate-seq-len", "32", "--repeats", "1", "--gen-repeats", "1"]
+    return ["--size", "small", "--device", "cuda", "--dtype", "bf16", "--batch", "8", "--seq-len", "1024",
+            "--estimate-sizes", "small", "--repeats", "3", "--gen-repeats", "1", "--new-tokens", "64"]
+
+
+def run_steps(out: Path, dry: bool) -> tuple[dict, dict, dict]:
+    """Run every step; (step -> (ok, seconds), bench step -> its rows, train name -> its speed)."""
+    status, bench, trains = {}, {}, {}
+    interpreter = {"TRITON_INTERPRET": "1"} if dry else {}
+    kernel_tests = ["-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", "tests/test_kan_triton.py"]
+    status["kernel tests"] = run("kernel_tests", kernel_tests, out, interpreter)
+    for step, options in bench_steps(dry).items():
+        argv = ["eval/bench_kan.py", *options, "--json", str(out / f"{step}.json")]
+        status[step] = run(step, argv, out, interpreter if step == "bench_triton" else None)
+        if status[step][0]:
+            bench[step] = json.loads((out / f"{step}.json").read_text())["rows"]
+    argv = ["eval/compare.py", *compare_argv(dry), "--models", "gpt2,kan", "--out", str(out / "compare")]
+    status["compare"] = run("compare", argv, out)
+    for name, config in (("gpt2", "gpt2-124m.yaml"), ("kan", "kangpt2-124m.yaml")):
+        status[f"train {name}"] = run(f"train_{name}", train_argv(config, out / f"train_{name}", dry), out)
+        if status[f"train {name}"][0]:
+            trains[name] = training_speed(out / f"train_{name}")
+    return status, bench, trains
+
+
+def bench_rows(bench: dict) -> list[tuple[str, str]]:
+    """The KAN block against the MLP: time and peak ratios of each bench step that ran."""
+    rows = []
+    for step, key in (("bench_eager", "kan"), ("bench_compiled", "kan"), ("bench_triton", "kan-triton")):
+        if step in bench:
+            kan, mlp = bench[step][key], bench[step]["mlp"]
+            peak = (kan["peak"] / mlp["peak"]) if kan.get("peak") and mlp.get("peak") else None
+            target = f" (target <= {TARGETS['block_triton']}x)" if step == "bench_triton" else ""
+            what = f"KAN block / MLP, {step[6:]}"
+            rows.append((f"{what}: fwd+bwd time{target}", f"{kan['time'] / mlp['time']:.2f}x"))
+            rows.append((f"{what}: peak memory", "n/a" if peak is None else f"{peak:.2f}x"))
+    return rows
+
+
+def compare_rows(result: dict) -> list[tuple[str, str]]:
+    """GPT-2 small against KAN-GPT-2 small (compare.json): peak memory measured and estimated, speed."""
+    ratios, check = result["ratios"]["kan"], result["estimate_check"]
+    estimated = check["kan"]["train_peak_bytes"] / check["gpt2"]["train_peak_bytes"]
+    rows = [
+        ("124M training peak VRAM, KAN / GPT-2 measured (target <= 1.0x)",
+         f"{ratios['train_peak_bytes']:.2f}x"),
+        ("124M training peak, KAN / GPT-2 estimated", f"{estimated:.2f}x"),
+    ]
+    for name in ("gpt2", "kan"):
+        measured, estimate = result["memory"][name]["train_peak_bytes"], check[name]["train_peak_bytes"]
+        rows.append((f"{name} training peak: measured / estimated GiB",
+                     f"{measured / 2**30:.2f} / {estimate / 2**30:.2f}"))
+    rows.append(("124M training tokens/s, KAN / GPT-2 (compare.py, eager)",
+                 f"{ratios['train_tokens_per_s']:.2f}x"))
+    return rows
+
+
+def train_rows(trains: dict, device_name: str) -> list[tuple[str, str]]:
+    """train.py's speed of each model, its MFU, and KAN-GPT-2's speed over GPT-2's."""
+    rows = []
+    for name, speed in trains.items():
+        utilisation = mfu(speed, device_name)
+        utilisation = "n/a" if utilisation is None else f"{utilisation:.1%}"
+        speed_text = f"{speed['tokens_per_s']:,.0f}, {utilisation}"
+        rows.append((f"train.py 100 steps, {name}: tokens/s, MFU", speed_text))
+    if len(trains) == 2:
+        rows.append((f"train.py tokens/s, KAN / GPT-2 (target >= {TARGETS['train_tokens']}x)",
+                     f"{trains['kan']['tokens_per_s'] / trains['gpt2']['tokens_per_s']:.2f}x"))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes on CPU (Triton's interpreter)")
@@ -134,144 +209,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    dry = args.dry_run
     import torch
 
-    if not dry and not torch.cuda.is_available():
+    if not args.dry_run and not torch.cuda.is_available():
         print("error: no CUDA device; use --dry-run to run the steps on CPU", file=sys.stderr)
         return 1
-    device_name = "cpu (dry run)" if dry else torch.cuda.get_device_name(0)
-    status, rows = {}, []
-    interpreter = {"TRITON_INTERPRET": "1"} if dry else {}
-    status["kernel tests"] = run(
-        "kernel_tests",
-        ["-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", "tests/test_kan_triton.py"],
-        out,
-        interpreter,
-    )
-    bench = {}
-    for step, options in bench_steps(dry).items():
-        status[step] = run(
-            step,
-            ["eval/bench_kan.py", *options, "--json", str(out / f"{step}.json")],
-            out,
-            interpreter if step == "bench_triton" else None,
-        )
-        if status[step][0]:
-            bench[step] = json.loads((out / f"{step}.json").read_text())["rows"]
-    compare_size = (
-        [
-            "--size",
-            "tiny",
-            "--device",
-            "cpu",
-            "--batch",
-            "2",
-            "--seq-len",
-            "32",
-            "--estimate-sizes",
-            "tiny",
-            "--estimate-seq-len",
-            "32",
-            "--repeats",
-            "1",
-            "--gen-repeats",
-            "1",
-        ]
-        if dry
-        else [
-            "--size",
-            "small",
-            "--device",
-            "cuda",
-            "--dtype",
-            "bf16",
-            "--batch",
-            "8",
-            "--seq-len",
-            "1024",
-            "--estimate-sizes",
-            "small",
-            "--repeats",
-            "3",
-            "--gen-repeats",
-            "1",
-            "--new-tokens",
-            "64",
-        ]
-    )
-    status["compare"] = run(
-        "compare",
-        ["eval/compare.py", *compare_size, "--models", "gpt2,kan", "--out", str(out / "compare")],
-        out,
-    )
-    trains = {}
-    for name, config in (("gpt2", "gpt2-124m.yaml"), ("kan", "kangpt2-124m.yaml")):
-        status[f"train {name}"] = run(f"train_{name}", train_argv(config, out / f"train_{name}", dry), out)
-        if status[f"train {name}"][0]:
-            trains[name] = training_speed(out / f"train_{name}")
-
-    for step, key in (("bench_eager", "kan"), ("bench_compiled", "kan"), ("bench_triton", "kan-triton")):
-        if step in bench:
-            kan, mlp = bench[step][key], bench[step]["mlp"]
-            peak = (kan["peak"] / mlp["peak"]) if kan.get("peak") and mlp.get("peak") else None
-            target = f" (target <= {TARGETS['block_triton']}x)" if step == "bench_triton" else ""
-            rows.append(
-                (f"KAN block / MLP, {step[6:]}: fwd+bwd time{target}", f"{kan['time'] / mlp['time']:.2f}x")
-            )
-            rows.append(
-                (f"KAN block / MLP, {step[6:]}: peak memory", "n/a" if peak is None else f"{peak:.2f}x")
-            )
+    device_name = "cpu (dry run)" if args.dry_run else torch.cuda.get_device_name(0)
+    status, bench, trains = run_steps(out, args.dry_run)
+    rows = bench_rows(bench)
     if status["compare"][0]:
-        result = json.loads((out / "compare" / "compare.json").read_text())
-        ratios = result["ratios"]["kan"]
-        rows.append(
-            (
-                "124M training peak VRAM, KAN / GPT-2 measured (target <= 1.0x)",
-                f"{ratios['train_peak_bytes']:.2f}x",
-            )
-        )
-        check = result["estimate_check"]
-        estimated = check["kan"]["train_peak_bytes"] / check["gpt2"]["train_peak_bytes"]
-        rows.append(("124M training peak, KAN / GPT-2 estimated", f"{estimated:.2f}x"))
-        for name in ("gpt2", "kan"):
-            measured = result["memory"][name]["train_peak_bytes"]
-            rows.append(
-                (
-                    f"{name} training peak: measured / estimated GiB",
-                    f"{measured / 2**30:.2f} / {check[name]['train_peak_bytes'] / 2**30:.2f}",
-                )
-            )
-        rows.append(
-            (
-                "124M training tokens/s, KAN / GPT-2 (compare.py, eager)",
-                f"{ratios['train_tokens_per_s']:.2f}x",
-            )
-        )
-    for name, speed in trains.items():
-        utilisation = mfu(speed, device_name)
-        rows.append(
-            (
-                f"train.py 100 steps, {name}: tokens/s, MFU",
-                f"{speed['tokens_per_s']:,.0f}, " + ("n/a" if utilisation is None else f"{utilisation:.1%}"),
-            )
-        )
-    if len(trains) == 2:
-        rows.append(
-            (
-                f"train.py tokens/s, KAN / GPT-2 (target >= {TARGETS['train_tokens']}x)",
-                f"{trains['kan']['tokens_per_s'] / trains['gpt2']['tokens_per_s']:.2f}x",
-            )
-        )
+        rows += compare_rows(json.loads((out / "compare" / "compare.json").read_text()))
+    rows += train_rows(trains, device_name)
     print(f"\n### kangpt GPU check: {device_name}, torch {torch.__version__}\n")
     print("| check | result |\n|---|---|")
     for step, (ok, seconds) in status.items():
         print(f"| step: {step} | {'ok' if ok else 'FAILED'} ({seconds:.0f} s) |")
     for name, value in rows:
         print(f"| {name} | {value} |")
-    (out / "summary.json").write_text(
-        json.dumps({"device": device_name, "status": status, "rows": rows}, indent=2)
-    )
+    summary = {"device": device_name, "status": status, "rows": rows}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return 0 if all(ok for ok, _ in status.values()) else 1
 
 

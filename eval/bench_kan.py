@@ -143,16 +143,12 @@ def make_input(args, device):
     return torch.randn(args.tokens, args.width, device=device, requires_grad=True)
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--width", type=int, default=768)
-    parser.add_argument(
-        "--dtype",
-        choices=sorted(DTYPES),
-        default="fp32",
-        help="fp32, or autocast to bf16/fp16 (fp32 parameters, as in mixed-precision training)",
-    )
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                        help="fp32, or autocast to bf16/fp16 (fp32 parameters, as mixed precision trains)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", action="store_true", help="torch.compile every block")
     parser.add_argument("--repeats", type=int, default=7)
@@ -162,71 +158,77 @@ def main(argv=None):
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--peak-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    dtype = DTYPES[args.dtype]
-    if args.peak_child:  # a fresh process measuring one step of one block (CPU peak RSS)
-        x = make_input(args, torch.device("cpu"))
-        model = build(args.peak_child, args.width)
-        runner = compiled(model) if args.compile else model
-        if args.compile:  # compile and warm up first, then measure a step that starts from no grads
-            for _ in range(2):
-                step(runner, x, dtype)
-            model.zero_grad(set_to_none=True)
-            x.grad = None
-        print(peak_bytes(runner, x, dtype))
-        return
-
-    device = torch.device(args.device)
-    names = args.models.split(",")
-    if names[0] != "mlp":
+    if args.models.split(",")[0] != "mlp":
         parser.error("--models must start with mlp (the reference of every ratio)")
+    return args
+
+
+def child_peak(args: argparse.Namespace) -> int:
+    """In a fresh process: the peak bytes of one step of the block ``--peak-child`` on CPU."""
+    dtype = DTYPES[args.dtype]
+    x = make_input(args, torch.device("cpu"))
+    model = build(args.peak_child, args.width)
+    runner = compiled(model) if args.compile else model
+    if args.compile:  # compile and warm up first, then measure a step that starts from no grads
+        for _ in range(2):
+            step(runner, x, dtype)
+        model.zero_grad(set_to_none=True)
+        x.grad = None
+    return peak_bytes(runner, x, dtype)
+
+
+def cpu_peak(args: argparse.Namespace, name: str) -> int:
+    """Peak RSS of a fresh process running one step of block ``name`` (:func:`child_peak`)."""
+    child = ["--peak-child", name, "--tokens", str(args.tokens), "--width", str(args.width),
+             "--dtype", args.dtype, "--seed", str(args.seed), *(["--compile"] if args.compile else [])]
+    printed = run_fresh_process([__file__, *child], peak_rss=True)
+    return int(printed.strip().splitlines()[-1])
+
+
+def measure(args: argparse.Namespace, device: torch.device) -> dict[str, dict]:
+    """Per block: parameters, bytes saved for backward, peak bytes and the median fwd+bwd time."""
+    dtype, names = DTYPES[args.dtype], args.models.split(",")
     x = make_input(args, device)
     models = {n: build(n, args.width).to(device) for n in names}
     runners = {n: (compiled(m) if args.compile else m) for n, m in models.items()}
-
     rows = {n: {"params": sum(p.numel() for p in m.parameters())} for n, m in models.items()}
     for n, m in runners.items():
         for _ in range(2):  # warm-up (and compilation)
             step(m, x, dtype)
         rows[n]["saved"] = saved_bytes(m, x, dtype)
         rows[n]["peak"] = peak_bytes(m, x, dtype) if device.type == "cuda" else None
-    times = interleaved_median_times(
-        {n: partial(step, m, x, dtype) for n, m in runners.items()}, args.repeats, device, warmup=0
-    )
+    steps = {n: partial(step, m, x, dtype) for n, m in runners.items()}
+    times = interleaved_median_times(steps, args.repeats, device, warmup=0)
     for n in names:
         rows[n]["time"] = times[n]
         if device.type == "cpu":
-            child = [
-                "--peak-child",
-                n,
-                "--tokens",
-                str(args.tokens),
-                "--width",
-                str(args.width),
-                "--dtype",
-                args.dtype,
-                "--seed",
-                str(args.seed),
-                *(["--compile"] if args.compile else []),
-            ]
-            printed = run_fresh_process([__file__, *child], peak_rss=True)
-            rows[n]["peak"] = int(printed.strip().splitlines()[-1])
+            rows[n]["peak"] = cpu_peak(args, n)
+    return rows
 
+
+def print_table(args: argparse.Namespace, device: torch.device, rows: dict[str, dict]) -> None:
     ref = rows["mlp"]
     peak_kind = "CUDA max_memory_allocated" if device.type == "cuda" else "peak RSS of a fresh process"
-    print(
-        f"# KAN block vs GPT-2 MLP: d={args.width}, tokens={args.tokens}, {args.dtype}, {device}, "
-        f"{'torch.compile' if args.compile else 'eager'}, threads={torch.get_num_threads()}, "
-        f"median of {args.repeats}; peak = {peak_kind}"
-    )
+    print(f"# KAN block vs GPT-2 MLP: d={args.width}, tokens={args.tokens}, {args.dtype}, {device}, "
+          f"{'torch.compile' if args.compile else 'eager'}, threads={torch.get_num_threads()}, "
+          f"median of {args.repeats}; peak = {peak_kind}")
     print("| block | params | fwd+bwd ms | x MLP | saved for bwd MB | x MLP | peak MB | x MLP |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for n, r in rows.items():
         peak = "n/a" if r["peak"] is None else f"{r['peak'] / 2**20:.1f}"
         peak_ratio = "n/a" if r["peak"] is None else f"{r['peak'] / ref['peak']:.2f}"
-        print(
-            f"| {n} | {r['params']:,} | {r['time'] * 1e3:.1f} | {r['time'] / ref['time']:.2f} | "
-            f"{r['saved'] / 2**20:.1f} | {r['saved'] / ref['saved']:.3f} | {peak} | {peak_ratio} |"
-        )
+        print(f"| {n} | {r['params']:,} | {r['time'] * 1e3:.1f} | {r['time'] / ref['time']:.2f} | "
+              f"{r['saved'] / 2**20:.1f} | {r['saved'] / ref['saved']:.3f} | {peak} | {peak_ratio} |")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.peak_child:  # a fresh process measuring one step of one block (CPU peak RSS)
+        print(child_peak(args))
+        return
+    device = torch.device(args.device)
+    rows = measure(args, device)
+    print_table(args, device, rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "rows": rows}, f, indent=2)

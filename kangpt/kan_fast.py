@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from .kan_bases import GroupedBSplineBasis, _compute_dtype
+from .kan_bases import _compute_dtype
 
 # Transient feature buffers are kept near this many elements per chunk of tokens (8 MB of fp32):
 # longer chunks cost fewer matmul calls, shorter ones a lower peak (tuned with eval/bench_kan.py).
@@ -154,9 +154,9 @@ def chunk_tokens(layer, tokens: int) -> int:
 def uses_fused_kernel(layer, x: torch.Tensor) -> bool:
     """Whether a call of ``layer`` on ``x`` runs the Triton kernels (``kernel``: "triton" always, "auto"
     on CUDA when Triton is installed, "torch" never); only grouped B-spline layers have them."""
-    if layer.kernel == "torch" or not isinstance(layer.basis, GroupedBSplineBasis):
+    if layer.kernel == "torch" or not triton_kernels_apply(layer.basis_name, layer.sharing):
         return False
-    return layer.kernel == "triton" or (x.is_cuda and _triton_available())
+    return layer.kernel == "triton" or x.is_cuda
 
 
 def _compiled_formula(layer, x: torch.Tensor, weight, bias, dtype: torch.dtype) -> torch.Tensor:

@@ -66,7 +66,7 @@ class KANLinear(nn.Module):
     Args:
         in_features, out_features: widths, as for ``nn.Linear``.
         basis: ``"bspline"`` (default), ``"rbf"``, ``"chebyshev"`` or ``"rational"``; see the basis
-            classes in this module for formulas and parameters per edge.
+            classes in ``kangpt.kan_bases`` for formulas and parameters per edge.
         grid_size, spline_order: the grid has ``grid_size`` intervals; every spline-like basis has
             ``K = grid_size + spline_order`` functions per edge (B-splines of order ``spline_order``,
             K Gaussians, or Chebyshev degree K - 1), so they cost the same.
@@ -75,7 +75,7 @@ class KANLinear(nn.Module):
         sharing: ``"edge"`` (default): every edge has its own function, a combination of the basis's
             ``1 + K`` features (``1 + K`` coefficients per edge); ``"group"``: the inputs are cut into
             ``groups`` contiguous groups that share one learnable function, which the weight scales
-            per edge (one coefficient per edge; see :class:`GroupedBasis`). ``rational`` is always
+            per edge (one coefficient per edge; see ``kangpt.kan_bases.GroupedBasis``). ``rational`` is always
             grouped.
         groups: number of input groups of a grouped layer (it must divide ``in_features``).
         rational_order: numerator/denominator degrees of the ``rational`` basis.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
@@ -18,3 +19,8 @@ def positive_int(text: str) -> int:
 def default_device(device: str | None) -> str:
     """``--device``, or cuda when available, else cpu."""
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def holds_something(path: Path) -> bool:
+    """Whether ``path`` is a file or a folder with something in it: what only ``--overwrite`` replaces."""
+    return path.exists() and (not path.is_dir() or any(path.iterdir()))

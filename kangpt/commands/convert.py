@@ -21,7 +21,7 @@ from ..evaluation import validation_loss
 from ..modeling_kangpt import KANGPT2LMHeadModel, kangpt2_config_of
 from ..run_config import read_yaml
 from ..run_dir import publish, remove, temporary_name, writing
-from .arguments import default_device, positive_int
+from .arguments import default_device, holds_something, positive_int
 from .errors import CommandError
 
 HELP = "turn a GPT-2's MLPs into KAN blocks that already do their job; write a KAN-GPT-2 folder"
@@ -48,7 +48,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """``kangpt convert``: GPT-2 -> KAN-GPT-2 with converted blocks, its loss before and after, a report."""
     out = Path(args.out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+    if holds_something(out) and not args.overwrite:
         raise CommandError(f"{args.out_dir!r} exists and is not empty; pass --overwrite to replace it")
     overrides = {}
     for item in args.set:

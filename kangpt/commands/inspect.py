@@ -27,7 +27,7 @@ from ..loading import load_model
 from ..plotting import new_figure
 from ..run_dir import publish, remove, temporary_name
 from ..symbolic import LIBRARY
-from .arguments import default_device
+from .arguments import default_device, holds_something
 from .errors import CommandError
 
 HELP = "plot a trained model's KAN edges, fit formulas to them and optionally prune it"
@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     protected = {p for d in (folder.resolve(), Path.cwd()) for p in (d, *d.parents)}
     if out.resolve() in protected:
         raise CommandError(f"--out {str(out)!r} would replace the model folder or the working directory")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+    if holds_something(out) and not args.overwrite:
         raise CommandError(f"output folder {str(out)!r} is not empty; pass --overwrite to replace it")
     try:
         new_figure(1, 1)

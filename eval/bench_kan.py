@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kangpt.compare import ratio
 from kangpt.configuration_kangpt import KANGPT2Config
 from kangpt.kan import BASES, KANFeedForward, kan_block_hidden_size
 from kangpt.measure import (
@@ -216,7 +217,9 @@ def print_table(args: argparse.Namespace, device: torch.device, rows: dict[str, 
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for n, r in rows.items():
         peak = "n/a" if r["peak"] is None else f"{r['peak'] / 2**20:.1f}"
-        peak_ratio = "n/a" if r["peak"] is None else f"{r['peak'] / ref['peak']:.2f}"
+        # A tiny block's step can grow a warm process by no page at all: no ratio to a zero reference.
+        peak_ratio = ratio(r["peak"], ref["peak"])
+        peak_ratio = "n/a" if peak_ratio is None else f"{peak_ratio:.2f}"
         print(f"| {n} | {r['params']:,} | {r['time'] * 1e3:.1f} | {r['time'] / ref['time']:.2f} | "
               f"{r['saved'] / 2**20:.1f} | {r['saved'] / ref['saved']:.3f} | {peak} | {peak_ratio} |")
 

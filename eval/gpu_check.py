@@ -38,7 +38,8 @@ def run(step: str, argv: list[str], out: Path, env: dict | None = None) -> tuple
     try:
         run_fresh_process(argv, env={"HF_HUB_OFFLINE": "1", **(env or {})}, log=out / f"{step}.log", cwd=ROOT)
         ok = True
-    except RuntimeError:  # the log says why
+    except RuntimeError as error:  # the end of the log, so that a failure is readable where it ran
+        print(error, file=sys.stderr, flush=True)
         ok = False
     seconds = time.perf_counter() - start
     print(f"[{step}] {'ok' if ok else 'FAILED'} in {seconds:.0f} s", file=sys.stderr, flush=True)
@@ -158,11 +159,13 @@ def run_steps(out: Path, dry: bool) -> tuple[dict, dict, dict]:
 
 def bench_rows(bench: dict) -> list[tuple[str, str]]:
     """The KAN block against the MLP: time and peak ratios of each bench step that ran."""
+    from kangpt.compare import ratio
+
     rows = []
     for step, key in (("bench_eager", "kan"), ("bench_compiled", "kan"), ("bench_triton", "kan-triton")):
         if step in bench:
             kan, mlp = bench[step][key], bench[step]["mlp"]
-            peak = (kan["peak"] / mlp["peak"]) if kan.get("peak") and mlp.get("peak") else None
+            peak = ratio(kan["peak"], mlp["peak"])
             target = f" (target <= {TARGETS['block_triton']}x)" if step == "bench_triton" else ""
             what = f"KAN block / MLP, {step[6:]}"
             rows.append((f"{what}: fwd+bwd time{target}", f"{kan['time'] / mlp['time']:.2f}x"))

@@ -350,3 +350,15 @@ def test_tiny_quality_run(tmp_path, monkeypatch, capsys):
     finished = sorted(p.stat().st_mtime_ns for p in out.glob("runs/**/metrics.jsonl"))
     assert quality.main(tiny) == 0  # every run is reused, none trained again
     assert sorted(p.stat().st_mtime_ns for p in out.glob("runs/**/metrics.jsonl")) == finished
+
+
+def test_bench_kan_prints_no_peak_ratio_to_an_mlp_step_that_grew_no_page(capsys):
+    # On CPU the peak is a fresh process's RSS growth, which for a tiny compiled block can be zero.
+    bench_kan = load_script("bench_kan")
+    args = bench_kan.parse_args(["--device", "cpu", "--tokens", "64", "--width", "64"])
+    rows = {
+        "mlp": {"params": 10, "time": 1e-3, "saved": 2**20, "peak": 0},
+        "kan": {"params": 11, "time": 3e-3, "saved": 2**21, "peak": 2**20},
+    }
+    bench_kan.print_table(args, torch.device("cpu"), rows)
+    assert "| kan | 11 | 3.0 | 3.00 | 2.0 | 2.000 | 1.0 | n/a |" in capsys.readouterr().out

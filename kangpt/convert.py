@@ -32,9 +32,9 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from .configuration_kangpt import KANGPT2Config
-from .errors import first_line
 from .kan import KANLinear
 from .kan_bases import GroupedBasis, RationalBasis
+from .messages import first_line
 
 _FIT_VALUES = 1 << 16  # values of each group's inputs a function is fitted on (a random sample)
 _PRE_TOKENS = 4096  # tokens whose MLP pre-activations (4 x d each) are kept per block

@@ -48,7 +48,7 @@ from datasets.table import InMemoryTable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from .errors import first_line
+from .messages import first_line
 
 __all__ = [
     "DataError",

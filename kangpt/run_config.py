@@ -34,7 +34,7 @@ from pydantic import ConfigDict, TypeAdapter, ValidationError, with_config
 from typing_extensions import TypedDict  # pydantic reads typing's TypedDict only from Python 3.12
 
 from .configuration_kangpt import KANGPT2Config
-from .errors import first_line
+from .messages import first_line
 from .modeling_kangpt import KANGPT2LMHeadModel
 
 SECTIONS = ("model", "data", "train")

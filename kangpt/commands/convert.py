@@ -16,8 +16,8 @@ from tqdm.auto import tqdm
 from ..configuration_kangpt import KANGPT2Config
 from ..convert import convert_gpt2, load_gpt2
 from ..data import DataError, load_documents, pack_documents
-from ..errors import first_line
 from ..evaluation import validation_loss
+from ..messages import first_line
 from ..modeling_kangpt import KANGPT2LMHeadModel, kangpt2_config_of
 from ..run_config import read_yaml
 from ..run_dir import publish, remove, temporary_name, writing

@@ -1,9 +1,9 @@
-"""kangpt.errors.first_line: the one line an error is told in."""
+"""kangpt.messages.first_line: the one line an error is told in."""
 
 import pytest
 
 from kangpt.configuration_kangpt import KANGPT2Config
-from kangpt.errors import first_line
+from kangpt.messages import first_line
 
 
 def test_first_line_is_the_messages_first_line_or_the_type():

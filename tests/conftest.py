@@ -8,13 +8,30 @@ Each pytest-xdist worker (one per core) computes on one thread: two workers of t
 two cores spend their time waiting for one another. (The processes tests start keep torch's default.)
 """
 
+import importlib.util
 import os
+from pathlib import Path
 
+import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = Path(__file__).resolve().parent.parent
 if "PYTEST_XDIST_WORKER" in os.environ:
     torch.set_num_threads(1)
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="session")
+def eval_script():
+    """Loads a script of ``eval/`` as a module: ``eval_script("quality").main(argv)``."""
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, ROOT / "eval" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

@@ -5,7 +5,6 @@ peak memory), plus a tiny end-to-end comparison on CPU. No speed target is teste
 measured and reported, never asserted.
 """
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -30,13 +29,6 @@ from kangpt.run_config import load_config
 ROOT = Path(__file__).resolve().parent.parent
 # transformers' GPT2LMHeadModel parameter counts (LM head tied to the token embeddings).
 GPT2_PARAMETERS = {"small": 124_439_808, "medium": 354_823_168, "large": 774_030_080, "xl": 1_557_611_200}
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "eval" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -192,8 +184,8 @@ def quality_base(quality, *extra):
     return load_config(ROOT / "configs" / "default.yaml", [*flat, *extra])
 
 
-def test_quality_runs_differ_only_in_the_feed_forward_block_learning_rate_and_seed(tmp_path):
-    quality = load_script("quality")
+def test_quality_runs_differ_only_in_the_feed_forward_block_learning_rate_and_seed(tmp_path, eval_script):
+    quality = eval_script("quality")
     base = quality_base(quality, "--model.kan_hidden_size=64")  # ignored: every model is parameter-matched
     variants = quality.parse_variants("mlp,kan,edge-bspline,group-rbf,rational", [])
     for corpus in quality.CORPORA:
@@ -256,8 +248,10 @@ class FakeRunner:
         return results
 
 
-def test_protocol_picks_each_models_lr_on_validation_widens_the_grid_and_reports_test_over_seeds(tmp_path):
-    quality = load_script("quality")
+def test_protocol_picks_each_models_lr_on_validation_widens_the_grid_and_reports_test_over_seeds(
+    tmp_path, eval_script
+):
+    quality = eval_script("quality")
     base = quality_base(quality)
     variants = quality.parse_variants("mlp,rational", [])
     runner = FakeRunner(tmp_path, {"mlp": 2e-3, "rational": 16e-3})  # rational's best is 2 steps above
@@ -275,16 +269,16 @@ def test_protocol_picks_each_models_lr_on_validation_widens_the_grid_and_reports
     assert results["rational"]["lr"] == 8e-3  # one widening step allowed: the best seen
 
 
-def test_verdict_says_when_a_difference_is_inside_the_spread():
-    quality = load_script("quality")
+def test_verdict_says_when_a_difference_is_inside_the_spread(eval_script):
+    quality = eval_script("quality")
     ref = quality.spread([4.0, 4.1])
     assert quality.verdict(quality.spread([3.8, 3.95]), ref) == "better"
     assert quality.verdict(quality.spread([4.2, 4.3]), ref) == "worse"
     assert quality.verdict(quality.spread([3.9, 4.05]), ref) == "inside the spread"
 
 
-def test_quality_refuses_bad_arguments_with_one_line(capsys):
-    quality = load_script("quality")
+def test_quality_refuses_bad_arguments_with_one_line(capsys, eval_script):
+    quality = eval_script("quality")
     for argv, message in (
         (["--models", "rational,mlp"], "--models must start with mlp"),
         (["--corpora", "poems"], "--corpora"),
@@ -298,9 +292,9 @@ def test_quality_refuses_bad_arguments_with_one_line(capsys):
 
 
 @pytest.mark.slow
-def test_tiny_quality_run(tmp_path, monkeypatch, capsys):
+def test_tiny_quality_run(tmp_path, monkeypatch, capsys, eval_script):
     monkeypatch.setenv("KANGPT_CACHE", str(tmp_path / "cache"))
-    quality = load_script("quality")
+    quality = eval_script("quality")
     out = tmp_path / "quality"
     tiny = [
         "--models",
@@ -352,9 +346,9 @@ def test_tiny_quality_run(tmp_path, monkeypatch, capsys):
     assert sorted(p.stat().st_mtime_ns for p in out.glob("runs/**/metrics.jsonl")) == finished
 
 
-def test_bench_kan_prints_no_peak_ratio_to_an_mlp_step_that_grew_no_page(capsys):
+def test_bench_kan_prints_no_peak_ratio_to_an_mlp_step_that_grew_no_page(capsys, eval_script):
     # On CPU the peak is a fresh process's RSS growth, which for a tiny compiled block can be zero.
-    bench_kan = load_script("bench_kan")
+    bench_kan = eval_script("bench_kan")
     args = bench_kan.parse_args(["--device", "cpu", "--tokens", "64", "--width", "64"])
     rows = {
         "mlp": {"params": 10, "time": 1e-3, "saved": 2**20, "peak": 0},

@@ -1,6 +1,5 @@
 """eval/gpu_check.sh runs every GPU check; here its dry run (tiny sizes, CPU, Triton's interpreter)."""
 
-import importlib.util
 import json
 import subprocess
 from pathlib import Path
@@ -10,24 +9,17 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "eval" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_a_failing_step_prints_the_end_of_its_log(tmp_path, capsys):
+def test_a_failing_step_prints_the_end_of_its_log(tmp_path, capsys, eval_script):
     argv = ["-c", "import sys; print('loading'); sys.exit('the reason it failed')"]
-    ok, _ = gpu_check().run("broken", argv, tmp_path)
+    ok, _ = eval_script("gpu_check").run("broken", argv, tmp_path)
     printed = capsys.readouterr().err
     assert not ok and "the reason it failed" in printed and "[broken] FAILED" in printed
     assert "the reason it failed" in (tmp_path / "broken.log").read_text()
 
 
-def test_a_bench_step_whose_mlp_peak_is_zero_gets_no_peak_ratio():
+def test_a_bench_step_whose_mlp_peak_is_zero_gets_no_peak_ratio(eval_script):
     rows = {"mlp": {"time": 1.0, "peak": 0}, "kan": {"time": 2.0, "peak": 5}}
-    assert gpu_check().bench_rows({"bench_eager": rows}) == [
+    assert eval_script("gpu_check").bench_rows({"bench_eager": rows}) == [
         ("KAN block / MLP, eager: fwd+bwd time", "2.00x"),
         ("KAN block / MLP, eager: peak memory", "n/a"),
     ]

@@ -57,13 +57,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     root = Path(args.root)
     total, functions, graph = 0, [], {}
-    modules = {module_name(path) for path in sources(root)}
+    paths = sources(root)
+    modules = {module_name(path) for path in paths}
     print("| lines | module |\n|---:|---|")
-    for path in sources(root):
+    for path in paths:
         text = (root / path).read_text()
         tree = ast.parse(text)
-        total += len(text.splitlines())
-        print(f"| {len(text.splitlines())} | {path.as_posix()} |")
+        lines = len(text.splitlines())
+        total += lines
+        print(f"| {lines} | {path.as_posix()} |")
         functions += [(node.end_lineno - node.lineno + 1, f"{module_name(path)}.{node.name}")
                       for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
         graph[module_name(path)] = sorted(kangpt_imports(tree, path, modules))

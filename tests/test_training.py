@@ -76,8 +76,21 @@ def overrides(out_dir, **values) -> list[str]:
     ]
 
 
+RUN_TIMEOUT = 300  # seconds; a tiny run takes a few
+
+
 def run_train(env, args, launcher=(sys.executable, str(ROOT / "train.py"))) -> subprocess.CompletedProcess:
-    return subprocess.run([*launcher, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    """Run ``train.py`` (or ``launcher``) on ``args``; past RUN_TIMEOUT, fail with the end of its output."""
+    try:
+        return subprocess.run(
+            [*launcher, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT
+        )
+    except subprocess.TimeoutExpired as err:
+        def tail(output):
+            text = output.decode(errors="replace") if isinstance(output, bytes) else output or ""
+            return text[-4000:]
+        pytest.fail(f"still running after {RUN_TIMEOUT} s: {err.cmd}\n--- stdout (end)\n{tail(err.stdout)}"
+                    f"\n--- stderr (end)\n{tail(err.stderr)}")
 
 
 def losses(out_dir: Path, key: str = "loss") -> dict[int, float]:
@@ -261,6 +274,17 @@ def test_interrupted_and_resumed_run_has_the_losses_of_an_uninterrupted_one(
     assert losses(out, "lr") == losses(reference, "lr")
 
 
+# A rank still running a minute before the test's timeout is stuck (the run takes seconds): its threads'
+# stacks go to stderr, and its exit makes torchrun stop the other rank, so the failure says where it waited.
+STACKS_IF_STUCK = f"import faulthandler\nfaulthandler.dump_traceback_later({RUN_TIMEOUT - 60}, exit=True)\n"
+
+
+def stuck_stacks_or_end(stderr: str) -> str:
+    """A failed run's stderr from the first stack dump of a stuck rank on, or its end if none was stuck."""
+    start = stderr.find("Timeout (")  # faulthandler's heading
+    return stderr[start:start + 12000] if start >= 0 else stderr[-3000:]
+
+
 DUMP_WEIGHTS_OF_EVERY_RANK = """
 import os, sys
 import torch
@@ -286,9 +310,8 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(env, tin
     single = run_train(env, [str(tiny_config), *overrides(one, **NO_DROPOUT)])
     assert single.returncode == 0, single.stderr[-3000:]
     script = tmp_path / "ddp_driver.py"
-    script.write_text(DUMP_WEIGHTS_OF_EVERY_RANK)
-    # One thread per rank: two ranks and the other test worker share two cores (with two threads per
-    # rank, a run of the suite timed out here after 300 s; alone the test takes under a minute).
+    script.write_text(STACKS_IF_STUCK + DUMP_WEIGHTS_OF_EVERY_RANK)
+    # One thread per rank: two ranks and the other test worker share two cores.
     ddp_env = {**env, "ACCELERATE_USE_CPU": "1", "DUMP_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
     per_process = {"train.batch_size": 2, "train.gradient_accumulation_steps": 2}
     ddp_args = [str(tiny_config), *overrides(two, **NO_DROPOUT, **per_process)]
@@ -296,7 +319,7 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(env, tin
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}"
     )
     ddp = run_train(ddp_env, ddp_args, launcher=(*torchrun, str(script)))
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert ddp.returncode == 0, stuck_stacks_or_end(ddp.stderr)
     assert "2 process(es)" in ddp.stdout
     for checkpoint in (two / "checkpoints").iterdir():  # the main process lists the files of both
         listed = json.loads((checkpoint / MANIFEST).read_text())["files"]

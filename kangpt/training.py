@@ -280,6 +280,7 @@ def finish(accelerator: Accelerator, model, val_loader, corpus: Corpus, run: Run
         say(accelerator, "sample: " + sample(run.model, cfg.sample_prompt, cfg.sample_tokens))
     if missing:  # last, where it is seen: the model folder lacks what the README promises
         say(accelerator, missing)
+    accelerator.wait_for_everyone()  # every process returns with model/ written: a script may load it next
 
 
 def check_mixed_precision(accelerator: Accelerator, cfg: TrainConfig) -> None:

@@ -299,7 +299,11 @@ def save_and_dump(accelerator, model, *args):
 
 training.save_model = save_and_dump
 from kangpt.commands import main
-sys.exit(main(["train", *sys.argv[1:]]))
+code = main(["train", *sys.argv[1:]])
+out_dir = next(arg.split("=", 1)[1] for arg in sys.argv if arg.startswith("--train.out_dir="))
+if code == 0 and not os.path.isdir(os.path.join(out_dir, "model")):
+    sys.exit(f"rank {os.environ['RANK']}: train returned before model/ was written")
+sys.exit(code)
 """
 
 

@@ -145,7 +145,7 @@ class RunConfig:
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     """Read the YAML file ``path`` (None: all defaults), apply ``--section.key=value`` overrides, validate."""
     parsed = _parse_overrides(overrides)
-    raw = _read_yaml(Path(path)) if path is not None else {}
+    raw = _read_config_file(Path(path)) if path is not None else {}
     for section, key, value in parsed:
         raw.setdefault(section, {})
         if not isinstance(raw[section], dict):
@@ -245,7 +245,8 @@ def _buildable_model_config(config: RunConfig) -> KANGPT2Config:
     return model_cfg
 
 
-def _read_yaml(path: Path) -> dict:
+def _read_config_file(path: Path) -> dict:
+    """The sections of a run's YAML file (``{}`` for an empty one); ConfigError naming the file."""
     try:
         text = path.read_text()
     except OSError as err:

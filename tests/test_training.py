@@ -85,12 +85,10 @@ def run_train(env, args, launcher=(sys.executable, str(ROOT / "train.py"))) -> s
         return subprocess.run(
             [*launcher, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT
         )
-    except subprocess.TimeoutExpired as err:
-        def tail(output):
-            text = output.decode(errors="replace") if isinstance(output, bytes) else output or ""
-            return text[-4000:]
-        pytest.fail(f"still running after {RUN_TIMEOUT} s: {err.cmd}\n--- stdout (end)\n{tail(err.stdout)}"
-                    f"\n--- stderr (end)\n{tail(err.stderr)}")
+    except subprocess.TimeoutExpired as err:  # its output is bytes (or None), even with text=True
+        ends = [out.decode(errors="replace")[-4000:] if out else "" for out in (err.stdout, err.stderr)]
+        pytest.fail(f"still running after {RUN_TIMEOUT} s: {err.cmd}\n--- stdout (end)\n{ends[0]}"
+                    f"\n--- stderr (end)\n{ends[1]}")
 
 
 def losses(out_dir: Path, key: str = "loss") -> dict[int, float]:

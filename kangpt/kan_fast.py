@@ -15,6 +15,7 @@ CUDA with Triton, grouped B-spline layers run the fused kernels of ``kangpt.kan_
 from __future__ import annotations
 
 import functools
+import logging
 import math
 
 import torch
@@ -22,6 +23,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from .kan_bases import _compute_dtype
+from .messages import first_line
+
+logger = logging.getLogger(__name__)
 
 # Transient feature buffers are kept near this many elements per chunk of tokens (8 MB of fp32):
 # longer chunks cost fewer matmul calls, shorter ones a lower peak (tuned with eval/bench_kan.py).
@@ -151,12 +155,57 @@ def chunk_tokens(layer, tokens: int) -> int:
     return math.ceil(tokens / chunks)
 
 
+# The device types on which kernel="auto" runs the fused kernels.
+AUTO_KERNEL_DEVICES = ("cuda",)
+
+# Whether the fused kernels ran, per (device, input dtype, matmul dtype), in this process: "auto" tries
+# them once there (:func:`_kernels_run_on`) and takes the PyTorch path where they failed.
+_kernels_ran: dict[tuple[str, torch.dtype, torch.dtype], bool] = {}
+
+
 def uses_fused_kernel(layer, x: torch.Tensor) -> bool:
     """Whether a call of ``layer`` on ``x`` runs the Triton kernels (``kernel``: "triton" always, "auto"
-    on CUDA when Triton is installed, "torch" never); only grouped B-spline layers have them."""
+    on CUDA when Triton is installed and the kernels ran there on first use, "torch" never); only
+    grouped B-spline layers have them."""
     if layer.kernel == "torch" or not triton_kernels_apply(layer.basis_name, layer.sharing):
         return False
-    return layer.kernel == "triton" or x.is_cuda
+    if layer.kernel == "triton":
+        return True
+    if x.device.type not in AUTO_KERNEL_DEVICES:
+        return False
+    key = (str(x.device), x.dtype, _matmul_dtype(x, layer.weight))
+    if key not in _kernels_ran:
+        _kernels_ran[key] = _kernels_run_on(layer, *key)
+    return _kernels_ran[key]
+
+
+@torch.compiler.assume_constant_result  # run for real, also where first met while compiling (fullgraph too)
+def _kernels_run_on(layer, device: str, x_dtype: torch.dtype, dtype: torch.dtype) -> bool:
+    """Run the fused kernels once, forward and backward, on a few tokens through ``layer``'s weights; if
+    they fail to compile or launch, warn in one line and return False (no gradient is left anywhere).
+
+    The kernels have not yet been run on every GPU that "auto" may meet: a failure there costs their
+    speed, not the run.
+    """
+    from .kan_triton import grouped_linear
+
+    x = torch.linspace(-3, 3, 16 * layer.in_features, device=device).view(16, -1).to(x_dtype)
+    x.requires_grad_()
+    weight = layer.weight.detach().to(dtype).requires_grad_()
+    bias = None if layer.bias is None else layer.bias.detach().to(dtype)
+    try:
+        y = grouped_linear(x, weight, bias, layer.basis)
+        torch.autograd.grad(y.float().sum(), (x, weight))
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)  # a failed launch shows here at the latest
+    except Exception as err:  # whatever Triton or the driver raise: the PyTorch path computes the same
+        logger.warning(
+            "the fused Triton KAN kernels failed on %s (%s inputs, %s matmuls): %s: %s; kan_kernel 'auto' "
+            "runs the PyTorch path in this process ('triton' raises the error)",
+            device, x_dtype, dtype, type(err).__name__, first_line(err),
+        )
+        return False
+    return True
 
 
 def _compiled_formula(layer, x: torch.Tensor, weight, bias, dtype: torch.dtype) -> torch.Tensor:

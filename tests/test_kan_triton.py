@@ -6,12 +6,15 @@ real. Shapes are small and deliberately ragged: token counts, widths and group s
 multiple of the kernels' 32-wide tiles.
 """
 
+import logging
+
 import pytest
 import torch
 
 CUDA = torch.cuda.is_available()
 pytest.importorskip("triton", reason="triton is not installed (the dev extra installs it where it can)")
 
+from kangpt import kan_fast, kan_triton  # noqa: E402
 from kangpt.kan import KANLinear  # noqa: E402
 from kangpt.kan_triton import grouped_linear  # noqa: E402
 
@@ -93,3 +96,87 @@ def test_direct_call_matches_the_layer():
     torch.testing.assert_close(
         grouped_linear(x, fused.weight, fused.bias, fused.basis), reference(x), rtol=1e-4, atol=1e-4
     )
+
+
+@pytest.fixture
+def auto_here(monkeypatch):
+    """kernel="auto" chooses the kernels on this test's device as it does on CUDA (on CPU they run in
+    Triton's interpreter), and has not tried them yet in this process."""
+    monkeypatch.setattr(kan_fast, "AUTO_KERNEL_DEVICES", (DEVICE,))
+    monkeypatch.setattr(kan_fast, "_kernels_ran", {})
+
+
+class FailingKernel:
+    """A Triton kernel whose launch fails, as one that does not compile for the GPU at hand."""
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            raise RuntimeError("forced launch failure")
+
+        return launch
+
+
+def auto_twin(reference: KANLinear) -> KANLinear:
+    auto = KANLinear(reference.in_features, reference.out_features, sharing="group", groups=reference.groups,
+                     kernel="auto").to(DEVICE)
+    auto.load_state_dict(reference.state_dict())
+    return auto
+
+
+@pytest.mark.parametrize("kernel", ["_forward_kernel", "_grad_weight_kernel"])
+def test_auto_warns_once_and_runs_the_torch_path_where_the_kernels_fail(
+    kernel, auto_here, monkeypatch, caplog
+):
+    monkeypatch.setattr(kan_triton, kernel, FailingKernel())
+    reference, fused = layers(64, 40, 8, seed=4)
+    auto = auto_twin(reference)
+    x = torch.randn(33, 64, device=DEVICE)
+    with caplog.at_level(logging.WARNING, logger="kangpt.kan_fast"):
+        y, grads = outputs_and_grads(auto, x)
+        grads = [g.clone() for g in grads]  # the call below adds to them
+        auto(x).sum().backward()  # tried once per process, device and dtype: no second warning
+    y_ref, grads_ref = outputs_and_grads(reference, x)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)  # the PyTorch path itself
+    for got, want in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert [record.getMessage() for record in caplog.records if record.name == "kangpt.kan_fast"] == [
+        f"the fused Triton KAN kernels failed on {DEVICE} (torch.float32 inputs, torch.float32 matmuls): "
+        "RuntimeError: forced launch failure; kan_kernel 'auto' runs the PyTorch path in this process "
+        "('triton' raises the error)"
+    ]
+    with pytest.raises(RuntimeError, match="forced launch failure"):  # asked for by name, they still raise
+        outputs_and_grads(fused, x)
+
+
+def test_auto_runs_the_kernels_where_they_work(auto_here, monkeypatch, caplog):
+    calls = []
+
+    def counted(*args):
+        calls.append(args[0].shape)
+        return grouped_linear(*args)
+
+    monkeypatch.setattr(kan_triton, "grouped_linear", counted)
+    reference, fused = layers(64, 40, 8, seed=5)
+    auto = auto_twin(reference)
+    x = torch.randn(33, 64, device=DEVICE)
+    with caplog.at_level(logging.WARNING, logger="kangpt.kan_fast"):
+        y, grads = outputs_and_grads(auto, x)
+    y_fused, grads_fused = outputs_and_grads(fused, x)
+    assert calls[-2:] == [(33, 64), (33, 64)]  # the try (a few tokens) came first; then every call
+    assert len(calls) == 3 and not [record for record in caplog.records if record.name == "kangpt.kan_fast"]
+    torch.testing.assert_close(y, y_fused, rtol=0, atol=0)
+    for got, want in zip(grads, grads_fused, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_auto_under_torch_compile_tries_the_kernels_once_and_falls_back(auto_here, monkeypatch, caplog):
+    monkeypatch.setattr(kan_triton, "_forward_kernel", FailingKernel())
+    reference, _ = layers(24, 16, 4, seed=6)
+    compiled = torch.compile(auto_twin(reference), backend="aot_eager", fullgraph=True)  # no graph break
+    x = torch.randn(70, 24, device=DEVICE)
+    with caplog.at_level(logging.WARNING, logger="kangpt.kan_fast"):
+        y = compiled(x)
+        compiled(x)
+    torch.testing.assert_close(y, reference(x), rtol=1e-5, atol=1e-5)
+    warned = [record.getMessage() for record in caplog.records if record.name == "kangpt.kan_fast"]
+    assert len(warned) == 1 and "RuntimeError: forced launch failure" in warned[0]

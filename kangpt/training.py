@@ -32,6 +32,7 @@ from transformers import GenerationConfig
 from .data import DataError, load_splits, load_tokenizer, pack_documents, stream_blocks, unigram_entropy
 from .evaluation import block_losses
 from .kan import KANLinear
+from .launch import check_launch
 from .modeling_kangpt import KANGPT2LMHeadModel
 from .report import plot_losses, write_model_card
 from .run_config import ConfigError, DataConfig, RunConfig, TrainConfig, model_config
@@ -83,9 +84,6 @@ def train(config: RunConfig) -> int:
     model, optimizer, val_loader = accelerator.prepare(model, optimizer, val_loader)
     progress = Progress()
     accelerator.register_for_checkpointing(progress)
-    if (cfg.kan_grid_schedule or cfg.kan_grid_update_steps) and accelerator.num_processes > 1:
-        raise ConfigError("train.kan_grid_schedule and train.kan_grid_update_steps replace parameters during "
-                          "training, which DDP, FSDP and DeepSpeed cannot follow: train on one process")
     if resume_from is not None:  # weights, optimizer, RNG states and progress come back
         resume(accelerator, model, optimizer, run, resume_from, cfg)
         say(accelerator, f"resumed from {resume_from} at step {progress.step}")
@@ -158,6 +156,7 @@ def make_accelerator(cfg: TrainConfig, run: RunDir) -> Accelerator:
         log_with=installed_trackers(cfg.trackers) or None,
         project_config=ProjectConfiguration(project_dir=str(run.path), logging_dir=str(run.logs)),
     )
+    check_launch(accelerator, cfg)  # before anything is loaded or written
     check_mixed_precision(accelerator, cfg)
     if not accelerator.is_main_process:
         datasets.disable_progress_bars()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import operator
 
 import torch
 import torch.nn.functional as F
@@ -224,6 +225,13 @@ def _compiled_formula(layer, x: torch.Tensor, weight, bias, dtype: torch.dtype) 
     return torch.cat(outs) if len(outs) > 1 else outs[0]  # (tokens, out)
 
 
+def _parameters_by_name(module: torch.nn.Module) -> tuple[torch.Tensor, ...]:
+    """``module``'s parameters in ``parameters()`` order, each read by attribute: DeepSpeed ZeRO-3
+    gathers a sharded parameter read during another module's forward (here the layer's) on such a read
+    only, and would otherwise hand over its empty shard."""
+    return tuple(operator.attrgetter(name)(module) for name, _ in module.named_parameters())
+
+
 def kan_linear(layer, x: torch.Tensor) -> torch.Tensor:
     """(tokens, in) -> (tokens, out): ``layer``'s output on 2-D ``x`` by the fastest path that applies.
 
@@ -232,7 +240,7 @@ def kan_linear(layer, x: torch.Tensor) -> torch.Tensor:
     gradient flows to parameters that live elsewhere.
     """
     weight, bias = layer.weight, layer.bias
-    basis_params = tuple(layer.basis.parameters()) if torch.is_grad_enabled() else ()
+    basis_params = _parameters_by_name(layer.basis) if torch.is_grad_enabled() else ()
     dtype = _matmul_dtype(x, weight)
     if uses_fused_kernel(layer, x):  # Triton: phi(x) evaluated inside the matmuls, never written
         from .kan_triton import grouped_linear

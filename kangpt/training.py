@@ -14,6 +14,7 @@ import logging
 import math
 import signal
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.tracking import get_available_trackers
-from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration, set_seed
+from accelerate.utils import DistributedType, GradientAccumulationPlugin, ProjectConfiguration, set_seed
 from datasets import Dataset, IterableDataset
 from datasets.distributed import split_dataset_by_node
 from torch.utils.data import DataLoader, Sampler
@@ -79,6 +80,7 @@ def train(config: RunConfig) -> int:
     # Data, model, optimizer.
     corpus = load_corpus(config.data, cfg, accelerator)
     model = build_model(config, corpus.tokenizer)
+    n_params = model.num_parameters()  # before prepare: ZeRO-3 leaves each process an empty shard
     optimizer = build_optimizer(model, cfg)
     val_loader = DataLoader(corpus.val.with_format("torch"), batch_size=cfg.batch_size)
     model, optimizer, val_loader = accelerator.prepare(model, optimizer, val_loader)
@@ -95,7 +97,6 @@ def train(config: RunConfig) -> int:
         accelerator.init_trackers("kangpt", config=_flat_hparams(config))
     tokens_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
     tokens_per_step *= config.data.block_size
-    n_params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
     trackers = ", ".join(t.name for t in accelerator.trackers) or "none"
     say(accelerator, f"model: {n_params:,} parameters | {accelerator.num_processes} process(es) on "
                      f"{accelerator.device} | {tokens_per_step:,} tokens per step | trackers: {trackers} | "
@@ -276,7 +277,8 @@ def finish(accelerator: Accelerator, model, val_loader, corpus: Corpus, run: Run
     say(accelerator, f"final validation loss {val_loss:.4f} nats/token (perplexity {metrics['val_ppl']:.2f});"
                      f" unigram baseline {corpus.baseline:.4f} nats/token\nmodel saved to {run.model}")
     if accelerator.is_main_process and cfg.sample_prompt:
-        say(accelerator, "sample: " + sample(run.model, cfg.sample_prompt, cfg.sample_tokens))
+        with outside_zero3(accelerator):
+            say(accelerator, "sample: " + sample(run.model, cfg.sample_prompt, cfg.sample_tokens))
     if missing:  # last, where it is seen: the model folder lacks what the README promises
         say(accelerator, missing)
     accelerator.wait_for_everyone()  # every process returns with model/ written: a script may load it next
@@ -581,18 +583,20 @@ def save_model(
 
     Returns the line to print when loss.png could not be written (matplotlib missing), else None.
     """
-    state_dict = accelerator.get_state_dict(
-        model
-    )  # gathers sharded weights (FSDP, DeepSpeed) on all processes
+    state_dict = accelerator.get_state_dict(model)  # gathers sharded weights (FSDP, DeepSpeed): all processes
     if not accelerator.is_main_process:
         return None
-    unwrapped = accelerator.unwrap_model(model)
-    context = unwrapped.config.n_positions
+    # What is saved is the model the folder describes, empty, with the gathered weights: the prepared one
+    # may be of another class (FSDP2 swaps in a subclass from torch, whose files save_pretrained would
+    # copy as the folder's remote code) or hold empty shards (ZeRO-3), which the model card counts.
+    with torch.device("meta"):
+        saved = KANGPT2LMHeadModel(accelerator.unwrap_model(model).config)
+    context = saved.config.n_positions
     # No length: generate() then asks for transformers' defaults (or the caller's), and the model stops
     # at its context (KANGPT2LMHeadModel._prepare_generated_length); a saved max_length would make every
     # generate(max_new_tokens=...) warn that both are set. use_cache as GPT-2 saves it (transformers'
     # export for decoder LMs refuses a config without it).
-    unwrapped.generation_config = GenerationConfig(
+    saved.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -605,16 +609,32 @@ def save_model(
     tmp = temporary_name(run.model)
     with writing(tmp):
         remove(tmp)
-        unwrapped.save_pretrained(tmp, state_dict=state_dict)
+        saved.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         try:
             has_plot = plot_losses(read_metrics(run.metrics), tmp / "loss.png", metrics["unigram_baseline"])
             missing = None
         except ModuleNotFoundError:
             has_plot, missing = False, NO_MATPLOTLIB
-        write_model_card(tmp, unwrapped, config, metrics, has_plot, published_as=run.model)
+        write_model_card(tmp, saved, config, metrics, has_plot, published_as=run.model)
         publish(tmp, run.model)
     return missing
+
+
+@contextmanager
+def outside_zero3(accelerator: Accelerator):
+    """Where the main process loads a model alone: while DeepSpeed is configured, transformers builds a
+    loaded model under ZeRO-3's ``zero.Init``, a collective that the other processes would never join."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        yield
+        return
+    from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(accelerator.state.deepspeed_plugin.dschf)  # accelerate's, kept alive there
 
 
 def sample(model_dir: Path, prompt: str, max_new_tokens: int) -> str:

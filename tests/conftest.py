@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from training_runs import TINY
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -35,3 +37,19 @@ def eval_script():
         return module
 
     return load
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Environment of the training runs: offline, one thread each, a shared temporary tokenizer cache."""
+    cache = tmp_path_factory.mktemp("kangpt-cache")
+    return {**os.environ, "KANGPT_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory):
+    """The tiny run config (``training_runs.TINY``) as a YAML file."""
+    path = tmp_path_factory.mktemp("configs") / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    return path

@@ -51,7 +51,8 @@ def test_gpt2_configs_have_gpt2_shapes_and_kan_twins_match_their_size():
 
 
 @pytest.mark.parametrize(
-    "name, kind", [("ddp", "MULTI_GPU"), ("fsdp", "FSDP"), ("deepspeed-zero2", "DEEPSPEED")]
+    "name, kind",
+    [("ddp", "MULTI_GPU"), ("fsdp", "FSDP"), *((f"deepspeed-zero{stage}", "DEEPSPEED") for stage in (2, 3))],
 )
 def test_accelerate_launch_configs_parse(name, kind):
     launch = load_config_from_file(str(CONFIGS / "accelerate" / f"{name}.yaml"))
@@ -60,7 +61,7 @@ def test_accelerate_launch_configs_parse(name, kind):
         wrapped = launch.fsdp_config["fsdp_transformer_layer_cls_to_wrap"]
         assert wrapped == "KANGPT2Block" and hasattr(modeling_kangpt, wrapped)
     if kind == "DEEPSPEED":
-        assert launch.deepspeed_config["zero_stage"] == 2
+        assert launch.deepspeed_config["zero_stage"] == int(name[-1])
 
 
 def test_overrides_are_parsed_as_yaml_and_win_over_the_file(tmp_path):

@@ -1,5 +1,5 @@
 """train.py end to end on a tiny config: the model folder, resume after SIGINT or from a damaged checkpoint,
-two-process DDP, bad input (refused up front with one line, nothing written).
+bad input (refused up front with one line, nothing written). Several processes: test_distributed.py.
 
 Every run trains the same tiny KAN-GPT-2 on 40 standard-library files; the BPE is trained once and
 shared through a temporary KANGPT_CACHE.
@@ -11,7 +11,6 @@ import itertools
 import json
 import os
 import shutil
-import socket
 import stat
 import subprocess
 import sys
@@ -23,78 +22,22 @@ import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator
 from datasets import IterableDataset
+from training_runs import NO_DROPOUT, ROOT, TINY, losses, overrides, run_train
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, pipeline
 
 from kangpt import KANGPT2LMHeadModel, commands
 from kangpt.kan import KANLinear
-from kangpt.run_config import build_config, load_config, model_config
+from kangpt.run_config import load_config, model_config
 from kangpt.run_dir import MANIFEST, checkpoint_problem
 from kangpt.training import (
     NO_MATPLOTLIB,
     build_optimizer,
     evaluate,
     kan_penalty,
-    learning_rate,
     load_corpus,
     sample,
     train_batches,
 )
-
-ROOT = Path(__file__).resolve().parent.parent
-TINY = {
-    "model": {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 64,
-              "resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1},
-    "data": {"dataset": "stdlib", "max_documents": 40, "val_fraction": 0.1, "test_fraction": 0.1,
-             "vocab_size": 512, "block_size": 32},
-    "train": {"max_steps": 8, "batch_size": 8, "learning_rate": 3e-3, "min_learning_rate": 3e-4,
-              "warmup_steps": 2, "eval_interval": 4, "eval_blocks": 48, "log_interval": 1, "save_interval": 4,
-              "trackers": [], "sample_prompt": "def ", "sample_tokens": 8},
-}
-NO_DROPOUT = {"model.resid_pdrop": 0.0, "model.embd_pdrop": 0.0, "model.attn_pdrop": 0.0}
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """Environment of the runs: offline, one thread each, a shared temporary tokenizer cache."""
-    cache = tmp_path_factory.mktemp("kangpt-cache")
-    return {**os.environ, "KANGPT_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-            "TOKENIZERS_PARALLELISM": "false", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
-
-
-@pytest.fixture(scope="module")
-def tiny_config(tmp_path_factory):
-    path = tmp_path_factory.mktemp("configs") / "tiny.yaml"
-    path.write_text(yaml.safe_dump(TINY))
-    return path
-
-
-def overrides(out_dir, **values) -> list[str]:
-    values = {"train.out_dir": str(out_dir), **values}
-    return [
-        f"--{key}={json.dumps(value) if not isinstance(value, str) else value}"
-        for key, value in values.items()
-    ]
-
-
-RUN_TIMEOUT = 300  # seconds; a tiny run takes a few
-
-
-def run_train(env, args, launcher=(sys.executable, str(ROOT / "train.py"))) -> subprocess.CompletedProcess:
-    """Run ``train.py`` (or ``launcher``) on ``args``; past RUN_TIMEOUT, fail with the end of its output."""
-    try:
-        return subprocess.run(
-            [*launcher, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT
-        )
-    except subprocess.TimeoutExpired as err:  # its output is bytes (or None), even with text=True
-        ends = [out.decode(errors="replace")[-4000:] if out else "" for out in (err.stdout, err.stderr)]
-        pytest.fail(f"still running after {RUN_TIMEOUT} s: {err.cmd}\n--- stdout (end)\n{ends[0]}"
-                    f"\n--- stderr (end)\n{ends[1]}")
-
-
-def losses(out_dir: Path, key: str = "loss") -> dict[int, float]:
-    """``{step: value}`` of one metric in a run's metrics.jsonl."""
-    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r[key] for r in records if key in r}
 
 
 def snapshot(folder: Path) -> dict:
@@ -136,12 +79,6 @@ def bound_by_file_modes() -> tuple[str, ...]:
         why = probe.stderr.strip() or f"exit {probe.returncode}"
         pytest.skip(f"cannot run a root child that file modes bind: {why}")
     return launcher
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -270,73 +207,6 @@ def test_interrupted_and_resumed_run_has_the_losses_of_an_uninterrupted_one(
     assert losses(out) == losses(reference)
     assert losses(out, "val_loss") == losses(reference, "val_loss")
     assert losses(out, "lr") == losses(reference, "lr")
-
-
-# A rank still running a minute before the test's timeout is stuck (the run takes seconds): its threads'
-# stacks go to stderr, and its exit makes torchrun stop the other rank, so the failure says where it waited.
-STACKS_IF_STUCK = f"import faulthandler\nfaulthandler.dump_traceback_later({RUN_TIMEOUT - 60}, exit=True)\n"
-
-
-def stuck_stacks_or_end(stderr: str) -> str:
-    """A failed run's stderr from the first stack dump of a stuck rank on, or its end if none was stuck."""
-    start = stderr.find("Timeout (")  # faulthandler's heading
-    return stderr[start:start + 12000] if start >= 0 else stderr[-3000:]
-
-
-DUMP_WEIGHTS_OF_EVERY_RANK = """
-import os, sys
-import torch
-import kangpt.training as training
-
-save_model = training.save_model
-
-def save_and_dump(accelerator, model, *args):
-    weights = accelerator.unwrap_model(model).state_dict()
-    torch.save(weights, os.path.join(os.environ["DUMP_DIR"], f"rank{accelerator.process_index}.pt"))
-    return save_model(accelerator, model, *args)
-
-training.save_model = save_and_dump
-from kangpt.commands import main
-code = main(["train", *sys.argv[1:]])
-out_dir = next(arg.split("=", 1)[1] for arg in sys.argv if arg.startswith("--train.out_dir="))
-if code == 0 and not os.path.isdir(os.path.join(out_dir, "model")):
-    sys.exit(f"rank {os.environ['RANK']}: train returned before model/ was written")
-sys.exit(code)
-"""
-
-
-@pytest.mark.slow
-def test_two_process_ddp_matches_one_process_with_the_same_global_batch(env, tiny_config, tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
-    # One process: 8 sequences per step. Two processes: 2 x 2 micro-batches of 2 each (accumulation too).
-    single = run_train(env, [str(tiny_config), *overrides(one, **NO_DROPOUT)])
-    assert single.returncode == 0, single.stderr[-3000:]
-    script = tmp_path / "ddp_driver.py"
-    script.write_text(STACKS_IF_STUCK + DUMP_WEIGHTS_OF_EVERY_RANK)
-    # One thread per rank: two ranks and the other test worker share two cores.
-    ddp_env = {**env, "ACCELERATE_USE_CPU": "1", "DUMP_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    per_process = {"train.batch_size": 2, "train.gradient_accumulation_steps": 2}
-    ddp_args = [str(tiny_config), *overrides(two, **NO_DROPOUT, **per_process)]
-    torchrun = (
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}"
-    )
-    ddp = run_train(ddp_env, ddp_args, launcher=(*torchrun, str(script)))
-    assert ddp.returncode == 0, stuck_stacks_or_end(ddp.stderr)
-    assert "2 process(es)" in ddp.stdout
-    for checkpoint in (two / "checkpoints").iterdir():  # the main process lists the files of both
-        listed = json.loads((checkpoint / MANIFEST).read_text())["files"]
-        assert {"random_states_0.pkl", "random_states_1.pkl"} <= set(listed)
-        assert checkpoint_problem(checkpoint) is None
-    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
-    assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
-    assert losses(two, "lr") == losses(one, "lr")
-    cfg = build_config(TINY).train
-    expected_lr = [learning_rate(step, cfg) for step in range(8)]  # the schedule of 8 steps, not 16
-    assert [losses(one, "lr")[s] for s in range(1, 9)] == pytest.approx(expected_lr)
-    assert losses(two) == pytest.approx(losses(one), rel=1e-4)
-    assert losses(two, "val_loss") == pytest.approx(losses(one, "val_loss"), rel=1e-4)
-    single_weights = AutoModelForCausalLM.from_pretrained(one / "model").state_dict()
-    assert all(torch.allclose(rank0[k], single_weights[k], atol=1e-4) for k in single_weights)
 
 
 @pytest.fixture(scope="module")

@@ -248,9 +248,11 @@ def _buildable_model_config(config: RunConfig) -> KANGPT2Config:
 def _read_config_file(path: Path) -> dict:
     """The sections of a run's YAML file (``{}`` for an empty one); ConfigError naming the file."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")  # YAML's encoding, whatever the locale's
     except OSError as err:
         raise ConfigError(f"cannot read config {str(path)!r}: {err.strerror or err}") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"cannot read config {str(path)!r}: not UTF-8 text ({err})") from None
     try:
         raw = read_yaml(text)
     except yaml.YAMLError as err:

@@ -8,6 +8,7 @@ import yaml
 from accelerate.commands.config.config_args import load_config_from_file
 
 from kangpt import KANGPT2LMHeadModel, modeling_kangpt
+from kangpt.commands import main
 from kangpt.run_config import ConfigError, build_config, load_config, model_config, parse_args
 from kangpt.run_dir import RunDir, read_metrics, write_manifest
 from kangpt.training import learning_rate
@@ -166,6 +167,29 @@ def test_malformed_and_missing_files_are_reported_with_their_name(tmp_path):
         load_config(tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match="overrides look like --section.key=value"):
         parse_args([str(tmp_path / "missing.yaml"), "max_steps=3"])
+
+
+@pytest.fixture
+def train_cli(tmp_path, monkeypatch, capsys):
+    """``kangpt train ARGS`` run in-process in an empty folder, training stubbed out: (exit code, stderr).
+    It also checks that nothing was written."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("kangpt.commands.train.train", lambda config: pytest.fail(f"trained {config}"))
+
+    def run(*args: str) -> tuple[int, str]:
+        before = sorted(tmp_path.rglob("*"))
+        code = main(["train", *args])
+        assert sorted(tmp_path.rglob("*")) == before
+        return code, capsys.readouterr().err
+
+    return run
+
+
+def test_a_config_file_that_is_not_text_is_one_error_line(train_cli, tmp_path):
+    (tmp_path / "binary.yaml").write_bytes(b"\x80\x81\xff")
+    assert train_cli("binary.yaml") == (
+        1, "error: cannot read config 'binary.yaml': not UTF-8 text ('utf-8' codec can't decode byte 0x80 "
+           "in position 0: invalid start byte)\n")
 
 
 def test_learning_rate_warms_up_linearly_then_follows_a_cosine_to_the_minimum():

@@ -12,8 +12,8 @@
 Command-line overrides ``--section.key=value`` (or ``--section.key value``) are applied on top;
 values are parsed as YAML (``--train.overwrite=true``, ``--model.kan_grid_range=[-1,1]``), whose
 ``1e-3`` is a float as in YAML 1.2. pydantic checks each value against its field's declared type,
-strictly (``"10"`` is no int; an int does for a float). Unknown sections or keys and values of the
-wrong type raise :class:`ConfigError` naming the key.
+strictly (``"10"`` is no int; an int does for a float; no float is nan or inf). Unknown sections or
+keys and values of the wrong type raise :class:`ConfigError` naming the key.
 """
 
 from __future__ import annotations
@@ -41,8 +41,9 @@ SECTIONS = ("model", "data", "train")
 TRACKERS = tuple(t.value for t in LoggerType if t != LoggerType.ALL)
 # Model fields that the training script sets from the tokenizer.
 TOKENIZER_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
-# How pydantic checks a section's values (torch.dtype is an "arbitrary" type to it).
-_STRICT = ConfigDict(strict=True, extra="forbid", arbitrary_types_allowed=True)
+# How pydantic checks a section's values (torch.dtype is an "arbitrary" type to it); no float setting
+# means anything as nan or inf (an infinite learning rate passed "> 0"), so floats must be finite.
+_STRICT = ConfigDict(strict=True, extra="forbid", arbitrary_types_allowed=True, allow_inf_nan=False)
 
 
 class ConfigError(ValueError):
@@ -306,7 +307,7 @@ def _section_types(section: str) -> dict[str, object]:
 @functools.cache
 def _section_validator(section: str) -> TypeAdapter:
     """pydantic's validator of a section: any subset of its keys, each of its declared type, strictly (no
-    "10" for an int, no 1 for a bool; an int does for a float), no other key."""
+    "10" for an int, no 1 for a bool; an int does for a float), floats finite, no other key."""
     schema = TypedDict(f"{section}_section", _section_types(section), total=False)
     return TypeAdapter(with_config(_STRICT)(schema))
 
@@ -316,12 +317,16 @@ def _check_section(section: str, values: dict) -> dict:
     try:
         return _section_validator(section).validate_python(values)
     except ValidationError as err:
-        error = err.errors()[0]
-        key = error["loc"][0]
-        if error["type"] == "extra_forbidden":
+        errors = err.errors()
+        key = errors[0]["loc"][0]
+        if errors[0]["type"] == "extra_forbidden":
             hint = " (set from the tokenizer)" if key in TOKENIZER_FIELDS else ""
             raise ConfigError(f"unknown key {section}.{key}{hint}") from None
-        expected = _type_name(_section_types(section)[key])
+        # A union ("float | int") reports each of its members; an infinite float is not a wrong type.
+        if any(e["type"] == "finite_number" for e in errors if e["loc"][0] == key):
+            expected = "finite (no nan or inf)"
+        else:
+            expected = _type_name(_section_types(section)[key])
         raise ConfigError(f"{section}.{key} must be {expected}, got {values[key]!r}") from None
 
 

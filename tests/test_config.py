@@ -192,6 +192,33 @@ def test_a_config_file_that_is_not_text_is_one_error_line(train_cli, tmp_path):
            "in position 0: invalid start byte)\n")
 
 
+# Every float setting of every section (model.kan_grid_range, a list of floats, is tested below).
+FLOAT_KEYS = [
+    "train.learning_rate", "train.min_learning_rate", "train.weight_decay", "train.kan_function_lr_scale",
+    "train.kan_regularization", "train.beta1", "train.beta2", "train.grad_clip",
+    "data.val_fraction", "data.test_fraction",
+    "model.resid_pdrop", "model.embd_pdrop", "model.attn_pdrop", "model.layer_norm_epsilon",
+    "model.initializer_range",
+]
+
+
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=repr)
+def test_float_settings_must_be_finite(key, value):
+    section, name = key.split(".")
+    with pytest.raises(ConfigError) as err:
+        build_config({section: {name: value}})
+    assert str(err.value) == f"{key} must be finite (no nan or inf), got {value!r}"
+
+
+def test_a_list_of_floats_must_be_finite_and_an_infinite_override_is_refused(train_cli):
+    with pytest.raises(ConfigError) as err:
+        build_config({"model": {"kan_grid_range": [float("-inf"), 1.0]}})
+    assert str(err.value) == "model.kan_grid_range must be finite (no nan or inf), got [-inf, 1.0]"
+    assert train_cli("--train.learning_rate=.inf") == (
+        1, "error: train.learning_rate must be finite (no nan or inf), got inf\n")
+
+
 def test_learning_rate_warms_up_linearly_then_follows_a_cosine_to_the_minimum():
     cfg = build_config(
         {"train": {"learning_rate": 1.0, "min_learning_rate": 0.1, "warmup_steps": 10, "max_steps": 110}}

@@ -52,7 +52,22 @@ class ConfigError(ValueError):
 
 class _YAMLLoader(yaml.SafeLoader):
     """PyYAML's safe loader, reading ``1e-3`` as a float as YAML 1.2 does (PyYAML follows YAML 1.1,
-    whose floats need a dot, so ``learning_rate: 1e-3`` was the string "1e-3")."""
+    whose floats need a dot, so ``learning_rate: 1e-3`` was the string "1e-3"), and refusing a mapping
+    key given twice (PyYAML keeps the last value silently: a second ``train:`` section replaced the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        """The mapping of ``node``; a ConstructorError at a key's second occurrence, naming its first."""
+        first_lines = {}
+        for key_node, _ in node.value:
+            # A merge key ("<<: *base") may be overridden by the keys beside it, as YAML means it to.
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                continue
+            key = self.construct_object(key_node)
+            if key in first_lines:
+                problem = f"duplicate key {key!r} (first at line {first_lines[key]})"
+                raise yaml.constructor.ConstructorError(None, None, problem, key_node.start_mark)
+            first_lines[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
 
 
 _YAMLLoader.add_implicit_resolver(

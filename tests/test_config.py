@@ -9,7 +9,7 @@ from accelerate.commands.config.config_args import load_config_from_file
 
 from kangpt import KANGPT2LMHeadModel, modeling_kangpt
 from kangpt.commands import main
-from kangpt.run_config import ConfigError, build_config, load_config, model_config, parse_args
+from kangpt.run_config import ConfigError, build_config, load_config, model_config, parse_args, read_yaml
 from kangpt.run_dir import RunDir, read_metrics, write_manifest
 from kangpt.training import learning_rate
 
@@ -217,6 +217,29 @@ def test_a_list_of_floats_must_be_finite_and_an_infinite_override_is_refused(tra
     assert str(err.value) == "model.kan_grid_range must be finite (no nan or inf), got [-inf, 1.0]"
     assert train_cli("--train.learning_rate=.inf") == (
         1, "error: train.learning_rate must be finite (no nan or inf), got inf\n")
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("train:\n  max_steps: 3\ndata:\n  block_size: 8\ntrain:\n  seed: 1\n",
+         "at line 5, column 1: duplicate key 'train' (first at line 1)"),
+        ("train:\n  max_steps: 3\n  seed: 1\n  max_steps: 4\n",
+         "at line 4, column 3: duplicate key 'max_steps' (first at line 2)"),
+    ],
+    ids=["section", "key"],
+)
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path, text, message):
+    path = tmp_path / "twice.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == f"malformed YAML in {str(path)!r} {message}"
+
+
+def test_a_merge_key_may_still_be_overridden():
+    merged = read_yaml("a: &a {x: 1, y: 2}\nb:\n  <<: *a\n  x: 3\n")
+    assert merged == {"a": {"x": 1, "y": 2}, "b": {"x": 3, "y": 2}}
 
 
 def test_learning_rate_warms_up_linearly_then_follows_a_cosine_to_the_minimum():

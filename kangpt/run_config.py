@@ -166,7 +166,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         raw.setdefault(section, {})
         if not isinstance(raw[section], dict):
             raise ConfigError(f"section {section!r} must be a mapping of keys to values")
-        raw[section][key] = value
+        # A new mapping: sections that are YAML aliases of one (data: *m) must not share an override.
+        raw[section] = {**raw[section], key: value}
     return build_config(raw)
 
 

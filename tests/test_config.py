@@ -242,6 +242,14 @@ def test_a_merge_key_may_still_be_overridden():
     assert merged == {"a": {"x": 1, "y": 2}, "b": {"x": 3, "y": 2}}
 
 
+def test_overrides_change_only_their_section_when_sections_are_yaml_aliases(tmp_path):
+    path = tmp_path / "alias.yaml"
+    path.write_text("model: &m {n_layer: 2}\ndata: *m\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["--data.dataset=corpus.txt"])
+    assert str(err.value) == "unknown key data.n_layer"
+
+
 def test_learning_rate_warms_up_linearly_then_follows_a_cosine_to_the_minimum():
     cfg = build_config(
         {"train": {"learning_rate": 1.0, "min_learning_rate": 0.1, "warmup_steps": 10, "max_steps": 110}}

@@ -163,11 +163,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     parsed = _parse_overrides(overrides)
     raw = _read_config_file(Path(path)) if path is not None else {}
     for section, key, value in parsed:
-        raw.setdefault(section, {})
-        if not isinstance(raw[section], dict):
-            raise ConfigError(f"section {section!r} must be a mapping of keys to values")
         # A new mapping: sections that are YAML aliases of one (data: *m) must not share an override.
-        raw[section] = {**raw[section], key: value}
+        raw[section] = {**_section(raw, section), key: value}
     return build_config(raw)
 
 
@@ -188,12 +185,7 @@ def build_config(raw: dict) -> RunConfig:
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
         raise ConfigError(f"unknown section {unknown[0]!r} (sections: {', '.join(SECTIONS)})")
-    sections = {}
-    for name in SECTIONS:
-        section = raw.get(name) or {}
-        if not isinstance(section, dict):
-            raise ConfigError(f"section {name!r} must be a mapping of keys to values, got {section!r}")
-        sections[name] = section
+    sections = {name: _section(raw, name) for name in SECTIONS}
     config = RunConfig(
         model=_check_section("model", sections["model"]),
         data=DataConfig(**_check_section("data", sections["data"])),
@@ -201,6 +193,17 @@ def build_config(raw: dict) -> RunConfig:
     )
     _check_values(config)
     return config
+
+
+def _section(raw: dict, name: str) -> dict:
+    """Section ``name`` of ``raw``: its mapping, ``{}`` when absent or empty (YAML reads ``model:`` alone
+    as null); any other value (a list, 0, "") is refused rather than taken for an empty section."""
+    section = raw.get(name)
+    if section is None:
+        return {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"section {name!r} must be a mapping of keys to values, got {section!r}")
+    return section
 
 
 # Model fields a run that starts from a model folder (train.init_from) may still set.

@@ -250,6 +250,21 @@ def test_overrides_change_only_their_section_when_sections_are_yaml_aliases(tmp_
     assert str(err.value) == "unknown key data.n_layer"
 
 
+def test_an_empty_section_takes_overrides(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("model:\ntrain:\n")
+    assert load_config(path).model == {}
+    config = load_config(path, ["--model.n_layer=1", "--train.max_steps=3"])
+    assert config.model == {"n_layer": 1} and config.train.max_steps == 3
+
+
+@pytest.mark.parametrize("value", [[], 0, "", False], ids=repr)
+def test_a_section_that_is_neither_a_mapping_nor_empty_is_refused(value):
+    with pytest.raises(ConfigError) as err:
+        build_config({"train": value})
+    assert str(err.value) == f"section 'train' must be a mapping of keys to values, got {value!r}"
+
+
 def test_learning_rate_warms_up_linearly_then_follows_a_cosine_to_the_minimum():
     cfg = build_config(
         {"train": {"learning_rate": 1.0, "min_learning_rate": 0.1, "warmup_steps": 10, "max_steps": 110}}

@@ -323,6 +323,33 @@ def _section_types(section: str) -> dict[str, object]:
     return {f.name: hints[f.name] for f in fields if f.name not in TOKENIZER_FIELDS}
 
 
+def _section_defaults(section: str) -> dict[str, object]:
+    """Key -> default of every key of a section, from the dataclass that declares it."""
+    fields = dataclasses.fields({"model": KANGPT2Config, "data": DataConfig, "train": TrainConfig}[section])
+    keys = _section_types(section)
+    return {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+            for f in fields if f.name in keys}
+
+
+def describe_keys() -> str:
+    """Every section and key with its default, as YAML lines (``kangpt train --help`` shows them); made
+    from the dataclasses that declare the keys, so it lists what a run config takes."""
+    lines = []
+    for section in SECTIONS:
+        lines.append(f"{section}:")
+        shown = {key: _yaml_text(value) for key, value in _section_defaults(section).items()}
+        if section == "model":  # a run's model takes its vocabulary size from the tokenizer unless set
+            shown["vocab_size"] = "(the tokenizer's size)"
+        lines += [f"  {key}: {text}" for key, text in shown.items()]
+    return "\n".join(lines)
+
+
+def _yaml_text(value) -> str:
+    """A value as YAML writes it on one line (a tuple as the list YAML reads back)."""
+    value = list(value) if isinstance(value, tuple) else value
+    return yaml.safe_dump(value, default_flow_style=True, width=float("inf")).removesuffix("\n...\n").strip()
+
+
 @functools.cache
 def _section_validator(section: str) -> TypeAdapter:
     """pydantic's validator of a section: any subset of its keys, each of its declared type, strictly (no

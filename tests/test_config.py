@@ -1,5 +1,8 @@
 """Run configs: shipped files, overrides, validation errors, learning-rate schedule, run-folder decisions."""
 
+import dataclasses
+import runpy
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,11 +12,21 @@ from accelerate.commands.config.config_args import load_config_from_file
 
 from kangpt import KANGPT2LMHeadModel, modeling_kangpt
 from kangpt.commands import main
-from kangpt.run_config import ConfigError, build_config, load_config, model_config, parse_args, read_yaml
+from kangpt.run_config import (
+    ConfigError,
+    DataConfig,
+    TrainConfig,
+    build_config,
+    load_config,
+    model_config,
+    parse_args,
+    read_yaml,
+)
 from kangpt.run_dir import RunDir, read_metrics, write_manifest
 from kangpt.training import learning_rate
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs"
 SHIPPED = sorted(CONFIGS.glob("*.yaml"))
 
 
@@ -263,6 +276,23 @@ def test_a_section_that_is_neither_a_mapping_nor_empty_is_refused(value):
     with pytest.raises(ConfigError) as err:
         build_config({"train": value})
     assert str(err.value) == f"section 'train' must be a mapping of keys to values, got {value!r}"
+
+
+def test_train_help_lists_every_key_with_its_default(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["train.py", "--help"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
+    assert exit_.value.code == 0
+    keys = yaml.safe_load(capsys.readouterr().out.split("which CONFIG and the overrides change:\n", 1)[1])
+    assert list(keys) == ["model", "data", "train"]
+    assert set(keys["data"]) == {f.name for f in dataclasses.fields(DataConfig)}
+    assert set(keys["train"]) == {f.name for f in dataclasses.fields(TrainConfig)}
+    assert keys["model"]["n_layer"] == 12 and keys["model"]["kan_grid_range"] == [-2.0, 2.0]
+    assert keys["model"]["vocab_size"] == "(the tokenizer's size)" and "eos_token_id" not in keys["model"]
+    data = keys["data"]
+    assert (data["dataset"], data["vocab_size"], data["name"]) == ("stdlib", 4096, None)
+    assert keys["train"]["learning_rate"] == 1e-3 and keys["train"]["trackers"] == ["tensorboard"]
+    assert keys["train"]["kan_grid_schedule"] == [] and keys["train"]["overwrite"] is False
 
 
 def test_learning_rate_warms_up_linearly_then_follows_a_cosine_to_the_minimum():

@@ -5,18 +5,22 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..run_config import parse_args
+from ..run_config import describe_keys, parse_args
 from ..training import train
 
 HELP = "train KAN-GPT-2 as CONFIG.yaml says, with --section.key=value overrides (as python train.py)"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    # Raw: the epilog's key lines stay one per line (the description is broken into lines by hand).
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.description = (
-        "Train KAN-GPT-2 as CONFIG.yaml says, with overrides such as --train.max_steps=100 "
-        "--data.dataset=corpus/ --model.n_layer=6. Sections: model, data, train (see kangpt/run_config.py). "
+        "Train KAN-GPT-2 as CONFIG.yaml says, with overrides such as --train.max_steps=100\n"
+        "--data.dataset=corpus/ --model.n_layer=6. Sections: model, data, train (see kangpt/run_config.py).\n"
         "Runs under `accelerate launch` and `torchrun` too."
     )
+    parser.epilog = ("config keys and their defaults, which CONFIG and the overrides change:\n\n"
+                     + describe_keys())
     parser.add_argument("config", nargs="?", help="run config (default: python train.py takes "
                         "configs/default.yaml, kangpt train every key at its default)")
     parser.add_argument("--default-config", help=argparse.SUPPRESS)  # train.py's configs/default.yaml

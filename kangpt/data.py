@@ -578,7 +578,8 @@ def load_tokenizer(
     ``"text"`` column), whose only special token ``<|endoftext|>`` is BOS, EOS, UNK and PAD. The
     trained tokenizer is cached under ``cache_dir`` (default ``$KANGPT_CACHE`` or ``~/.cache/kangpt``)
     keyed by a hash of the texts, ``vocab_size`` and the tokenizer settings, so a second call with the
-    same inputs loads it instead of retraining. Any other ``spec`` goes to
+    same inputs loads it instead of retraining; an entry that fails to load is retrained and replaced,
+    with a logged warning naming the damaged file. Any other ``spec`` goes to
     ``AutoTokenizer.from_pretrained`` (a local directory or a hub name such as ``"gpt2"``).
     """
     if spec != "bpe":
@@ -600,15 +601,40 @@ def load_tokenizer(
         raise DataError("cannot train a BPE tokenizer: train_texts contains no text")
     root = Path(cache_dir or os.environ.get("KANGPT_CACHE") or Path.home() / ".cache" / "kangpt")
     path = root / "tokenizers" / f"bpe-{vocab_size}-{_bpe_key(texts, vocab_size)}"
-    if not (path / "tokenizer.json").is_file():
+    tokenizer = _cached_bpe(path)
+    if tokenizer is None:
         _save_atomically(_train_bpe(texts, vocab_size), path)
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
     if len(tokenizer) < vocab_size:  # checked after loading, so a cached short BPE is reported too
         logger.warning("the trained BPE has %d tokens, fewer than vocab_size=%d: its %d training texts "
                        "ran out of merges (no pair of tokens within a word occurs %d or more times); "
                        "train it on more text or lower vocab_size",
                        len(tokenizer), vocab_size, len(texts), _BPE_SETTINGS["min_frequency"])
     return tokenizer
+
+
+def _cached_bpe(path: Path) -> PreTrainedTokenizerFast | None:
+    """The tokenizer cached at ``path``; ``None`` when there is none, or when it is damaged (said in a
+    warning), since a cache entry is rebuilt, not repaired by hand."""
+    if not (path / "tokenizer.json").is_file():
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as err:  # tokenizers raises a bare Exception for a malformed tokenizer.json
+        file, cause = _damaged_file(path, err)
+        logger.warning("the cached tokenizer file %s is damaged (%s); retraining the BPE and replacing it",
+                       file, cause)
+        return None
+
+
+def _damaged_file(path: Path, err: Exception) -> tuple[Path, str]:
+    """The file of the cache entry ``path`` that is not JSON, with why; else the entry itself and ``err``."""
+    for file in sorted(path.glob("*.json")):
+        try:
+            json.loads(file.read_bytes())
+        except ValueError as bad:  # JSONDecodeError and UnicodeDecodeError
+            return file, str(bad)
+    return path, first_line(err)
 
 
 def _iter_texts(texts) -> Iterator[str]:
@@ -664,13 +690,21 @@ def _train_bpe(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
 
 
 def _save_atomically(tokenizer: PreTrainedTokenizerFast, path: Path) -> None:
-    """``save_pretrained`` into a temporary sibling folder, then rename it to ``path``."""
+    """``save_pretrained`` into a temporary sibling folder, then rename it to ``path``.
+
+    Over an existing (damaged) entry, whose folder a rename cannot replace, each file is moved in with
+    ``os.replace``, atomic each, ``tokenizer.json`` last: it marks a whole entry (:func:`_cached_bpe`).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent)
     try:
         tokenizer.save_pretrained(tmp)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private
-        os.rename(tmp, path)
+        if path.is_dir():
+            for file in sorted(Path(tmp).iterdir(), key=lambda file: file.name == "tokenizer.json"):
+                os.replace(file, path / file.name)
+        else:
+            os.rename(tmp, path)
     except OSError:
         if not (path / "tokenizer.json").is_file():  # not just a concurrent writer that finished first
             raise

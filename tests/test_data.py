@@ -490,6 +490,33 @@ def test_bpe_is_cached_and_not_retrained(small_docs, tmp_path, monkeypatch):
     assert len(list((cache / "tokenizers").iterdir())) == 1  # no temp folders left behind
 
 
+@pytest.mark.parametrize("name, damage", [("tokenizer.json", lambda text: text[:len(text) // 2]),
+                                          ("tokenizer_config.json", lambda text: b"\x00garbage")],
+                         ids=["truncated", "garbage"])
+def test_damaged_bpe_cache_entry_is_retrained_and_replaced(small_docs, tmp_path, monkeypatch, caplog, name,
+                                                           damage):
+    fresh = load_tokenizer("bpe", small_docs[:4], vocab_size=300, cache_dir=str(tmp_path / "fresh"))
+    load_tokenizer("bpe", small_docs[:4], vocab_size=300)
+    (entry,) = (Path(os.environ["KANGPT_CACHE"]) / "tokenizers").iterdir()
+    file = entry / name
+    file.write_bytes(damage(file.read_bytes()))
+    damaged_inode = file.stat().st_ino
+    with pytest.raises(ValueError) as cause:  # what loading it raised before
+        json.loads(file.read_bytes())
+    with caplog.at_level("WARNING", logger="kangpt.data"):
+        repaired = load_tokenizer("bpe", small_docs[:4], vocab_size=300)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"the cached tokenizer file {file} is damaged ({cause.value}); retraining the BPE and replacing it"]
+    assert repaired.backend_tokenizer.to_str() == fresh.backend_tokenizer.to_str()
+    assert repaired.eos_token == EOT and repaired.padding_side == "left"
+    assert file.stat().st_ino != damaged_inode  # replaced by a rename, never rewritten in place
+    assert list(entry.parent.iterdir()) == [entry]  # no temporary folder left behind
+    caplog.clear()
+    monkeypatch.setattr(data, "_train_bpe", None)  # the repaired entry is loaded, not retrained
+    again = load_tokenizer("bpe", small_docs[:4], vocab_size=300)
+    assert again.backend_tokenizer.to_str() == fresh.backend_tokenizer.to_str() and not caplog.records
+
+
 def test_bpe_save_and_reload_with_auto_tokenizer(tokenizer, tmp_path):
     tokenizer.save_pretrained(tmp_path / "tok")
     reloaded = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))

@@ -224,7 +224,8 @@ def load_splits(
     per row), the text taken from ``text_field``; or a Hugging Face hub dataset name with optional
     config ``name``. Documents whose text is missing, null, not a string or blank are dropped (for
     map-style datasets with a logged warning giving their count) and at most ``max_documents`` are
-    read from each split of the source.
+    read from each split of the source. A ``text_field`` other than ``"text"`` is refused where no
+    source has fields (only ``.txt`` files or a built-in corpus).
 
     Broken local files are refused, not skipped, since skipping would silently lose user data: a
     ``.txt`` file that is not UTF-8 (binary, or another encoding such as latin-1), a ``.jsonl`` line
@@ -254,11 +255,17 @@ def load_splits(
     if not 0 <= rank < world_size:
         raise DataError(f"rank must be in [0, world_size={world_size}), got {rank!r}")
     want_test = test_dataset is not None or test_fraction > 0
-    splits = _load_source(dataset, name, text_field, streaming, max_documents)
-    own = {"validation": _local_split(validation_dataset, text_field, streaming, max_documents)
-           if validation_dataset is not None else splits.get("validation")}
-    if test_dataset is not None:
-        own["test"] = _local_split(test_dataset, text_field, streaming, max_documents)
+    # Every source is resolved, and refused if bad, before any is read.
+    local = _local_source(dataset, name)
+    own_files = {split: (spec, _own_split_files(spec)) for split, spec in
+                 (("validation", validation_dataset), ("test", test_dataset)) if spec is not None}
+    _check_text_field(text_field, dataset, [local, *(files for _, files in own_files.values())])
+    splits = _load_source(dataset, name, local, text_field, streaming, max_documents)
+    given = {split: _load_source(spec, None, files, text_field, streaming, max_documents)["train"]
+             for split, (spec, files) in own_files.items()}
+    own = {"validation": given.get("validation", splits.get("validation"))}
+    if "test" in given:
+        own["test"] = given["test"]
     elif want_test or own["validation"] is None:
         own["test"] = splits.get("test")
     if not want_test and own["validation"] is None:  # the source's test split serves as validation
@@ -275,17 +282,34 @@ def load_splits(
     return result
 
 
-def _local_split(files: str, text_field: str, streaming: bool, max_documents: int | None):
-    """The documents of local ``files`` (a file, folder or glob) that make one whole split."""
-    if _local_source(files, None) is None:
+def _check_text_field(text_field: str, dataset: str, local: list[tuple[str, list[str]] | None]) -> None:
+    """Refuse a ``text_field`` that no source reads; ``local`` holds the :func:`_local_source` of ``dataset``
+    and of the local split files.
+
+    ``.txt`` files and the built-in corpora hold plain documents, with no fields to choose from; a
+    setting ignored without a word would hide a mistaken corpus or field. The default is never refused.
+    """
+    hub = local[0] is None and dataset not in BUILTIN_CORPORA
+    if text_field == "text" or hub or any(files is not None and files[0] != "text" for files in local):
+        return
+    what = (f"the built-in corpus {dataset!r}" if dataset in BUILTIN_CORPORA
+            else f".txt files, one document per file ({dataset!r})")
+    records = "/".join(suffix for suffix, builder in _BUILDERS.items() if builder != "text")
+    raise DataError(f"text_field={text_field!r} does not apply to {what}; it names the text column of "
+                    f"{records} records and hub datasets")
+
+
+def _own_split_files(files: str) -> tuple[str, list[str]]:
+    """``(builder, files)`` of the local ``files`` (a file, folder or glob) that make one whole split."""
+    local = _local_source(files, None)
+    if local is None:
         raise DataError(f"{files!r} is not a local file, folder or glob")
-    return _load_source(files, None, text_field, streaming, max_documents)["train"]
+    return local
 
 
-def _load_source(dataset: str, name: str | None, text_field: str, streaming: bool,
-                 max_documents: int | None) -> dict:
-    """Every split of one source, cleaned (a single ``"text"`` column)."""
-    local = _local_source(dataset, name)
+def _load_source(dataset: str, name: str | None, local: tuple[str, list[str]] | None, text_field: str,
+                 streaming: bool, max_documents: int | None) -> dict:
+    """Every split of one source (``local`` is its :func:`_local_source`), cleaned (one ``"text"`` column)."""
     try:
         with _builder_errors_unlogged():
             splits, field = _load_splits(dataset, name, text_field, streaming, local)

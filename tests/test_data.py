@@ -432,6 +432,36 @@ def test_guarded_stream_keeps_one_shard_per_file(tmp_path):
     assert shards == [[f"document {i}"] for i in range(4)]
 
 
+RECORDS = ".jsonl/.json/.parquet"  # the local files whose records have fields, so text_field applies
+
+
+@pytest.mark.parametrize(
+    "spec, what",
+    [("corpus", ".txt files, one document per file ('corpus')"),
+     ("corpus/a.txt", ".txt files, one document per file ('corpus/a.txt')"),
+     ("stdlib", "the built-in corpus 'stdlib'")],
+)
+def test_text_field_that_no_source_reads_is_refused(tmp_path, monkeypatch, spec, what):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "corpus" / "a.txt", "one document")
+    write(tmp_path / "corpus" / "b.txt", "another")
+    with pytest.raises(DataError) as info:
+        load_documents(spec, text_field="body")
+    assert str(info.value) == (f"text_field='body' does not apply to {what}; it names the text column of "
+                               f"{RECORDS} records and hub datasets")
+    assert not (tmp_path / "hf-datasets").exists()  # refused before `datasets` read (and cached) anything
+
+
+def test_text_field_applies_when_one_source_has_records(tmp_path):
+    write(tmp_path / "train.jsonl", '{"body": "one"}\n{"body": "two"}\n')
+    write(tmp_path / "val" / "a.txt", "validation text")
+    splits = load_splits(str(tmp_path / "train.jsonl"), text_field="body",
+                         validation_dataset=str(tmp_path / "val"))
+    assert texts(splits["train"]) == ["one", "two"] and texts(splits["validation"]) == ["validation text"]
+
+
+
+
 # ---------------------------------------------------------------------------------------------
 # Tokenizer
 

@@ -47,6 +47,7 @@ from datasets.exceptions import DatasetGenerationError
 from datasets.table import InMemoryTable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from .messages import first_line
 
@@ -87,6 +88,8 @@ _BATCH_DOCS = 1000  # documents per tokenization batch
 # What reading a broken local file raises: a failed map-style build (wrapping the cause), a UTF-8 error
 # (JSON strings are only decoded when the text is first read) or a pyarrow parse/schema error.
 _READ_ERRORS = (DatasetGenerationError, UnicodeDecodeError, pa.ArrowException)
+# The file kangpt writes into every run folder (run_dir.RUN_FILE; not imported: run_dir pulls in the model).
+_RUN_FILE = "run.yaml"
 
 
 class DataError(ValueError):
@@ -225,7 +228,8 @@ def load_splits(
     config ``name``. Documents whose text is missing, null, not a string or blank are dropped (for
     map-style datasets with a logged warning giving their count) and at most ``max_documents`` are
     read from each split of the source. A ``text_field`` other than ``"text"`` is refused where no
-    source has fields (only ``.txt`` files or a built-in corpus).
+    source has fields (only ``.txt`` files or a built-in corpus), and so is a kangpt run folder or a
+    model folder given as local files, before any of its files is read.
 
     Broken local files are refused, not skipped, since skipping would silently lose user data: a
     ``.txt`` file that is not UTF-8 (binary, or another encoding such as latin-1), a ``.jsonl`` line
@@ -363,6 +367,9 @@ def _local_files(spec: str) -> tuple[str, list[str]]:
     """Resolve a local file, folder or glob to ``(builder name, sorted absolute file paths)``."""
     path = os.path.expanduser(spec)
     if os.path.isdir(path):
+        what = _kangpt_folder(path)
+        if what:  # its metrics.jsonl and manifests would be read as documents, and blamed for being none
+            raise DataError(f"{spec!r} is {what}, not a corpus of {'/'.join(_BUILDERS)} files")
         files = [p for p in sorted(Path(path).rglob("*")) if p.is_file() and p.suffix.lower() in _BUILDERS
                  and not any(part.startswith(".") for part in p.relative_to(path).parts)]
         if not files:
@@ -384,6 +391,17 @@ def _local_files(spec: str) -> tuple[str, list[str]]:
     if len(builders) > 1:
         raise DataError(f"{spec!r} mixes file types {suffixes}; use one type per corpus")
     return builders.pop(), [str(p.absolute()) for p in files]
+
+
+def _kangpt_folder(path: str) -> str | None:
+    """What ``path`` is when it is a folder kangpt writes (a run folder, a model folder), else ``None``."""
+    folder = Path(path)
+    if (folder / _RUN_FILE).is_file():
+        return f"a kangpt run folder (it holds {_RUN_FILE})"
+    weights = [name for name in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME) if (folder / name).is_file()]
+    if (folder / CONFIG_NAME).is_file() and weights:
+        return f"a model folder (it holds {CONFIG_NAME} and {weights[0]})"
+    return None
 
 
 def _clean(ds, field: str, max_documents: int | None, source: str):

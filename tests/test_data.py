@@ -19,6 +19,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 import kangpt.data as data
+import kangpt.run_dir as run_dir
 from kangpt.data import (
     DataError,
     load_documents,
@@ -460,6 +461,29 @@ def test_text_field_applies_when_one_source_has_records(tmp_path):
     assert texts(splits["train"]) == ["one", "two"] and texts(splits["validation"]) == ["validation text"]
 
 
+@pytest.mark.parametrize(
+    "files, what",
+    [(["run.yaml", "metrics.jsonl", "checkpoints/step-000004/manifest.json", "model/config.json"],
+      "a kangpt run folder (it holds run.yaml)"),
+     (["config.json", "model.safetensors", "tokenizer.json"],
+      "a model folder (it holds config.json and model.safetensors)")],
+    ids=["run", "model"],
+)
+def test_run_or_model_folder_given_as_corpus_is_refused_unread(tmp_path, monkeypatch, files, what):
+    monkeypatch.chdir(tmp_path)
+    for name in files:
+        write(tmp_path / "out" / name, "{\n")  # a manifest.json cut short: reading it would blame line 1
+    write(tmp_path / "corpus" / "a.txt", "one document")
+    write(tmp_path / "corpus" / "b.txt", "another")
+    monkeypatch.setattr(datasets, "load_dataset", None)  # refused before any file is read
+    message = f"'out' is {what}, not a corpus of .txt/{RECORDS} files"
+    with pytest.raises(DataError) as info:
+        load_documents("out")
+    assert str(info.value) == message
+    with pytest.raises(DataError) as info:
+        load_splits("corpus", validation_dataset="out")
+    assert str(info.value) == message
+    assert data._RUN_FILE == run_dir.RUN_FILE  # the mark a run folder is told by
 
 
 # ---------------------------------------------------------------------------------------------

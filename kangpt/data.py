@@ -86,8 +86,9 @@ _BPE_SETTINGS = {"format": 1, "model": "bpe", "pre_tokenizer": "byte_level", "ad
                  "special_tokens": [EOT], "min_frequency": 2, "padding_side": "left"}
 _BATCH_DOCS = 1000  # documents per tokenization batch
 # What reading a broken local file raises: a failed map-style build (wrapping the cause), a UTF-8 error
-# (JSON strings are only decoded when the text is first read) or a pyarrow parse/schema error.
-_READ_ERRORS = (DatasetGenerationError, UnicodeDecodeError, pa.ArrowException)
+# (JSON strings are only decoded when the text is first read), a pyarrow parse/schema error or an OSError
+# (a file that cannot be opened: a link loop, a link to nothing).
+_READ_ERRORS = (DatasetGenerationError, UnicodeDecodeError, pa.ArrowException, OSError)
 # The file kangpt writes into every run folder (run_dir.RUN_FILE; not imported: run_dir pulls in the model).
 _RUN_FILE = "run.yaml"
 
@@ -232,10 +233,11 @@ def load_splits(
     model folder given as local files, before any of its files is read.
 
     Broken local files are refused, not skipped, since skipping would silently lose user data: a
-    ``.txt`` file that is not UTF-8 (binary, or another encoding such as latin-1), a ``.jsonl`` line
-    that is not UTF-8, not JSON or not an object, or an unreadable ``.parquet`` file raises a ``DataError``
-    naming the file and the byte offset or line number, to be fixed or removed from the corpus. With
-    ``streaming=True`` such an error may only surface when the stream reaches that file.
+    file that cannot be opened (a symbolic-link loop, a link to nothing), a ``.txt`` file that is not
+    UTF-8 (binary, or another encoding such as latin-1), a ``.jsonl`` line that is not UTF-8, not JSON
+    or not an object, or an unreadable ``.parquet`` file raises a ``DataError`` naming the file and the
+    byte offset or line number, to be fixed or removed from the corpus. With ``streaming=True`` such an
+    error may only surface when the stream reaches that file.
 
     Validation: the local files ``validation_dataset`` when given, else the source's own
     ``"validation"`` split, else (when no test split is asked for) its ``"test"`` split; otherwise
@@ -357,6 +359,8 @@ def _load_splits(dataset: str, name: str | None, text_field: str, streaming: boo
     try:
         splits = dict(datasets.load_dataset(*args, streaming=streaming, **kwargs))
     except OSError as err:  # includes FileNotFoundError (unknown dataset) and ConnectionError (offline)
+        if local is not None:  # a local file that cannot be opened: _load_source finds and names it
+            raise
         raise DataError(f"cannot load dataset {dataset!r}: {first_line(err)}") from err
     if streaming and local is not None:
         splits = {split: _guard_stream(ds, *local) for split, ds in splits.items()}
@@ -370,15 +374,15 @@ def _local_files(spec: str) -> tuple[str, list[str]]:
         what = _kangpt_folder(path)
         if what:  # its metrics.jsonl and manifests would be read as documents, and blamed for being none
             raise DataError(f"{spec!r} is {what}, not a corpus of {'/'.join(_BUILDERS)} files")
-        files = [p for p in sorted(Path(path).rglob("*")) if p.is_file() and p.suffix.lower() in _BUILDERS
+        files = [p for p in sorted(Path(path).rglob("*")) if _is_file(p) and p.suffix.lower() in _BUILDERS
                  and not any(part.startswith(".") for part in p.relative_to(path).parts)]
         if not files:
             raise DataError(f"folder {spec!r} contains no {'/'.join(_BUILDERS)} files")
     elif any(c in spec for c in "*?["):
-        files = [Path(p) for p in sorted(glob.glob(path, recursive=True)) if os.path.isfile(p)]
+        files = [Path(p) for p in sorted(glob.glob(path, recursive=True)) if _is_file(p)]
         if not files:
             raise DataError(f"glob {spec!r} matches no files")
-    elif os.path.isfile(path):
+    elif _is_file(path):
         files = [Path(path)]
     else:
         raise DataError(f"no such file or directory: {spec!r}")
@@ -391,6 +395,12 @@ def _local_files(spec: str) -> tuple[str, list[str]]:
     if len(builders) > 1:
         raise DataError(f"{spec!r} mixes file types {suffixes}; use one type per corpus")
     return builders.pop(), [str(p.absolute()) for p in files]
+
+
+def _is_file(path) -> bool:
+    """Whether ``path`` is a corpus file: a regular file, or a link that leads nowhere (a loop, a missing
+    target), kept so that reading it refuses it by name rather than losing a document without a word."""
+    return os.path.isfile(path) or (os.path.lexists(path) and not os.path.exists(path))
 
 
 def _kangpt_folder(path: str) -> str | None:
@@ -532,13 +542,22 @@ def _builder_errors_unlogged():
 def _corpus_error(builder: str, files: list[str], err: BaseException) -> DataError:
     """The ``DataError`` for ``err``, raised while reading ``files``: names the first broken file and why."""
     for file in files:
-        problem = _FILE_PROBLEMS[builder](file)
+        problem = _open_problem(file) or _FILE_PROBLEMS[builder](file)
         if problem:
             return DataError(f"{_display(file)} {problem}")
     while err.__cause__ is not None:  # DatasetGenerationError wraps the informative error
         err = err.__cause__
     where = _display(files[0]) if len(files) == 1 else f"the {len(files)} corpus files"
     return DataError(f"cannot read {where}: {first_line(err)}")
+
+
+def _open_problem(path: str) -> str | None:
+    """Why ``path`` cannot be opened at all (a link loop, a link to nothing, no permission), or ``None``."""
+    try:
+        with open(path, "rb"):
+            return None
+    except OSError as err:
+        return f"cannot be read ({err.strerror}); fix it or remove it from the corpus"
 
 
 def _text_problem(path: str) -> str | None:

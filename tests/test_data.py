@@ -1,5 +1,6 @@
 """Tests for kangpt.data: corpora, splits, tokenizers, packing and the unigram baseline (offline)."""
 
+import errno
 import inspect
 import json
 import json.decoder
@@ -459,6 +460,25 @@ def test_text_field_applies_when_one_source_has_records(tmp_path):
     splits = load_splits(str(tmp_path / "train.jsonl"), text_field="body",
                          validation_dataset=str(tmp_path / "val"))
     assert texts(splits["train"]) == ["one", "two"] and texts(splits["validation"]) == ["validation text"]
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["map", "stream"])
+@pytest.mark.parametrize("spec", ["corpus", "corpus/*.txt", "corpus/b.txt"])
+@pytest.mark.parametrize("target, cause", [("c.txt", errno.ELOOP), ("gone.txt", errno.ENOENT)],
+                         ids=["loop", "dangling"])
+def test_unreadable_link_in_a_corpus_is_refused_not_skipped(tmp_path, monkeypatch, streaming, spec, target,
+                                                             cause):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "corpus" / "a.txt", "a good document\n")
+    (tmp_path / "corpus" / "b.txt").symlink_to(target)
+    (tmp_path / "corpus" / "c.txt").symlink_to("b.txt")  # with target c.txt: b.txt -> c.txt -> b.txt
+    write(tmp_path / "corpus" / "d.txt", "another good document\n")
+    with pytest.raises(DataError) as info:
+        train, val = load_documents(spec, val_fraction=0.5, streaming=streaming)
+        texts(train), texts(val)
+    assert str(info.value) == (f"corpus/b.txt cannot be read ({os.strerror(cause)}); "
+                               "fix it or remove it from the corpus")
+    assert not list((tmp_path / "hf-datasets").rglob("*.arrow"))
 
 
 @pytest.mark.parametrize(

@@ -84,6 +84,10 @@ BUILTIN_CORPORA = ("stdlib", "pydoc-topics")
 # Everything that determines the trained BPE besides its texts and vocabulary size (part of the cache key).
 _BPE_SETTINGS = {"format": 1, "model": "bpe", "pre_tokenizer": "byte_level", "add_prefix_space": False,
                  "special_tokens": [EOT], "min_frequency": 2, "padding_side": "left"}
+# A byte-level BPE holds the 256 bytes and EOT before its first merge. One rule, which run_config also
+# checks when a run config is read, before any data is loaded.
+MIN_BPE_VOCAB_SIZE = 257
+BPE_VOCAB_SIZE_RULE = f"must be at least {MIN_BPE_VOCAB_SIZE} (256 bytes + {EOT})"
 _BATCH_DOCS = 1000  # documents per tokenization batch
 # What reading a broken local file raises: a failed map-style build (wrapping the cause), a UTF-8 error
 # (JSON strings are only decoded when the text is first read), a pyarrow parse/schema error or an OSError
@@ -653,8 +657,8 @@ def load_tokenizer(
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         return tokenizer
-    if vocab_size < 257:
-        raise DataError(f"vocab_size must be at least 257 (256 bytes + {EOT}), got {vocab_size!r}")
+    if vocab_size < MIN_BPE_VOCAB_SIZE:
+        raise DataError(f"vocab_size {BPE_VOCAB_SIZE_RULE}, got {vocab_size!r}")
     if train_texts is None:
         raise DataError("spec 'bpe' needs train_texts to train on")
     texts = list(_iter_texts(train_texts))

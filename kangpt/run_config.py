@@ -34,6 +34,7 @@ from pydantic import ConfigDict, TypeAdapter, ValidationError, with_config
 from typing_extensions import TypedDict  # pydantic reads typing's TypedDict only from Python 3.12
 
 from .configuration_kangpt import KANGPT2Config
+from .data import BPE_VOCAB_SIZE_RULE, MIN_BPE_VOCAB_SIZE
 from .messages import first_line
 from .modeling_kangpt import KANGPT2LMHeadModel
 
@@ -420,6 +421,10 @@ def _check_values(config: RunConfig) -> None:
             section, name = key.split(".")
             raise ConfigError(f"{key} {rule}, got {getattr(getattr(config, section), name)!r}")
 
+    # The floor of a BPE that the run trains (with train.init_from the folder's tokenizer is used, see
+    # training.py), known before the corpus is read; kangpt.data holds the rule.
+    if data.tokenizer == "bpe" and train.init_from is None:
+        need("data.vocab_size", data.vocab_size >= MIN_BPE_VOCAB_SIZE, BPE_VOCAB_SIZE_RULE)
     for key in ("vocab_size", "block_size"):
         need(f"data.{key}", getattr(data, key) > 1, "must be > 1")
     need("data.tokenizer_documents", data.tokenizer_documents > 0, "must be > 0")

@@ -278,6 +278,13 @@ def test_a_section_that_is_neither_a_mapping_nor_empty_is_refused(value):
     assert str(err.value) == f"section 'train' must be a mapping of keys to values, got {value!r}"
 
 
+def test_a_bpe_too_small_for_its_bytes_is_refused_before_any_data_is_read(train_cli):
+    assert train_cli("--data.vocab_size=100") == (
+        1, "error: data.vocab_size must be at least 257 (256 bytes + <|endoftext|>), got 100\n")
+    # Only a trained BPE has that floor: a named tokenizer brings its own vocabulary.
+    assert load_config(None, ["--data.vocab_size=100", "--data.tokenizer=gpt2"]).data.vocab_size == 100
+
+
 def test_train_help_lists_every_key_with_its_default(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["train.py", "--help"])
     with pytest.raises(SystemExit) as exit_:

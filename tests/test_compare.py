@@ -356,3 +356,46 @@ def test_bench_kan_prints_no_peak_ratio_to_an_mlp_step_that_grew_no_page(capsys,
     }
     bench_kan.print_table(args, torch.device("cpu"), rows)
     assert "| kan | 11 | 3.0 | 3.00 | 2.0 | 2.000 | 1.0 | n/a |" in capsys.readouterr().out
+
+
+def _snapshot(folder: Path) -> dict:
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+NO_CUDA_64 = torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--n-embd", "0"], "--n-embd must be a positive integer, got 0"),
+        (["--n-head", "3"], "--n-head 3 does not divide the width n_embd=64"),
+        (["--n-embd", "48", "--n-head", "5"], "--n-head 5 does not divide the width n_embd=48"),
+        (["--n-layer", "-2"], "--n-layer must be a positive integer, got -2"),
+        (["--vocab-size", "0"], "--vocab-size must be a positive integer, got 0"),
+        (["--new-tokens", "-5"], "--new-tokens must be a positive integer, got -5"),
+        (["--prompt-len", "0"], "--prompt-len must be a positive integer, got 0"),
+        (["--threads", "0"], "--threads must be a positive integer, got 0"),
+        (["--estimate-batch", "0"], "--estimate-batch must be a positive integer, got 0"),
+        (["--dropout", "nan"], "--dropout must be a probability in [0, 1), got nan"),
+        (["--dropout", "inf"], "--dropout must be a probability in [0, 1), got inf"),
+        (["--dropout", "1"], "--dropout must be a probability in [0, 1), got 1.0"),
+        (["--estimate-sizes", "small,huge"],
+         "--estimate-sizes: unknown size 'huge'; the sizes are tiny, mini, small, medium, large, xl"),
+        (["--out", "{file}"], "--out '{file}' is a file, not a folder"),
+        (["--out", "{file}/compare"], "--out '{file}/compare': '{file}' is a file, not a folder"),
+        (["--device", "cuda:64"],
+         f"--device 'cuda:64' is not available: torch finds {NO_CUDA_64} cuda device"
+         f"{'' if NO_CUDA_64 == 1 else 's'} here"),
+        (["--device", "gpu"], "--device 'gpu' is not a torch device (e.g. cpu, cuda, cuda:1, mps)"),
+    ],
+)
+def test_bad_arguments_are_one_error_line_and_write_nothing(args, message, tmp_path, capsys):
+    file = tmp_path / "taken"
+    file.write_text("mine\n")
+    before = _snapshot(tmp_path)
+    out = ["--out", str(tmp_path / "compare")] if "--out" not in args else []
+    argv = ["compare", "--size", "tiny", "--params-only", *out, *(a.format(file=file) for a in args)]
+    assert commands.main(argv) == 1
+    assert capsys.readouterr().err == f"error: {message.format(file=file)}\n"
+    assert _snapshot(tmp_path) == before and file.read_text() == "mine\n"

@@ -15,6 +15,7 @@ from ..compare import GPT2_SIZES, MODELS, SHAPES, run_comparison, shape_of
 from ..compare_report import plot, report_markdown
 from ..kan import BASES
 from ..measure import DTYPES
+from .arguments import blocking_file, check_float, check_ints, usable_device
 from .errors import CommandError
 
 HELP = "compare KAN-GPT-2 with GPT-2: parameters, memory and speed"
@@ -80,20 +81,37 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def check_arguments(args) -> None:
     """Fill defaults that depend on other arguments; reject impossible combinations (CommandError)."""
+    check_ints(args, 1, "n_layer", "n_embd", "n_head", "vocab_size", "batch", "seq_len", "prompt_len",
+               "new_tokens", "repeats", "gen_repeats", "threads", "estimate_batch", "estimate_seq_len",
+               "estimate_new_tokens")
+    check_float(args, "dropout", lambda p: 0 <= p < 1, "a probability in [0, 1)")
     shape = shape_of(args)
+    if shape["n_embd"] % shape["n_head"]:  # attention splits the width into equal heads
+        raise CommandError(f"--n-head {shape['n_head']} does not divide the width n_embd={shape['n_embd']}")
     args.prompt_len = args.prompt_len or max(1, args.seq_len // 2)
     args.new_tokens = args.new_tokens or max(1, args.seq_len // 4)
     names = args.models.split(",")
     if names[0] != "gpt2" or any(n not in MODELS for n in names) or len(set(names)) != len(names):
         raise CommandError(f"--models must start with gpt2 and name each of {', '.join(MODELS)} at most once")
-    if min(args.batch, args.seq_len, args.repeats, args.gen_repeats) < 1:
-        raise CommandError("--batch, --seq-len, --repeats and --gen-repeats must be positive")
+    unknown = [size for size in args.estimate_sizes.split(",") if size and size not in SHAPES]
+    if unknown:
+        known = ", ".join(SHAPES)
+        raise CommandError(f"--estimate-sizes: unknown size {unknown[0]!r}; the sizes are {known}")
     if max(args.seq_len, args.prompt_len + args.new_tokens) > shape["n_positions"]:
         raise CommandError(f"sequences longer than the model's {shape['n_positions']} positions")
     if args.prompt_len > args.seq_len:
         raise CommandError("--prompt-len cannot exceed --seq-len (the prompt is cut from the training batch)")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise CommandError("--device cuda, but CUDA is not available")
+    usable_device(args.device)
+    check_out(args.out)
+
+
+def check_out(out: str) -> None:
+    """Refuse (CommandError) an ``--out`` that cannot be made a folder: it, or one above it, is a file."""
+    blocker = blocking_file(Path(out))
+    if blocker == Path(out):
+        raise CommandError(f"--out {out!r} is a file, not a folder")
+    if blocker is not None:
+        raise CommandError(f"--out {out!r}: {str(blocker)!r} is a file, not a folder")
 
 
 def run(args) -> int:

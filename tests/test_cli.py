@@ -49,16 +49,40 @@ def test_sampling_is_reproducible_with_a_seed(model_dir, capsys):
     assert outputs[0] == outputs[1] and outputs[0].startswith("import")
 
 
+CUDA_DEVICES = torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 @pytest.mark.parametrize("args, message", [
-    (["generate", "/no/such/folder"], "error: no such model folder: '/no/such/folder'"),
-    (["generate", "{empty}"], "is not a model folder (no config.json)"),
-    (["generate", "{model}", "--top-p", "1.5"], "need --temperature >= 0, 0 < --top-p <= 1 and --top-k >= 0"),
+    (["generate", "/no/such/folder"], "no such model folder: '/no/such/folder'"),
+    (["generate", "{empty}"], "'{empty}' is not a model folder (no config.json)"),
+    (["generate", "{model}", "--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
+    (["generate", "{model}", "--top-p", "nan"], "--top-p must be in (0, 1], got nan"),
+    (["generate", "{model}", "--temperature", "nan"],
+     "--temperature must be a finite number >= 0 (0: greedy), got nan"),
+    (["generate", "{model}", "--temperature", "inf"],
+     "--temperature must be a finite number >= 0 (0: greedy), got inf"),
+    (["generate", "{model}", "--temperature", "-1"],
+     "--temperature must be a finite number >= 0 (0: greedy), got -1.0"),
+    (["generate", "{model}", "--top-k", "-1"], "--top-k must be a non-negative integer, got -1"),
+    (["generate", "{model}", "--max-new-tokens", "0"], "--max-new-tokens must be a positive integer, got 0"),
+    (["generate", "{model}", "--device", "cuda:64"],
+     f"--device 'cuda:64' is not available: torch finds {CUDA_DEVICES} cuda device"
+     f"{'' if CUDA_DEVICES == 1 else 's'} here"),
+    (["generate", "{model}", "--device", "meta"],
+     "--device 'meta' is not available: torch finds 0 meta devices here"),
+    (["generate", "{model}", "--device", "gpu"],
+     "--device 'gpu' is not a torch device (e.g. cpu, cuda, cuda:1, mps)"),
+    pytest.param(["generate", "{model}", "--device", "cuda"],
+                 "--device 'cuda' is not available: torch finds 0 cuda devices here",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")),
 ])
 def test_bad_input_is_one_error_line(args, message, model_dir, tmp_path, capsys):
     args = [a.format(empty=tmp_path, model=model_dir) for a in args]
+    before = _snapshot(model_dir)
     assert commands.main(args) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+    captured = capsys.readouterr()
+    assert captured.err == f"error: {message.format(empty=tmp_path)}\n" and captured.out == ""
+    assert _snapshot(model_dir) == before
 
 
 def _truncate_weights(folder: Path):

@@ -8,7 +8,7 @@ import torch
 from transformers import TextStreamer
 
 from ..loading import load_model
-from .arguments import default_device, positive_int
+from .arguments import check_float, check_ints, usable_device
 from .errors import CommandError
 
 HELP = "generate text from a trained model folder, printing tokens as they are produced"
@@ -17,7 +17,7 @@ HELP = "generate text from a trained model folder, printing tokens as they are p
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_dir", help="folder written by train.py (OUT_DIR/model), or a hub model name")
     parser.add_argument("--prompt", default="", help="text to continue (default: start from the BOS token)")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=200,
+    parser.add_argument("--max-new-tokens", type=int, default=200,
                         help="tokens to generate, at most the model's context minus the prompt")
     parser.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
     parser.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens (0: all)")
@@ -26,11 +26,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 
 
+def check_arguments(args: argparse.Namespace) -> str:
+    """Refuse bad numbers and a device this torch cannot use (CommandError); the device to use."""
+    check_ints(args, 1, "max_new_tokens")
+    check_ints(args, 0, "top_k")
+    check_float(args, "temperature", lambda t: t >= 0, "a finite number >= 0 (0: greedy)")
+    check_float(args, "top_p", lambda p: 0 < p <= 1, "in (0, 1]")
+    return usable_device(args.device)
+
+
 def run(args: argparse.Namespace) -> int:
     """Load ``args.model_dir`` and stream a continuation of ``args.prompt`` to stdout."""
-    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
-        raise CommandError("need --temperature >= 0, 0 < --top-p <= 1 and --top-k >= 0")
-    device = default_device(args.device)
+    device = check_arguments(args)
     tokenizer, model = load_model(args.model_dir, device)
     if args.seed is not None:
         torch.manual_seed(args.seed)

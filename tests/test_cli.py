@@ -49,6 +49,37 @@ def test_sampling_is_reproducible_with_a_seed(model_dir, capsys):
     assert outputs[0] == outputs[1] and outputs[0].startswith("import")
 
 
+@pytest.fixture(scope="module")
+def says_add(model_dir, tmp_path_factory):
+    """The small model made to predict the token `` add`` whatever came before: its final layer norm
+    gives a constant, that token's (enlarged) embedding, which the LM head shares."""
+    folder = tmp_path_factory.mktemp("says_add")
+    shutil.copytree(model_dir, folder, dirs_exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = KANGPT2LMHeadModel.from_pretrained(folder)
+    add = tokenizer.convert_tokens_to_ids("\u0120add")  # byte-level BPE spells the space as \u0120
+    with torch.no_grad():
+        embeddings = model.get_output_embeddings().weight
+        embeddings[add] *= 10  # its own logit is then far above any other's
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.copy_(embeddings[add])
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("prompt", ["def ", "x = 1\n    ", " "])
+def test_a_prompt_ending_in_whitespace_is_printed_once_then_continued(says_add, prompt, capsys):
+    tokenizer = AutoTokenizer.from_pretrained(says_add)
+    model = KANGPT2LMHeadModel.from_pretrained(says_add).eval()
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    plain = model.generate(ids, max_new_tokens=1, do_sample=False)
+    assert tokenizer.decode(plain[0]) == prompt + " add"  # fed as it is tokenized, the space doubles
+    argv = ["generate", str(says_add), "--prompt", prompt, "--max-new-tokens", "8", "--temperature", "0"]
+    assert commands.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(prompt + "add add"), printed
+
+
 CUDA_DEVICES = torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from transformers import TextStreamer
+from transformers import LogitsProcessor, LogitsProcessorList, TextStreamer
 
 from ..loading import load_model
 from .arguments import check_float, check_ints, usable_device
@@ -43,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     ids = tokenizer(args.prompt, return_tensors="pt").input_ids if args.prompt else torch.tensor([[start]])
+    ids, healing = heal_trailing_whitespace(tokenizer, ids, start)
     sampling = {"do_sample": True, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
     context = getattr(model.config, "max_position_embeddings", None) or ids.shape[1] + args.max_new_tokens
     if ids.shape[1] >= context:
@@ -52,6 +53,53 @@ def run(args: argparse.Namespace) -> int:
         attention_mask=torch.ones_like(ids).to(device),
         max_new_tokens=min(args.max_new_tokens, context - ids.shape[1]),
         streamer=TextStreamer(tokenizer, skip_special_tokens=True),
+        logits_processor=LogitsProcessorList(healing),
         **(sampling if args.temperature > 0 else {"do_sample": False}),
     )
     return 0
+
+
+def heal_trailing_whitespace(tokenizer, ids: torch.Tensor, start: int) -> tuple[torch.Tensor, list]:
+    """``(ids, processors)``: a prompt's trailing whitespace tokens taken off, and a processor that makes
+    the first generated tokens spell them out again.
+
+    A byte-level BPE puts a space in front of the word that follows it (``def f`` -> ``def``, `` f``), so
+    ``"def "`` ends in a lone-space token that training text has only inside runs of spaces, where the
+    next token starts with a space too: the model goes on with `` def`` and the output reads ``def  def``.
+    Generating from ``def`` with a first token that must start with the space gives ``def f``.
+    """
+    cut = ids.shape[1]
+    while cut > 0 and tokenizer.decode(ids[0, cut - 1]).isspace():
+        cut -= 1
+    if cut == ids.shape[1]:
+        return ids, []
+    vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    head = ids[:, :cut] if cut else torch.tensor([[start]])
+    tail = "".join(vocab[i] for i in ids[0, cut:].tolist())
+    return head, [SpellOut(vocab, tail, head.shape[1])]
+
+
+class SpellOut(LogitsProcessor):
+    """Lets the tokens generated after the first ``prompt_length`` spell ``text`` (in the tokenizer's
+    own token strings, e.g. ``Ġ`` for a space) before anything else: only a token whose string is a
+    prefix of what is left of ``text``, or starts with all of it, can come next."""
+
+    def __init__(self, vocab: list[str], text: str, prompt_length: int):
+        self.vocab, self.text, self.prompt_length = vocab, text, prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        spelled = ""
+        for token in input_ids[0, self.prompt_length :].tolist():
+            if len(spelled) >= len(self.text):  # spelled out: the model is free (a later token may
+                return scores  # even lie past the tokenizer's vocabulary, in a padded embedding)
+            spelled += self.vocab[token]
+        left = self.text[len(spelled) :]
+        if not left:
+            return scores
+        allowed = [i for i, token in enumerate(self.vocab)
+                   if token and (left.startswith(token) or token.startswith(left))]
+        if not allowed:  # a vocabulary without single-character tokens: let the model go on freely
+            return scores
+        mask = torch.full_like(scores, float("-inf"))
+        mask[:, allowed] = 0
+        return scores + mask

@@ -263,6 +263,8 @@ def convert_gpt2(gpt2: nn.Module, calibration_ids: torch.Tensor, *, steps: int =
     if calibration_ids.ndim != 2 or calibration_ids.numel() == 0:
         raise ValueError(f"calibration_ids must be non-empty token blocks (N, T), got shape "
                          f"{tuple(calibration_ids.shape)}")
+    if steps < 0:  # range(steps) would quietly run none
+        raise ValueError(f"steps must be >= 0, got {steps}")
     start = time.perf_counter()
     records = record_mlp_io(gpt2, calibration_ids)
     design = {**config_overrides}

@@ -7,6 +7,7 @@ trained on the standard-library corpus once per test session and saved with its 
 import json
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -265,3 +266,43 @@ def test_train_py_fine_tunes_a_converted_folder_with_its_tokenizer(gpt2_folder, 
     )
     assert bad.returncode == 1 and "model.n_layer cannot be set with train.init_from" in bad.stderr
     assert not (tmp_path / "x").exists()
+
+
+def _snapshot(folder) -> dict:
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
+
+
+CUDA_DEVICES = torch.cuda.device_count() if torch.cuda.is_available() else 0
+NO_CUDA_64 = f"torch finds {CUDA_DEVICES} cuda device{'' if CUDA_DEVICES == 1 else 's'} here"
+ELSEWHERE = "; write to another folder"
+
+
+@pytest.mark.parametrize(
+    "source, out, extra, message",
+    [
+        ("src", "src", [], "the output '{out}' is the input '{source}'" + ELSEWHERE),
+        ("src", "src/./", [], "the output '{out}' is the input '{source}'" + ELSEWHERE),
+        ("src", "src/kan", [], "the output '{out}' lies inside the input '{source}'" + ELSEWHERE),
+        ("out/src", "out", [], "the output '{out}' contains the input '{source}'" + ELSEWHERE),
+        ("src", "kan", ["--steps", "-5"], "--steps must be a non-negative integer, got -5"),
+        ("src", "kan", ["--eval-tokens", "0"], "--eval-tokens must be a positive integer, got 0"),
+        ("src", "kan", ["--block-size", "-1"], "--block-size must be a positive integer, got -1"),
+        ("src", "kan", ["--device", "cuda:64"], "--device 'cuda:64' is not available: " + NO_CUDA_64),
+    ],
+)
+def test_an_output_in_the_input_or_a_bad_number_is_refused_before_anything_is_written(
+    source, out, extra, message, gpt2_folder, tmp_path, capsys
+):
+    shutil.copytree(gpt2_folder[0], tmp_path / source)
+    source, out = str(tmp_path / source), str(tmp_path / out)
+    before = _snapshot(tmp_path)
+    # --overwrite: without it an output holding the input is refused as not empty
+    argv = ["convert", source, out, "--overwrite", "--calibration-tokens", "256", "--eval-tokens", "256"]
+    assert commands.main([*argv, *extra]) == 1  # (argparse keeps an option's last value)
+    assert capsys.readouterr().err == f"error: {message.format(source=source, out=out)}\n"
+    assert _snapshot(tmp_path) == before
+
+
+def test_convert_gpt2_refuses_negative_steps(gpt2, gpt2_folder):
+    with pytest.raises(ValueError, match=r"^steps must be >= 0, got -1$"):
+        convert_gpt2(gpt2, gpt2_folder[1][:4], steps=-1)

@@ -7,7 +7,6 @@ usage and exit with code 2 instead.)
 
 from __future__ import annotations
 
-import argparse
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -41,14 +40,6 @@ def check_float(args, name: str, ok: Callable[[float], bool] = lambda value: Tru
     value = getattr(args, name)
     if value is not None and not (math.isfinite(value) and ok(value)):
         raise CommandError(f"{option(name)} must be {what}, got {value}")
-
-
-def positive_int(text: str) -> int:
-    """``type=`` of an argument that must be a positive integer."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 def default_device(device: str | None) -> str:
@@ -99,3 +90,16 @@ def blocking_file(path: Path) -> Path | None:
             return None if candidate.is_dir() else candidate
     return None
 
+
+def check_not_within(source: str, out: str) -> None:
+    """Refuse (CommandError) an output folder ``out`` that is, contains or lies inside the local
+    folder ``source``: writing it would replace or mix with the input. (A hub name passes.)"""
+    src, dst = Path(source).expanduser().resolve(), Path(out).expanduser().resolve()
+    if not src.exists():
+        return
+    if dst == src:
+        raise CommandError(f"the output {out!r} is the input {source!r}; write to another folder")
+    if dst in src.parents:
+        raise CommandError(f"the output {out!r} contains the input {source!r}; write to another folder")
+    if src in dst.parents:
+        raise CommandError(f"the output {out!r} lies inside the input {source!r}; write to another folder")

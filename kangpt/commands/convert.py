@@ -21,7 +21,7 @@ from ..messages import first_line
 from ..modeling_kangpt import KANGPT2LMHeadModel, kangpt2_config_of
 from ..run_config import read_yaml
 from ..run_dir import publish, remove, temporary_name, writing
-from .arguments import default_device, holds_something, positive_int
+from .arguments import check_ints, check_not_within, holds_something, usable_device
 from .errors import CommandError
 
 HELP = "turn a GPT-2's MLPs into KAN blocks that already do their job; write a KAN-GPT-2 folder"
@@ -33,11 +33,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default="stdlib",
                         help="calibration corpus: stdlib, pydoc-topics, text files or a hub dataset")
     parser.add_argument("--text-field", default="text", help="text column of .jsonl/.parquet/hub data")
-    parser.add_argument("--calibration-tokens", type=positive_int, default=16384,
+    parser.add_argument("--calibration-tokens", type=int, default=16384,
                         help="training-split tokens whose activations the blocks are fitted on")
-    parser.add_argument("--eval-tokens", type=positive_int, default=16384,
+    parser.add_argument("--eval-tokens", type=int, default=16384,
                         help="validation-split tokens on which GPT-2 and the conversion are evaluated")
-    parser.add_argument("--block-size", type=positive_int, help="tokens per block (default: up to 256)")
+    parser.add_argument("--block-size", type=int, help="tokens per block (default: up to 256)")
     parser.add_argument("--steps", type=int, default=200, help="Adam steps per distilled per-edge block")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="a KANGPT2Config field of the KAN design, e.g. kan_sharing=edge (repeatable)")
@@ -47,6 +47,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``kangpt convert``: GPT-2 -> KAN-GPT-2 with converted blocks, its loss before and after, a report."""
+    check_ints(args, 1, "calibration_tokens", "eval_tokens", "block_size")
+    check_ints(args, 0, "steps")  # 0: the least-squares start alone
+    device = usable_device(args.device)
+    check_not_within(args.gpt2_dir, args.out_dir)  # --overwrite would replace the GPT-2 being read
     out = Path(args.out_dir)
     if holds_something(out) and not args.overwrite:
         raise CommandError(f"{args.out_dir!r} exists and is not empty; pass --overwrite to replace it")
@@ -56,7 +60,6 @@ def run(args: argparse.Namespace) -> int:
         if not sep or name not in KANGPT2Config.__dataclass_fields__:
             raise CommandError(f"--set {item!r}: expected FIELD=VALUE with a KANGPT2Config field")
         overrides[name] = read_yaml(text)
-    device = default_device(args.device)
     transformers.utils.logging.disable_progress_bar()  # the blocks' bar is the command's
     datasets.disable_progress_bars()
     try:

@@ -4,8 +4,7 @@
 Every multi-process run trains the global batch of one process (``single_run``) and must match it.
 accelerate forms FSDP and DeepSpeed on GPUs only; ``tests/launched_train.py`` switches its state to
 them on CPU (gloo), after which ``prepare``, ``save_state``, ``load_state`` and ``get_state_dict`` are
-accelerate's own. The launches share one pytest-xdist worker (group "launches"), one after another:
-each rank computes on one thread, and two ranks fill the two cores.
+accelerate's own. Each rank computes on one thread.
 """
 
 import json
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 from training_runs import NO_DROPOUT, ROOT, RUN_TIMEOUT, TINY, free_port, losses, overrides, run_train
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -22,7 +22,7 @@ from kangpt.run_config import build_config
 from kangpt.run_dir import MANIFEST, checkpoint_problem
 from kangpt.training import learning_rate
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("launches")]
+pytestmark = pytest.mark.slow
 
 DRIVER = ROOT / "tests" / "launched_train.py"
 # Two processes: 2 x 2 micro-batches of 2 sequences per step, the 8 sequences of the single run.
@@ -33,10 +33,16 @@ STUCK_AFTER = RUN_TIMEOUT - 60
 
 @pytest.fixture(scope="module")
 def single_run(env, tiny_config, tmp_path_factory) -> Path:
-    """One process, 8 sequences per step, no dropout: what every multi-process run must reproduce."""
-    out = tmp_path_factory.mktemp("single") / "run"
-    result = run_train(env, [str(tiny_config), *overrides(out, **NO_DROPOUT)])
-    assert result.returncode == 0, result.stderr[-3000:]
+    """One process, 8 sequences per step, no dropout: what every multi-process run must reproduce.
+
+    Trained once per test session: in the folder that every pytest-xdist worker's temporary folder
+    lies in, under a file lock."""
+    shared = tmp_path_factory.getbasetemp().parent
+    out = shared / "single-run"
+    with FileLock(shared / "single-run.lock"):
+        if not (out / "model").is_dir():
+            result = run_train(env, [str(tiny_config), *overrides(out, **NO_DROPOUT)])
+            assert result.returncode == 0, result.stderr[-3000:]
     return out
 
 

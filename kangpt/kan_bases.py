@@ -584,7 +584,9 @@ class GroupedBSplineBasis(GroupedBasis):
         fractional part is ``t``."""
         spline = self.spline
         z = x.mul(1 / spline.step).add_(spline.spline_order + 1 - spline.grid_range[0] / spline.step)
-        z.clamp_(0.0, float(spline.num_functions + spline.spline_order + 1))
+        # A NaN input (weights that diverged) keeps its NaN value but needs a row: clamping keeps NaN,
+        # whose cast to an integer indexes outside the table.
+        z.nan_to_num_(nan=0.0).clamp_(0.0, float(spline.num_functions + spline.spline_order + 1))
         row = z.to(torch.int64)
         return row.add_(first_row), z.frac_()
 

@@ -479,3 +479,21 @@ def test_set_grid_range_keeps_the_functions_on_the_new_range(basis, sharing):
     assert (layer(x) - before).abs().max() < tolerance * before.abs().max()
     with pytest.raises(ValueError, match="chebyshev"):
         KANLinear(4, 2, basis="chebyshev").set_grid_range(-1, 1)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_a_nan_input_gives_nan_where_it_reaches_and_no_index_error(grad):
+    # Weights that diverged feed NaN to the next layer: the loss must turn NaN (which training catches),
+    # not the piece-table lookup index outside its table.
+    torch.manual_seed(2)
+    layer = KANLinear(8, 5, sharing="group", groups=2, kernel="torch")
+    x = torch.randn(4, 8)
+    clean = layer(x).detach()
+    x[1, 3] = float("nan")
+    x.requires_grad_(grad)
+    y = layer(x)
+    assert torch.isnan(y[1]).all()
+    torch.testing.assert_close(y[[0, 2, 3]], clean[[0, 2, 3]])
+    if grad:
+        y[[0, 2, 3]].sum().backward()
+        assert torch.isfinite(x.grad[[0, 2, 3]]).all()

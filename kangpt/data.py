@@ -56,6 +56,7 @@ __all__ = [
     "load_documents",
     "load_splits",
     "pydoc_topics_documents",
+    "corpus_files",
     "load_tokenizer",
     "pack_documents",
     "stdlib_documents",
@@ -369,6 +370,19 @@ def _load_splits(dataset: str, name: str | None, text_field: str, streaming: boo
     if streaming and local is not None:
         splits = {split: _guard_stream(ds, *local) for split, ds in splits.items()}
     return splits, text_field
+
+
+def corpus_files(dataset: str | None) -> dict[str, int] | None:
+    """The files of a local corpus and their sizes in bytes, named relative to the folder they share;
+    None for a built-in corpus or a hub dataset (what a run records to tell a changed corpus)."""
+    if dataset is None:
+        return None
+    local = _local_source(dataset, None)
+    if local is None:
+        return None
+    files = local[1]
+    root = os.path.commonpath(files) if len(files) > 1 else os.path.dirname(files[0])
+    return {os.path.relpath(f, root): os.path.getsize(f) for f in files}
 
 
 def _local_files(spec: str) -> tuple[str, list[str]]:

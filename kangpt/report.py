@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import glob
+import os
 from pathlib import Path
 
 import yaml
 from torch import nn
 
+from .data import BUILTIN_CORPORA
 from .plotting import new_figure
 from .run_config import RunConfig
+
+# Run settings that only make sense on this machine (the card leaves them out), and those that may name
+# a local file or folder (the card keeps only its name): a card is meant to be shared.
+LOCAL_ONLY = {"train": ("out_dir", "resume", "overwrite")}
+MAYBE_LOCAL = {"data": ("dataset", "validation_dataset", "test_dataset", "tokenizer"),
+               "train": ("init_from",)}
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:
@@ -28,33 +37,63 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
     return parts
 
 
-def write_model_card(
-    folder: Path, model: nn.Module, config: RunConfig, metrics: dict, has_plot: bool, published_as: Path
-) -> None:
-    """Write ``folder/README.md``: model, parameters, final metrics, usage and run config.
+def is_local(source: str) -> bool:
+    """Whether a dataset, tokenizer or model setting names a file, folder or glob on this machine."""
+    path = os.path.expanduser(source)
+    return os.path.exists(path) or bool(glob.has_magic(path) and glob.glob(path))
 
-    ``published_as`` is where the folder ends up (the usage example names it).
-    """
+
+def shareable_settings(config: RunConfig) -> dict:
+    """The run config as a card shows it: no settings of this machine, local sources by their name."""
+    settings = config.to_dict()
+    for section, keys in LOCAL_ONLY.items():
+        for key in keys:
+            settings[section].pop(key, None)
+    for section, keys in MAYBE_LOCAL.items():
+        for key in keys:
+            value = settings[section].get(key)
+            if isinstance(value, str) and is_local(value):
+                settings[section][key] = Path(os.path.expanduser(value)).name
+    return settings
+
+
+def hub_datasets(config: RunConfig) -> list[str]:
+    """The datasets of the hub a run trained and evaluated on (the card's ``datasets`` metadata)."""
+    data = config.data
+    sources = [data.dataset, data.validation_dataset, data.test_dataset]
+    return [s for s in dict.fromkeys(sources) if s and s not in BUILTIN_CORPORA and not is_local(s)]
+
+
+def write_model_card(
+    folder: Path, model: nn.Module, config: RunConfig, metrics: dict, has_plot: bool
+) -> None:
+    """Write ``folder/README.md``: the hub's metadata, model, parameters, final metrics, usage and run
+    config, with nothing that names this machine's folders."""
     mc = model.config
+    settings = shareable_settings(config)
     shape = (f"GPT-2 with {mc.n_layer} layers, width {mc.n_embd}, {mc.n_head} heads, "
              f"context {mc.n_positions}, vocabulary {mc.vocab_size}")
     kan = f"KAN ({mc.kan_basis} basis, hidden width {mc.kan_hidden_size})"
     ffn = "GPT-2 MLP" if mc.ffn_type == "mlp" else kan
-    data = config.data
+    data = settings["data"]
+    local = " (a local corpus)" if is_local(config.data.dataset) else ""
     counts = "\n".join(f"| {part} | {n:,} |" for part, n in parameter_counts(model).items())
     plot = "\n![loss curve](loss.png)\n" if has_plot else ""
     test = (f"| test loss (nats/token) | {metrics['test_loss']:.4f} |\n"
             f"| test perplexity | {metrics['test_ppl']:.2f} |\n") if "test_loss" in metrics else ""
+    metadata = {"library_name": "transformers", "pipeline_tag": "text-generation",
+                "tags": ["kangpt", "kan", "gpt2", "text-generation"]}
+    if hub_datasets(config):
+        metadata["datasets"] = hub_datasets(config)
     card = f"""---
-library_name: transformers
-tags: [kangpt, kan, gpt2, text-generation]
+{yaml.safe_dump(metadata, sort_keys=False, default_flow_style=None).rstrip()}
 ---
 
 # KAN-GPT-2 trained with kangpt
 
 {shape}; feed-forward blocks: {ffn}.
 
-Trained on `{data.dataset}`, tokenizer `{data.tokenizer}`, blocks of {data.block_size} tokens.
+Trained on `{data["dataset"]}`{local}, tokenizer `{data["tokenizer"]}`, blocks of {data["block_size"]} tokens.
 
 ## Parameters
 
@@ -78,16 +117,17 @@ Trained on `{data.dataset}`, tokenizer `{data.tokenizer}`, blocks of {data.block
 import kangpt  # registers KAN-GPT-2 with the transformers Auto classes
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-tokenizer = AutoTokenizer.from_pretrained("{published_as}")
-model = AutoModelForCausalLM.from_pretrained("{published_as}")
+model_dir = "path/to/this/folder"  # or the id of the hub repository it was uploaded to
+tokenizer = AutoTokenizer.from_pretrained(model_dir)
+model = AutoModelForCausalLM.from_pretrained(model_dir)
 ```
 
-or `kangpt generate {published_as} --prompt "..."`.
+or `kangpt generate path/to/this/folder --prompt "..."`.
 
 ## Run config
 
 ```yaml
-{yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip()}
+{yaml.safe_dump(settings, sort_keys=False).rstrip()}
 ```
 """
     (folder / "README.md").write_text(card)

@@ -5,38 +5,48 @@
     out_dir/
       run.yaml                 the resolved run config; a later run must match it to resume
       metrics.jsonl            one JSON record per logged or evaluated step
+      trained_on.json          the tokenizer's sha256 and the local corpus files with their sizes
       logs/                    tracker logs (tensorboard, ...)
       checkpoints/step-000500  accelerate ``save_state`` folders, written as .tmp-* and renamed when whole;
                                manifest.json, written last, lists the size and sha256 of every file
       model/                   the final model (``from_pretrained`` loads it), also written and renamed
+      .lock                    locked (an OS lock) by the process training here; names it (pid, host)
 
 Only names matching ``step-<digits>`` count as checkpoints, so a half-written one is never the latest,
-and one resumes only when every file its manifest lists is there, unchanged.
+and one resumes only when every file its manifest lists is there, unchanged. One process at a time
+trains in a folder: the lock is the kernel's (``flock``), so it goes with the process, crash or not.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
+import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
+from safetensors import SafetensorError
 
+from .messages import first_line
 from .run_config import ConfigError, RunConfig
 
 RUN_FILE = "run.yaml"
 METRICS_FILE = "metrics.jsonl"
+TRAINED_ON = "trained_on.json"
 CHECKPOINTS = "checkpoints"
 LOGS = "logs"
 MODEL = "model"
+LOCK = ".lock"
 MANIFEST = "manifest.json"  # in each checkpoint: {"files": {relative path: {"size": n, "sha256": hex}}}
 # What a run writes into out_dir; --train.overwrite=true removes these and nothing else.
-RUN_ENTRIES = (RUN_FILE, METRICS_FILE, CHECKPOINTS, LOGS, MODEL)
+RUN_ENTRIES = (RUN_FILE, METRICS_FILE, TRAINED_ON, CHECKPOINTS, LOGS, MODEL)
 # Keys that may differ between a run and its resumption: they do not change what is computed.
 RESUMABLE_TRAIN_KEYS = {"out_dir", "resume", "overwrite", "max_steps", "eval_interval", "log_interval",
                         "save_interval", "keep_checkpoints", "trackers", "sample_prompt", "sample_tokens"}
@@ -58,6 +68,7 @@ class RunDir:
         self.logs = self.path / LOGS
         self.model = self.path / MODEL
         self.notes: list[str] = []  # what plan() decided that the run should print
+        self._lock: int | None = None  # the file descriptor holding the folder's lock
 
     def plan(self, config: RunConfig) -> Path | None:
         """Decide how ``config`` starts here: return the checkpoint to resume from, or None for a fresh start.
@@ -75,7 +86,7 @@ class RunDir:
             )
         self._check_writable()
         saved = self._saved_config()
-        if saved is None and self.path.is_dir() and any(self.path.iterdir()):
+        if saved is None and any(p.name != LOCK for p in _children(self.path)):
             raise ConfigError(
                 f"out_dir {str(self.path)!r} is not empty and holds no kangpt run; choose another folder"
             )
@@ -158,21 +169,71 @@ class RunDir:
         self.notes.append(f"no checkpoint to resume in {where}: starting from step 0")
         return None
 
-    def start(self, config: RunConfig, resumed_at: int | None) -> None:
+    def lock(self) -> None:
+        """Hold the folder's lock until :meth:`unlock` (or this process ends), creating the folder.
+
+        Raises ConfigError naming the process that holds it: two runs in one folder would interleave
+        their metrics and checkpoints.
+        """
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise ConfigError(f"out_dir {str(self.path)!r} is in use by another run ({holder}); wait for it "
+                              "to end or choose another folder") from None
+        started = time.strftime("%Y-%m-%d %H:%M:%S")
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {started}\n".encode())
+        self._lock = fd
+
+    def unlock(self) -> None:
+        """Release the lock taken by :meth:`lock` (nothing if none is held)."""
+        if self._lock is not None:
+            os.close(self._lock)  # closing the descriptor releases the flock
+            self._lock = None
+
+    def start(self, config: RunConfig, resumed_at: int | None, trained_on: dict | None = None) -> None:
         """Write run.yaml, once the run has loaded its data and built its model (main process).
 
         A fresh start (``resumed_at`` None) first removes what an earlier run wrote here (:meth:`plan`
-        made sure that is wanted); a resumed run drops the metrics records after step ``resumed_at``,
-        which the checkpoint does not contain.
+        made sure that is wanted) and records ``trained_on`` where given (see :meth:`check_trained_on`); a
+        resumed run drops the metrics records after step ``resumed_at``, which the checkpoint lacks.
         """
         self.path.mkdir(parents=True, exist_ok=True)
         if resumed_at is None:
             for name in RUN_ENTRIES:
                 remove(self.path / name)
+            if trained_on is not None:
+                write_text_atomically(self.path / TRAINED_ON, json.dumps(trained_on, indent=1) + "\n")
         else:
             records = [r for r in read_metrics(self.metrics) if r["step"] <= resumed_at]
             write_text_atomically(self.metrics, "".join(json.dumps(r) + "\n" for r in records))
         write_text_atomically(self.path / RUN_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+    def check_trained_on(self, now: dict) -> None:
+        """Refuse to resume on other data than the run started with: ``now`` (the tokenizer's sha256 and
+        the local corpus files, as :meth:`start` records them) must equal the record, naming what changed.
+
+        A changed corpus folder retrains the BPE: the checkpoint's embeddings would meet other tokens.
+        A run recorded before the record existed is not checked.
+        """
+        path = self.path / TRAINED_ON
+        if not path.is_file():
+            return
+        saved = json.loads(path.read_text())
+        old, new = saved["corpus"], now["corpus"]
+        changes = [change for key in sorted(set(old) | set(new))
+                   for change in _file_changes(f"data.{key}", old.get(key), new.get(key))]
+        if saved["tokenizer_sha256"] != now["tokenizer_sha256"]:
+            changes.append(f"the tokenizer (sha256 {saved['tokenizer_sha256'][:12]} -> "
+                           f"{now['tokenizer_sha256'][:12]})")
+        if changes:
+            raise ConfigError(f"out_dir {str(self.path)!r} cannot be resumed on other data than it started "
+                              f"with: {'; '.join(changes)}; restore them, or start a new run (another "
+                              "out_dir or --train.overwrite=true)")
 
     def latest_checkpoint(self) -> Path | None:
         """The checkpoint folder with the highest step, or None (whole or not: see ``checkpoint_problem``)."""
@@ -256,15 +317,31 @@ def checkpoint_problem(folder: Path) -> str | None:
 
 @contextmanager
 def writing(what: Path) -> Iterator[None]:
-    """Turn an OSError while writing ``what`` (disk full, permissions changed) into one ConfigError line.
+    """Turn a failed write into ``what`` (disk full, permissions changed) into one ConfigError line.
 
-    Checkpoints and the model folder are renamed into place only when whole, so what is left is complete.
+    Python, safetensors and ``torch.save`` each report it their own way: an OSError, a SafetensorError
+    holding the OS error, a RuntimeError of torch's file writer holding none. Checkpoints and the model
+    folder are renamed into place only when whole, so what is left is complete.
     """
     try:
         yield
     except OSError as err:
         name = err.filename if err.filename is not None else what
         raise ConfigError(f"cannot write {str(name)!r}: {err.strerror or err}") from err
+    except SafetensorError as err:
+        raise ConfigError(f"cannot write {str(what)!r}: {first_line(err)}") from err
+    except RuntimeError as err:
+        if "inline_container" not in str(err):  # not torch.save's writer: not a failed write
+            raise
+        raise ConfigError(f"cannot write {str(what)!r}: torch.save stopped short ({first_line(err)}); "
+                          f"{_free_space(what)}") from err
+
+
+def _free_space(path: Path) -> str:
+    """How much room the disk of ``path`` has left, in words."""
+    while not path.exists():
+        path = path.parent
+    return f"{shutil.disk_usage(path).free / 2**20:,.1f} MiB free on its disk"
 
 
 def write_text_atomically(path: Path, text: str) -> None:
@@ -324,6 +401,20 @@ def _umask() -> int:
 
 def _children(folder: Path) -> list[Path]:
     return list(folder.iterdir()) if folder.is_dir() else []
+
+
+def _file_changes(what: str, old: dict | None, new: dict | None, shown: int = 3) -> list[str]:
+    """The files added to, removed from or resized in a corpus (``{name: size}``, None: not local)."""
+    old, new = old or {}, new or {}
+    added, removed = sorted(set(new) - set(old)), sorted(set(old) - set(new))
+    resized = [f"{name} {old[name]} -> {new[name]} bytes" for name in sorted(set(old) & set(new))
+               if old[name] != new[name]]
+    changes = []
+    for kind, names in (("added", added), ("removed", removed), ("resized", resized)):
+        if names:
+            more = f" and {len(names) - shown} more" if len(names) > shown else ""
+            changes.append(f"{what}: {kind} {', '.join(names[:shown])}{more}")
+    return changes
 
 
 def _first_difference(saved: dict, current: dict) -> str | None:

@@ -8,6 +8,7 @@ checkpoints, SIGINT/SIGTERM), then the final model folder. See ``kangpt.run_dir`
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
@@ -23,14 +24,28 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.tracking import get_available_trackers
-from accelerate.utils import DistributedType, GradientAccumulationPlugin, ProjectConfiguration, set_seed
+from accelerate.utils import (
+    DistributedType,
+    GradientAccumulationPlugin,
+    ProjectConfiguration,
+    broadcast_object_list,
+    set_seed,
+)
 from datasets import Dataset, IterableDataset
 from datasets.distributed import split_dataset_by_node
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
-from .data import DataError, load_splits, load_tokenizer, pack_documents, stream_blocks, unigram_entropy
+from .data import (
+    DataError,
+    corpus_files,
+    load_splits,
+    load_tokenizer,
+    pack_documents,
+    stream_blocks,
+    unigram_entropy,
+)
 from .evaluation import block_losses
 from .kan import KANLinear
 from .launch import check_launch
@@ -70,15 +85,16 @@ def train(config: RunConfig) -> int:
     """Run training as ``config`` says; return the exit code (0 done, 128 + signal number if stopped)."""
     cfg = config.train
     run = RunDir(cfg.out_dir)
-    resume_from = run.plan(config)  # reads only: refuses a folder that holds something else
+    resuming = run.plan(config) is not None  # reads only: refuses a folder that holds something else
     accelerator = make_accelerator(cfg, run)
     set_seed(cfg.seed)
     say(accelerator, yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip())
-    for note in run.notes:  # the resume decision: a damaged checkpoint skipped, a start from step 0
-        say(accelerator, note)
 
     # Data, model, optimizer.
     corpus = load_corpus(config.data, cfg, accelerator)
+    data = trained_on(config.data, corpus.tokenizer)
+    if resuming:
+        run.check_trained_on(data)
     model = build_model(config, corpus.tokenizer)
     n_params = model.num_parameters()  # before prepare: ZeRO-3 leaves each process an empty shard
     optimizer = build_optimizer(model, cfg)
@@ -86,23 +102,45 @@ def train(config: RunConfig) -> int:
     model, optimizer, val_loader = accelerator.prepare(model, optimizer, val_loader)
     progress = Progress()
     accelerator.register_for_checkpointing(progress)
-    if resume_from is not None:  # weights, optimizer, RNG states and progress come back
-        resume(accelerator, model, optimizer, run, resume_from, cfg)
-        say(accelerator, f"resumed from {resume_from} at step {progress.step}")
-    if accelerator.is_main_process:
-        with writing(run.path):
-            run.start(config, resumed_at=progress.step if resume_from is not None else None)
-    accelerator.wait_for_everyone()
-    with writing(run.logs):
-        accelerator.init_trackers("kangpt", config=_flat_hparams(config))
-    tokens_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
-    tokens_per_step *= config.data.block_size
-    trackers = ", ".join(t.name for t in accelerator.trackers) or "none"
-    say(accelerator, f"model: {n_params:,} parameters | {accelerator.num_processes} process(es) on "
-                     f"{accelerator.device} | {tokens_per_step:,} tokens per step | trackers: {trackers} | "
-                     f"unigram baseline {corpus.baseline:.4f} nats/token")
 
-    # The loop: one iteration per optimizer step.
+    with holding(accelerator, run):  # from its first write to the end, the folder is this run's alone
+        resume_from = run.plan(config)  # again: what the folder holds now that no other run can change it
+        for note in run.notes:  # the resume decision: a damaged checkpoint skipped, a start from step 0
+            say(accelerator, note)
+        if resume_from is not None:  # weights, optimizer, RNG states and progress come back
+            resume(accelerator, model, optimizer, run, resume_from, cfg)
+            say(accelerator, f"resumed from {resume_from} at step {progress.step}")
+        if accelerator.is_main_process:
+            with writing(run.path):
+                run.start(config, progress.step if resume_from is not None else None, trained_on=data)
+        accelerator.wait_for_everyone()
+        with writing(run.logs):
+            accelerator.init_trackers("kangpt", config=_flat_hparams(config))
+        tokens_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
+        tokens_per_step *= config.data.block_size
+        trackers = ", ".join(t.name for t in accelerator.trackers) or "none"
+        say(accelerator, f"model: {n_params:,} parameters | {accelerator.num_processes} process(es) on "
+                         f"{accelerator.device} | {tokens_per_step:,} tokens per step | trackers: "
+                         f"{trackers} | unigram baseline {corpus.baseline:.4f} nats/token")
+        stopped_by, val_loss = loop(accelerator, model, optimizer, val_loader, corpus, run, cfg, progress,
+                                    tokens_per_step)
+        if stopped_by:
+            say(accelerator, f"stopped by {signal.Signals(stopped_by).name} at step {progress.step}; "
+                             f"checkpoint {run.checkpoint(progress.step)}; continue with --train.resume=auto")
+        else:
+            finish(accelerator, model, val_loader, corpus, run, config, progress, val_loss)
+    accelerator.end_training()
+    return 128 + int(stopped_by) if stopped_by else 0
+
+
+def loop(accelerator: Accelerator, model, optimizer, val_loader, corpus: Corpus, run: RunDir,
+         cfg: TrainConfig, progress: Progress, tokens_per_step: int) -> tuple[int | None, float | None]:
+    """The training loop, one iteration per optimizer step, from ``progress`` to ``train.max_steps``.
+
+    Returns the signal that stopped it (None when it ran to the end) and the last validation loss.
+    Raises ConfigError at the first step whose loss or gradient norm is not finite, before anything of
+    that step is recorded or saved.
+    """
     micro_steps_done = progress.step * cfg.gradient_accumulation_steps
     batches = train_batches(corpus.train, cfg, accelerator, skip=micro_steps_done)
     model.train()
@@ -115,6 +153,7 @@ def train(config: RunConfig) -> int:
             change_grids(accelerator, model, optimizer, run, corpus.val, cfg, progress.step)
             lr = learning_rate(progress.step, cfg)
             loss, norm = optimizer_step(accelerator, model, optimizer, batches, cfg, lr)
+            check_finite(accelerator, run, progress.step + 1, loss, norm)
             grad_norm = grad_norm if norm is None else norm
             window.add(loss)
             progress.step += 1
@@ -137,14 +176,43 @@ def train(config: RunConfig) -> int:
                 save_checkpoint(accelerator, run, step, cfg.keep_checkpoints)
             if stopped_by:
                 break
+    return stopped_by, val_loss
 
-    if stopped_by:
-        say(accelerator, f"stopped by {signal.Signals(stopped_by).name} at step {progress.step}; checkpoint "
-                         f"{run.checkpoint(progress.step)}; continue with --train.resume=auto")
-    else:
-        finish(accelerator, model, val_loader, corpus, run, config, progress, val_loss)
-    accelerator.end_training()
-    return 128 + int(stopped_by) if stopped_by else 0
+
+@contextmanager
+def holding(accelerator: Accelerator, run: RunDir):
+    """Hold the run folder's lock (main process) while inside: every process raises the same ConfigError
+    when another run holds it."""
+    refused = [None]
+    if accelerator.is_main_process:
+        try:
+            run.lock()
+        except ConfigError as err:
+            refused[0] = str(err)
+    refused = broadcast_object_list(refused) if accelerator.num_processes > 1 else refused
+    if refused[0] is not None:
+        raise ConfigError(refused[0])
+    try:
+        yield
+    finally:
+        run.unlock()
+
+
+def check_finite(accelerator: Accelerator, run: RunDir, step: int, loss: torch.Tensor, grad_norm) -> None:
+    """Raise ConfigError, on every process, if ``loss`` or ``grad_norm`` (None: not computed) of optimizer
+    step ``step`` is not finite on any process: the weights are ruined from that step on, and the run
+    stops at the first such step (no step is skipped) with its last finite checkpoint kept."""
+    values = {"loss": loss, "gradient norm": 0.0 if grad_norm is None else grad_norm}
+    bad = torch.stack([~torch.isfinite(torch.as_tensor(v, device=accelerator.device)).all()
+                       for v in values.values()]).float()
+    bad = accelerator.reduce(bad, "sum").tolist()  # one small all-reduce per step
+    if not any(bad):
+        return
+    what = next(name for name, count in zip(values, bad, strict=True) if count)
+    latest = run.latest_checkpoint()
+    kept = f"the last checkpoint, {str(latest)!r}, is kept" if latest else "no checkpoint was saved"
+    raise ConfigError(f"the training {what} is not finite at step {step}: training diverged; lower "
+                      f"train.learning_rate (or raise train.warmup_steps); stopped before saving, {kept}")
 
 
 def make_accelerator(cfg: TrainConfig, run: RunDir) -> Accelerator:
@@ -447,6 +515,15 @@ class Corpus:
     baseline: float
 
 
+def trained_on(data: DataConfig, tokenizer) -> dict:
+    """What a run trains on, as its folder records it: the tokenizer's sha256 and the local corpus files
+    (``{name: size}``, None for a built-in corpus or a hub dataset) of every source."""
+    sources = {key: getattr(data, key) for key in ("dataset", "validation_dataset", "test_dataset")}
+    tokenizer_json = tokenizer.backend_tokenizer.to_str()
+    return {"tokenizer_sha256": hashlib.sha256(tokenizer_json.encode()).hexdigest(),
+            "corpus": {key: corpus_files(source) for key, source in sources.items() if source is not None}}
+
+
 def load_corpus(data: DataConfig, train: TrainConfig, accelerator: Accelerator) -> Corpus:
     """Load documents, get the tokenizer and pack both splits into ``data.block_size``-token blocks.
 
@@ -567,7 +644,11 @@ def save_checkpoint(accelerator: Accelerator, run: RunDir, step: int, keep: int)
         if accelerator.is_main_process:
             remove(tmp)  # left over by a process that died while saving
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
+        try:
+            accelerator.save_state(str(tmp))
+        except Exception:
+            remove(tmp)  # the part written: on a full disk, room for what comes next
+            raise
         accelerator.wait_for_everyone()  # every process has written its files (random_states_<rank>.pkl)
         if accelerator.is_main_process:
             write_manifest(tmp)
@@ -616,7 +697,7 @@ def save_model(
             missing = None
         except ModuleNotFoundError:
             has_plot, missing = False, NO_MATPLOTLIB
-        write_model_card(tmp, saved, config, metrics, has_plot, published_as=run.model)
+        write_model_card(tmp, saved, config, metrics, has_plot)
         publish(tmp, run.model)
     return missing
 

@@ -9,11 +9,16 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import math
 import os
+import re
 import shutil
+import socket
 import stat
 import subprocess
 import sys
+import sysconfig
+import time
 from pathlib import Path
 
 import pytest
@@ -22,11 +27,12 @@ import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator
 from datasets import IterableDataset
-from training_runs import NO_DROPOUT, ROOT, TINY, losses, overrides, run_train
+from training_runs import NO_DROPOUT, ROOT, RUN_TIMEOUT, TINY, losses, overrides, run_train
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, pipeline
 
 from kangpt import KANGPT2LMHeadModel, commands
 from kangpt.kan import KANLinear
+from kangpt.report import write_model_card
 from kangpt.run_config import load_config, model_config
 from kangpt.run_dir import MANIFEST, checkpoint_problem
 from kangpt.training import (
@@ -596,3 +602,168 @@ def test_without_matplotlib_the_run_says_why_there_is_no_loss_plot(env, tiny_con
     assert NO_MATPLOTLIB == "loss.png not written: matplotlib is not installed (pip install 'kangpt[plot]')"
     assert (out / "model" / "model.safetensors").is_file() and not (out / "model" / "loss.png").exists()
     assert "loss.png" not in (out / "model" / "README.md").read_text()
+
+
+PAUSE_AFTER_STEP_2 = """
+import os, sys, time
+from pathlib import Path
+import kangpt.training as training
+
+log_metrics = training.log_metrics
+
+def log_then_pause(accelerator, run, record):
+    log_metrics(accelerator, run, record)
+    if record["step"] == 2 and "loss" in record:  # holds the folder until the test says go (or 200 s)
+        Path(os.environ["PAUSED"]).touch()
+        for _ in range(2000):
+            if Path(os.environ["GO"]).exists():
+                break
+            time.sleep(0.1)
+
+training.log_metrics = log_then_pause
+from kangpt.commands import main
+sys.exit(main(["train", *sys.argv[1:]]))
+"""
+
+
+def wait_for(path: Path, process: subprocess.Popen, seconds: float = 200) -> None:
+    for _ in range(int(seconds * 10)):
+        if path.exists() or process.poll() is not None:
+            break
+        time.sleep(0.1)
+    assert path.exists(), process.communicate()[1][-3000:] if process.poll() is not None else "timed out"
+
+
+@pytest.mark.slow
+def test_a_second_process_in_a_training_run_folder_is_refused_naming_the_holder(env, tiny_config, tmp_path):
+    out, paused, go = tmp_path / "run", tmp_path / "paused", tmp_path / "go"
+    args = [str(tiny_config), *overrides(out, **{"train.save_interval": 1})]
+    first = subprocess.Popen([sys.executable, "-c", PAUSE_AFTER_STEP_2, *args], cwd=ROOT, text=True,
+                             env={**env, "PAUSED": str(paused), "GO": str(go)},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for(paused, first)
+        before = snapshot(out)
+        # What the refusal of a plain second start advises: resume it. Not while it trains.
+        second = run_train(env, [*args, "--train.resume=auto"])
+        assert second.returncode == 1
+        assert re.fullmatch(
+            rf"error: out_dir '{re.escape(str(out))}' is in use by another run \(pid {first.pid} on "
+            rf"{re.escape(socket.gethostname())}, since [-0-9: ]+\); wait for it to end or choose another "
+            "folder",
+            second.stderr.splitlines()[-1])
+        assert snapshot(out) == before
+    finally:
+        go.touch()
+        _, stderr = first.communicate(timeout=RUN_TIMEOUT)
+    assert first.returncode == 0, stderr[-3000:]
+    assert sorted(losses(out)) == list(range(1, 9))  # one run's records, in order
+
+
+@pytest.mark.slow
+def test_the_lock_of_a_killed_run_goes_with_it(env, tiny_config, tmp_path):
+    out, paused = tmp_path / "run", tmp_path / "paused"
+    args = [str(tiny_config), *overrides(out, **{"train.save_interval": 1})]
+    first = subprocess.Popen([sys.executable, "-c", PAUSE_AFTER_STEP_2, *args], cwd=ROOT, text=True,
+                             env={**env, "PAUSED": str(paused), "GO": str(tmp_path / "never")},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_for(paused, first)
+    first.kill()  # SIGKILL: nothing of the run's own runs, the kernel releases its lock
+    first.communicate()
+    resumed = run_train(env, [*args, "--train.resume=auto"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and (out / "model").is_dir()
+
+
+@pytest.mark.slow
+def test_a_resume_on_a_changed_corpus_is_refused_naming_the_change(env, tiny_config, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    sources = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("[a-h]*.py"))[:12]
+    for source in sources:
+        shutil.copy(source, corpus / f"{source.stem}.txt")
+    out = tmp_path / "run"
+    args = [str(tiny_config), *overrides(out, **{"data.dataset": str(corpus), "data.test_fraction": 0.0,
+                                                 "train.max_steps": 2, "train.sample_prompt": None})]
+    assert run_train(env, args).returncode == 0
+    recorded = json.loads((out / "trained_on.json").read_text())
+    assert recorded["corpus"]["dataset"] == {p.name: p.stat().st_size for p in corpus.iterdir()}
+    first = sorted(corpus.iterdir())[0]
+    first.write_text(first.read_text() + "\nx = 1\n")
+    (corpus / "zz_new.txt").write_text("def added():\n    return 1\n" * 50)
+    before = snapshot(out)
+    refused = run_train(env, [*args, "--train.max_steps=4", "--train.resume=auto"])
+    assert refused.returncode == 1
+    size = first.stat().st_size
+    assert re.fullmatch(re.escape(
+        f"error: out_dir {str(out)!r} cannot be resumed on other data than it started with: data.dataset: "
+        f"added zz_new.txt; data.dataset: resized {first.name} {size - 7} -> {size} bytes; the tokenizer "
+        "(sha256 ") + r"[0-9a-f]{12} -> [0-9a-f]{12}" + re.escape("); restore them, or start a new run "
+        "(another out_dir or --train.overwrite=true)"), refused.stderr.splitlines()[-1])
+    assert snapshot(out) == before
+
+
+@pytest.mark.slow
+def test_a_diverging_run_stops_at_its_first_non_finite_loss_and_publishes_nothing(env, tiny_config, tmp_path):
+    out = tmp_path / "run"
+    result = run_train(env, [str(tiny_config), *overrides(out, **{
+        "train.learning_rate": 1e4, "train.warmup_steps": 1, "train.save_interval": 1})])
+    assert result.returncode == 1
+    records = losses(out)
+    step = max(records) + 1  # the step whose loss was not finite: nothing of it was recorded
+    assert all(math.isfinite(loss) for loss in records.values())
+    latest = out / "checkpoints" / f"step-{step - 1:06d}"
+    assert result.stderr.splitlines()[-1] == (
+        f"error: the training loss is not finite at step {step}: training diverged; lower "
+        f"train.learning_rate (or raise train.warmup_steps); stopped before saving, the last checkpoint, "
+        f"{str(latest)!r}, is kept")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir())[-1] == latest.name
+    assert checkpoint_problem(latest) is None and not (out / "model").exists()
+
+
+# A file-size limit (EFBIG), as a full disk (ENOSPC) stops a write: torch.save reports it with no errno.
+FILE_SIZE_LIMIT = """
+import os, resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing
+limit = int(os.environ["FILE_SIZE_LIMIT"])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
+"""
+
+
+@pytest.mark.slow
+def test_a_checkpoint_that_does_not_fit_on_the_disk_is_one_error_line(env, tiny_config, tmp_path):
+    out = tmp_path / "run"
+    # The weights (176 kB) fit, the optimizer state (twice that) does not.
+    limited = {**env, "FILE_SIZE_LIMIT": str(250_000)}
+    result = run_train(limited, [str(ROOT / "train.py"), str(tiny_config), *overrides(out)],
+                       launcher=(sys.executable, "-c", FILE_SIZE_LIMIT))
+    assert result.returncode == 1
+    half_written = out / "checkpoints" / ".tmp-step-000004"
+    assert re.fullmatch(
+        rf"error: cannot write {re.escape(repr(str(half_written)))}: torch.save stopped short "
+        r"\(\[enforce fail at inline_container.cc:\d+\] . unexpected pos \d+ vs \d+\); [\d,.]+ MiB free on "
+        "its disk",
+        result.stderr.splitlines()[-1])
+    assert not (out / "checkpoints").exists() or not list((out / "checkpoints").iterdir())
+    assert not (out / "model").exists()
+
+
+def test_the_model_card_names_no_folder_of_this_machine(tmp_path):
+    corpus = tmp_path / "my-corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("text")
+    config = load_config(None, [f"--data.dataset={corpus}", "--data.validation_dataset=wikitext",
+                                f"--train.out_dir={tmp_path / 'run'}", "--model.n_layer=1",
+                                "--model.n_embd=32", "--model.n_head=2"])
+    model = KANGPT2LMHeadModel(model_config(config, vocab_size=64))
+    metrics = {"step": 1, "tokens": 2, "val_loss": 3.0, "val_ppl": 20.0, "unigram_baseline": 4.0}
+    write_model_card(tmp_path, model, config, metrics, has_plot=False)
+    card = (tmp_path / "README.md").read_text()
+    assert str(tmp_path) not in card
+    metadata = yaml.safe_load(card.split("---")[1])
+    assert metadata["pipeline_tag"] == "text-generation" and metadata["datasets"] == ["wikitext"]
+    assert "Trained on `my-corpus` (a local corpus)" in card
+    settings = yaml.safe_load(card.split("```yaml")[1].split("```")[0])
+    assert settings["data"]["dataset"] == "my-corpus" and "out_dir" not in settings["train"]
+    assert 'from_pretrained(model_dir)' in card

@@ -206,12 +206,12 @@ class RunDir:
         if resumed_at is None:
             for name in RUN_ENTRIES:
                 remove(self.path / name)
-            if trained_on is not None:
-                write_text_atomically(self.path / TRAINED_ON, json.dumps(trained_on, indent=1) + "\n")
         else:
             records = [r for r in read_metrics(self.metrics) if r["step"] <= resumed_at]
             write_text_atomically(self.metrics, "".join(json.dumps(r) + "\n" for r in records))
         write_text_atomically(self.path / RUN_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False))
+        if resumed_at is None and trained_on is not None:  # after run.yaml: the folder is a run's first
+            write_text_atomically(self.path / TRAINED_ON, json.dumps(trained_on, indent=1) + "\n")
 
     def check_trained_on(self, now: dict) -> None:
         """Refuse to resume on other data than the run started with: ``now`` (the tokenizer's sha256 and

@@ -110,6 +110,7 @@ def train(config: RunConfig) -> int:
         if resume_from is not None:  # weights, optimizer, RNG states and progress come back
             resume(accelerator, model, optimizer, run, resume_from, cfg)
             say(accelerator, f"resumed from {resume_from} at step {progress.step}")
+        accelerator.wait_for_everyone()  # every process has read the folder before the main one writes
         if accelerator.is_main_process:
             with writing(run.path):
                 run.start(config, progress.step if resume_from is not None else None, trained_on=data)

@@ -8,6 +8,7 @@ accelerate's own. Each rank computes on one thread.
 """
 
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -35,9 +36,10 @@ STUCK_AFTER = RUN_TIMEOUT - 60
 def single_run(env, tiny_config, tmp_path_factory) -> Path:
     """One process, 8 sequences per step, no dropout: what every multi-process run must reproduce.
 
-    Trained once per test session: in the folder that every pytest-xdist worker's temporary folder
-    lies in, under a file lock."""
-    shared = tmp_path_factory.getbasetemp().parent
+    Trained once per test session: under pytest-xdist in the folder that every worker's temporary
+    folder lies in, under a file lock."""
+    shared = tmp_path_factory.getbasetemp()
+    shared = shared.parent if "PYTEST_XDIST_WORKER" in os.environ else shared
     out = shared / "single-run"
     with FileLock(shared / "single-run.lock"):
         if not (out / "model").is_dir():

@@ -57,6 +57,7 @@ __all__ = [
     "load_splits",
     "pydoc_topics_documents",
     "corpus_files",
+    "is_local_source",
     "load_tokenizer",
     "pack_documents",
     "stdlib_documents",
@@ -335,13 +336,18 @@ def _load_source(dataset: str, name: str | None, local: tuple[str, list[str]] | 
         raise _corpus_error(*local, err) from err
 
 
+def is_local_source(source: str) -> bool:
+    """Whether ``source`` names something on this machine (a file, folder or glob), not a built-in
+    corpus or a name on the hub."""
+    return source not in BUILTIN_CORPORA and (
+        os.path.exists(os.path.expanduser(source)) or any(c in source for c in "*?[")
+        or Path(source).suffix.lower() in _BUILDERS or source.startswith((".", "/", "~")))
+
+
 def _local_source(dataset: str, name: str | None) -> tuple[str, list[str]] | None:
     """Return ``(builder, files)`` when ``dataset`` names local files, ``None`` for a built-in corpus or
     the hub."""
-    path = os.path.expanduser(dataset)
-    is_local = dataset not in BUILTIN_CORPORA and (
-        os.path.exists(path) or any(c in dataset for c in "*?[")
-        or Path(dataset).suffix.lower() in _BUILDERS or dataset.startswith((".", "/", "~")))
+    is_local = is_local_source(dataset)
     if name is not None and (dataset in BUILTIN_CORPORA or is_local):
         raise DataError(f"name={name!r} only applies to hub datasets, not to {dataset!r}")
     return _local_files(dataset) if is_local else None

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import glob
 import os
 from pathlib import Path
 
 import yaml
 from torch import nn
 
-from .data import BUILTIN_CORPORA
+from .data import BUILTIN_CORPORA, is_local_source
 from .plotting import new_figure
 from .run_config import RunConfig
 
@@ -37,12 +36,6 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
     return parts
 
 
-def is_local(source: str) -> bool:
-    """Whether a dataset, tokenizer or model setting names a file, folder or glob on this machine."""
-    path = os.path.expanduser(source)
-    return os.path.exists(path) or bool(glob.has_magic(path) and glob.glob(path))
-
-
 def shareable_settings(config: RunConfig) -> dict:
     """The run config as a card shows it: no settings of this machine, local sources by their name."""
     settings = config.to_dict()
@@ -52,7 +45,7 @@ def shareable_settings(config: RunConfig) -> dict:
     for section, keys in MAYBE_LOCAL.items():
         for key in keys:
             value = settings[section].get(key)
-            if isinstance(value, str) and is_local(value):
+            if isinstance(value, str) and is_local_source(value):
                 settings[section][key] = Path(os.path.expanduser(value)).name
     return settings
 
@@ -61,7 +54,7 @@ def hub_datasets(config: RunConfig) -> list[str]:
     """The datasets of the hub a run trained and evaluated on (the card's ``datasets`` metadata)."""
     data = config.data
     sources = [data.dataset, data.validation_dataset, data.test_dataset]
-    return [s for s in dict.fromkeys(sources) if s and s not in BUILTIN_CORPORA and not is_local(s)]
+    return [s for s in dict.fromkeys(sources) if s and s not in BUILTIN_CORPORA and not is_local_source(s)]
 
 
 def write_model_card(
@@ -76,7 +69,7 @@ def write_model_card(
     kan = f"KAN ({mc.kan_basis} basis, hidden width {mc.kan_hidden_size})"
     ffn = "GPT-2 MLP" if mc.ffn_type == "mlp" else kan
     data = settings["data"]
-    local = " (a local corpus)" if is_local(config.data.dataset) else ""
+    local = " (a local corpus)" if is_local_source(config.data.dataset) else ""
     counts = "\n".join(f"| {part} | {n:,} |" for part, n in parameter_counts(model).items())
     plot = "\n![loss curve](loss.png)\n" if has_plot else ""
     test = (f"| test loss (nats/token) | {metrics['test_loss']:.4f} |\n"

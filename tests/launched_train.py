@@ -12,8 +12,6 @@
 - ``DUMP_DIR``: the logits of a fixed batch after every ``save_state`` and ``load_state``
   (``logits-{saved,loaded}-<step>-rank<r>.pt``), and with ``DUMP_RANK_WEIGHTS=1`` every rank's weights
   when the model is saved (``rank<r>.pt``).
-- ``RESUME_AT=N``: once the run is done, train it again from its checkpoint at step N; the first run's
-  metrics are kept as ``DUMP_DIR/first-metrics.jsonl``.
 - ``STUCK_AFTER=S``: a process still running after S seconds prints its threads' stacks and exits.
 - Every process checks that ``model/`` is there when ``train`` returns.
 """
@@ -21,7 +19,6 @@
 import faulthandler
 import os
 import re
-import shutil
 import sys
 from pathlib import Path
 
@@ -76,16 +73,6 @@ class LaunchedAccelerator(Accelerator):
             self.the_model = models[0]
         return prepared
 
-    # The first of two runs in this process (RESUME_AT) keeps the process group for the second: formed
-    # anew on the launcher's port, a group can meet the store of the old one and wait forever.
-    keep_process_group = False
-
-    def end_training(self):
-        if not self.keep_process_group:
-            return super().end_training()
-        for tracker in self.trackers:
-            tracker.finish()
-
     def save_state(self, output_dir=None, **kwargs):
         saved = super().save_state(output_dir, **kwargs)
         self.dump_logits("saved", output_dir)
@@ -115,16 +102,6 @@ def save_model_and_dump_weights(accelerator, model, *args):
     return save_model(accelerator, model, *args)
 
 
-def train(argv: list[str]) -> str:
-    code = main(["train", *argv])
-    out_dir = next(arg.split("=", 1)[1] for arg in argv if arg.startswith("--train.out_dir="))
-    if code == 0 and not os.path.isdir(os.path.join(out_dir, "model")):
-        sys.exit(f"rank {os.environ['RANK']}: train returned before model/ was written")
-    if code != 0:
-        sys.exit(code)
-    return out_dir
-
-
 if __name__ == "__main__":
     if "STUCK_AFTER" in os.environ:
         faulthandler.dump_traceback_later(int(os.environ["STUCK_AFTER"]), exit=True)
@@ -132,12 +109,8 @@ if __name__ == "__main__":
     save_model = training.save_model
     if os.environ.get("DUMP_RANK_WEIGHTS") == "1":
         training.save_model = save_model_and_dump_weights
-    argv = sys.argv[1:]
-    LaunchedAccelerator.keep_process_group = "RESUME_AT" in os.environ
-    out_dir = train(argv)
-    if "RESUME_AT" in os.environ:
-        LaunchedAccelerator.keep_process_group = False
-        if os.environ["RANK"] == "0":
-            shutil.copy(Path(out_dir, "metrics.jsonl"), DUMP / "first-metrics.jsonl")
-        checkpoint = Path(out_dir, "checkpoints", f"step-{int(os.environ['RESUME_AT']):06d}")
-        train([*argv, f"--train.resume={checkpoint}"])
+    code = main(["train", *sys.argv[1:]])
+    out_dir = next(arg.split("=", 1)[1] for arg in sys.argv if arg.startswith("--train.out_dir="))
+    if code == 0 and not os.path.isdir(os.path.join(out_dir, "model")):
+        sys.exit(f"rank {os.environ['RANK']}: train returned before model/ was written")
+    sys.exit(code)

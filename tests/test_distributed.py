@@ -77,11 +77,12 @@ def checkpoint_files(checkpoint: Path) -> set[str]:
     return {p.relative_to(checkpoint).as_posix() for p in checkpoint.rglob("*") if p.is_file()}
 
 
-def assert_trains_as_one_process(out: Path, single_run: Path, metrics: str = "metrics.jsonl", rel=1e-4):
-    """The training and validation losses of ``out`` are the single run's."""
-    assert losses(out, "lr", metrics) == losses(single_run, "lr")
-    assert losses(out, "loss", metrics) == pytest.approx(losses(single_run), rel=rel)
-    assert losses(out, "val_loss", metrics) == pytest.approx(losses(single_run, "val_loss"), rel=rel)
+def assert_trains_as_one_process(records: dict, single_run: Path, rel=1e-4):
+    """The learning rates and training and validation losses of ``records`` (``{key: {step: value}}``)
+    are the single run's."""
+    assert records["lr"] == losses(single_run, "lr")
+    assert records["loss"] == pytest.approx(losses(single_run), rel=rel)
+    assert records["val_loss"] == pytest.approx(losses(single_run, "val_loss"), rel=rel)
 
 
 def assert_saves_the_model_of_one_process(out: Path, single_run: Path, atol=1e-4):
@@ -103,15 +104,29 @@ def assert_saves_the_model_of_one_process(out: Path, single_run: Path, atol=1e-4
 
 
 EVENTS = ("saved", "loaded")
+RESUME_AT = 4
 
 
-def assert_resumed_exactly(out: Path, dump: Path, at: int):
-    """Resumed from its checkpoint at step ``at``, the run computed the same logits and losses again."""
+def train_then_resume(env, args: list[str], out: Path, launcher) -> dict:
+    """Launch a run to its end, then again from its checkpoint at step RESUME_AT (a second launch, as a
+    user resumes); return the first run's metrics records ``{key: {step: value}}``."""
+    for resume in (None, out / "checkpoints" / f"step-{RESUME_AT:06d}"):
+        resuming = [f"--train.resume={resume}"] if resume else []
+        result = run_train(env, [*args, *resuming], launcher=launcher())
+        assert result.returncode == 0, stuck_stacks_or_end(result.stderr)
+        assert "2 process(es)" in result.stdout
+        if resume is None:
+            first = {key: losses(out, key) for key in ("lr", "loss", "val_loss")}
+    assert f"resumed from {resume} at step {RESUME_AT}" in result.stdout
+    return first
+
+
+def assert_resumed_exactly(out: Path, dump: Path, first: dict):
+    """Resumed from its checkpoint at step RESUME_AT, the run computed the same logits and losses again."""
     for rank in (0, 1):
-        saved, loaded = (torch.load(dump / f"logits-{event}-{at}-rank{rank}.pt") for event in EVENTS)
+        saved, loaded = (torch.load(dump / f"logits-{event}-{RESUME_AT}-rank{rank}.pt") for event in EVENTS)
         assert torch.equal(loaded, saved)
-    assert losses(out) == losses(dump, metrics="first-metrics.jsonl")
-    assert losses(out, "val_loss") == losses(dump, "val_loss", metrics="first-metrics.jsonl")
+    assert losses(out) == first["loss"] and losses(out, "val_loss") == first["val_loss"]
 
 
 def test_two_process_ddp_matches_one_process_with_the_same_global_batch(
@@ -131,26 +146,23 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(
     cfg = build_config(TINY).train
     expected_lr = [learning_rate(step, cfg) for step in range(8)]  # the schedule of 8 steps, not 16
     assert [losses(single_run, "lr")[s] for s in range(1, 9)] == pytest.approx(expected_lr)
-    assert_trains_as_one_process(out, single_run)
+    assert_trains_as_one_process({key: losses(out, key) for key in ("lr", "loss", "val_loss")}, single_run)
     single_weights = AutoModelForCausalLM.from_pretrained(single_run / "model").state_dict()
     assert all(torch.allclose(rank0[k], single_weights[k], atol=1e-4) for k in single_weights)
 
 
 def test_fsdp2_trains_as_one_process_and_resumes_from_its_shards(env, tiny_config, single_run, tmp_path):
     out = tmp_path / "fsdp"
-    result = run_train(launched_env(env, tmp_path, RESUME_AT="4"),
-                       [str(tiny_config), *overrides(out, **NO_DROPOUT, **PER_PROCESS)],
-                       launcher=accelerate_launch("fsdp.yaml"))
-    assert result.returncode == 0, stuck_stacks_or_end(result.stderr)
-    assert "2 process(es)" in result.stdout and "resumed from" in result.stdout
+    args = [str(tiny_config), *overrides(out, **NO_DROPOUT, **PER_PROCESS)]
+    first = train_then_resume(launched_env(env, tmp_path), args, out, lambda: accelerate_launch("fsdp.yaml"))
     for checkpoint in (out / "checkpoints").iterdir():  # sharded (torch.distributed.checkpoint), no full copy
         files = checkpoint_files(checkpoint)
         assert {f"{part}/__{rank}_0.distcp" for part in ("pytorch_model_fsdp_0", "optimizer_0")
                 for rank in (0, 1)} <= files
         assert not [f for f in files if f.endswith((".safetensors", ".bin"))]
         assert checkpoint_problem(checkpoint) is None
-    assert_trains_as_one_process(tmp_path, single_run, metrics="first-metrics.jsonl")
-    assert_resumed_exactly(out, tmp_path, at=4)
+    assert_trains_as_one_process(first, single_run)
+    assert_resumed_exactly(out, tmp_path, first)
     assert_saves_the_model_of_one_process(out, single_run)
 
 
@@ -162,11 +174,9 @@ ZERO_TOLERANCE = 1e-4
 def test_deepspeed_zero_trains_as_one_process_and_resumes(stage, env, tiny_config, single_run, tmp_path):
     pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install 'kangpt[deepspeed]')")
     out = tmp_path / f"zero{stage}"
-    result = run_train(launched_env(env, tmp_path, RESUME_AT="4", DS_ACCELERATOR="cpu"),
-                       [str(tiny_config), *overrides(out, **NO_DROPOUT, **PER_PROCESS)],
-                       launcher=accelerate_launch(f"deepspeed-zero{stage}.yaml"))
-    assert result.returncode == 0, stuck_stacks_or_end(result.stderr)
-    assert "2 process(es)" in result.stdout and "resumed from" in result.stdout
+    args = [str(tiny_config), *overrides(out, **NO_DROPOUT, **PER_PROCESS)]
+    first = train_then_resume(launched_env(env, tmp_path, DS_ACCELERATOR="cpu"), args, out,
+                              lambda: accelerate_launch(f"deepspeed-zero{stage}.yaml"))
     for checkpoint in (out / "checkpoints").iterdir():  # every rank's partition of the optimizer state
         files = checkpoint_files(checkpoint)
         shards = {f"pytorch_model/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" for rank in (0, 1)}
@@ -174,8 +184,8 @@ def test_deepspeed_zero_trains_as_one_process_and_resumes(stage, env, tiny_confi
             shards |= {f"pytorch_model/zero_pp_rank_{rank}_mp_rank_00_model_states.pt" for rank in (0, 1)}
         assert shards <= files
         assert checkpoint_problem(checkpoint) is None
-    assert_trains_as_one_process(tmp_path, single_run, metrics="first-metrics.jsonl", rel=ZERO_TOLERANCE)
-    assert_resumed_exactly(out, tmp_path, at=4)
+    assert_trains_as_one_process(first, single_run, rel=ZERO_TOLERANCE)
+    assert_resumed_exactly(out, tmp_path, first)
     assert_saves_the_model_of_one_process(out, single_run)
 
 

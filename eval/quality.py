@@ -38,6 +38,7 @@ import json
 import os
 import statistics
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -212,30 +213,40 @@ def verdict(model: dict, reference: dict) -> str:
 
 
 class Runner:
-    """Runs ``python train.py CONFIG`` in fresh processes, ``jobs`` at a time, reusing finished runs."""
+    """Runs ``python train.py CONFIG`` in fresh processes, ``jobs`` at a time, reusing finished runs.
 
-    def __init__(self, out: Path, jobs: int):
-        self.out, self.jobs = out, jobs
+    ``env`` adds environment variables to every run (the device). Runners given the same ``slots`` (a
+    semaphore of ``jobs``) share the ``jobs`` between them: the size ladder (eval/scaling.py) runs a
+    protocol per size at once, so no core waits for one protocol's slowest run.
+    """
+
+    def __init__(self, out: Path, jobs: int, slots: threading.Semaphore | None = None, env=None):
+        self.out, self.jobs, self.env = out, jobs, env or {}
+        self.slots = slots or threading.Semaphore(jobs)
         self.threads = max(1, (os.cpu_count() or 1) // jobs)
 
     def run_all(self, configs: list[RunConfig]) -> list[dict]:
-        with ThreadPoolExecutor(self.jobs) as pool:
+        with ThreadPoolExecutor(max(1, len(configs))) as pool:
             return list(pool.map(self.run, configs))
 
     def run(self, config: RunConfig) -> dict:
         """Train one config (or reuse it); return its summary."""
-        folder = Path(config.train.out_dir)
-        name = folder.relative_to(self.out / "runs").as_posix()
         if not self._finished(config):
-            path = self.out / "configs" / f"{name}.yaml"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-            print(f"[{time.strftime('%H:%M:%S')}] python train.py {path}", file=sys.stderr, flush=True)
-            env = {"OMP_NUM_THREADS": str(self.threads), "TOKENIZERS_PARALLELISM": "false"}
-            start = time.perf_counter()
-            run_fresh_process([str(ROOT / "train.py"), str(path)], env=env)
-            (folder / "wall_time.json").write_text(json.dumps({"wall_s": time.perf_counter() - start}))
+            with self.slots:
+                self._train(config)
         return summarize(config)
+
+    def _train(self, config: RunConfig) -> None:
+        """Write the run's config under ``OUT/configs`` and train it with ``self.threads`` threads."""
+        folder = Path(config.train.out_dir)
+        path = self.out / "configs" / f"{folder.relative_to(self.out / 'runs').as_posix()}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        print(f"[{time.strftime('%H:%M:%S')}] python train.py {path}", file=sys.stderr, flush=True)
+        env = {"OMP_NUM_THREADS": str(self.threads), "TOKENIZERS_PARALLELISM": "false", **self.env}
+        start = time.perf_counter()
+        run_fresh_process([str(ROOT / "train.py"), str(path)], env=env)
+        (folder / "wall_time.json").write_text(json.dumps({"wall_s": time.perf_counter() - start}))
 
     @staticmethod
     def _finished(config: RunConfig) -> bool:

@@ -1,0 +1,443 @@
+"""Does KAN-GPT-2's advantage over GPT-2 hold as the model grows? The quality protocol on a size ladder.
+
+At every size of ``--sizes`` (``LAYERSxWIDTH`` or ``LAYERSxWIDTHxHEADS``; heads default to the base
+config's) this runs ``eval/quality.py``'s protocol unchanged: every model parameter-matched to GPT-2,
+its own learning-rate sweep (widened at an end), the other seeds at the chosen rate, the test split
+reported. What changes with the size is the token budget: ``--tokens-per-param`` times GPT-2's total
+parameter count at that size (embeddings included), so no size starves. The warm-up is a tenth of the
+steps and the validation split is read four times per run, as in the one-size protocol.
+
+Per corpus and model it fits a power law ``loss = a * N**-alpha`` to the test losses of every seed
+(least squares in log-log), against total parameters N and against training FLOPs (matrix-multiply
+FLOPs of a training step, counted by ``torch.utils.flop_counter``, times the steps), with the
+exponent's standard error; and it fits the KAN-minus-GPT-2 gap against log10(N) to say whether it
+grows, holds or shrinks.
+
+    python eval/scaling.py --jobs 2                                  # the CPU ladder (README)
+    python eval/scaling.py --quick                                   # a smoke run
+    python eval/scaling.py --sizes 4x128,6x256,8x384,12x768 --device cuda --jobs 1   # on a GPU
+
+Each size's runs live under ``OUT/LxW/`` (quality.py's layout); finished runs are reused, so an
+interrupted ladder continues where it stopped. Output: the tables on stdout (markdown),
+``OUT/scaling.json`` and ``OUT/scaling.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # quality.py, the protocol of one size
+import quality  # noqa: E402
+
+from kangpt.data import DataError  # noqa: E402
+from kangpt.modeling_kangpt import KANGPT2LMHeadModel  # noqa: E402
+from kangpt.plotting import new_figure  # noqa: E402
+from kangpt.run_config import ConfigError, RunConfig, build_config, load_config, model_config  # noqa: E402
+
+DEFAULT_SIZES = "4x32,4x48,4x72,4x104,4x144"  # 186k to 1.6M parameters at vocabulary 4096
+# The one-size protocol's ratio: 614,400 tokens for GPT-2's 1,334,016 parameters at 4 x 128.
+DEFAULT_TOKENS_PER_PARAM = 0.46
+# --device -> the runs' environment: accelerate trains on a GPU when there is one, unless told the CPU.
+DEVICES = {"auto": {}, "cpu": {"ACCELERATE_USE_CPU": "1"}, "cuda": {}}
+# A fit's gap trend counts as a trend only beyond this many standard errors.
+SIGNIFICANT = 2.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes and their budgets
+
+
+def parse_sizes(text: str, default_heads: int) -> list[tuple[int, int, int]]:
+    """``"4x64,4x128x8"`` -> ``[(4, 64, default_heads), (4, 128, 8)]``, smallest first."""
+    sizes = []
+    for item in text.split(","):
+        parts = item.strip().lower().split("x")
+        try:
+            numbers = [int(p) for p in parts]
+        except ValueError:
+            numbers = []
+        if len(numbers) not in (2, 3) or min(numbers) < 1:
+            raise ConfigError(f"--sizes must be LAYERSxWIDTH[xHEADS] items like 4x128, got {item!r}")
+        layers, width, heads = (*numbers, default_heads)[:3]
+        if width % heads:
+            raise ConfigError(f"--sizes: width {width} of {item!r} is not a multiple of {heads} heads")
+        sizes.append((layers, width, heads))
+    if len(set(sizes)) != len(sizes):
+        raise ConfigError(f"--sizes names a size twice: {text!r}")
+    return sorted(sizes, key=lambda s: s[0] * s[1] ** 2)
+
+
+def size_name(size: tuple[int, int, int]) -> str:
+    return f"{size[0]}x{size[1]}"
+
+
+def gpt2_parameters(base: RunConfig, size: tuple[int, int, int]) -> int:
+    """GPT-2's total parameters (embeddings included) at ``size``, its vocabulary ``data.vocab_size``."""
+    raw = shaped(base.to_dict(), size)
+    raw["model"]["ffn_type"] = "mlp"
+    with torch.device("meta"):
+        model = KANGPT2LMHeadModel(model_config(build_config(raw), vocab_size=base.data.vocab_size))
+    return sum(p.numel() for p in model.parameters())
+
+
+def shaped(raw: dict, size: tuple[int, int, int]) -> dict:
+    layers, width, heads = size
+    raw = quality.merge(raw, {"model": {"n_layer": layers, "n_embd": width, "n_head": heads}})
+    raw["model"].pop("kan_hidden_size", None)  # every model is parameter-matched at its size
+    return raw
+
+
+def size_config(base: RunConfig, size: tuple[int, int, int], tokens_per_param: float) -> RunConfig:
+    """``base`` at ``size``, trained on ``tokens_per_param`` x GPT-2's parameters (whole steps)."""
+    t = base.train
+    tokens_per_step = t.batch_size * t.gradient_accumulation_steps * base.data.block_size
+    steps = max(4, round(tokens_per_param * gpt2_parameters(base, size) / tokens_per_step))
+    schedule = {
+        "max_steps": steps,
+        "warmup_steps": max(1, round(steps / 10)),
+        "eval_interval": math.ceil(steps / 4),
+        "log_interval": max(1, steps // 12),
+    }
+    return build_config(quality.merge(shaped(base.to_dict(), size), {"train": schedule}))
+
+
+def flops_per_token(config: RunConfig, vocab_size: int) -> float:
+    """Matrix-multiply FLOPs of one training token (forward and backward) of ``config``'s model: one
+    sequence of ``block_size`` tokens counted by ``FlopCounterMode`` on the CPU, per token."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model = KANGPT2LMHeadModel(model_config(config, vocab_size=vocab_size))
+    ids = torch.randint(vocab_size, (1, config.data.block_size))
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(input_ids=ids, labels=ids).loss.backward()
+    return counter.get_total_flops() / ids.numel()
+
+
+# ---------------------------------------------------------------------------------------------
+# Fits
+
+
+def fit_line(xs: list[float], ys: list[float]) -> dict:
+    """Least-squares ``y = intercept + slope * x`` with the slope's standard error (nan under 3 points)."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
+    intercept = my - slope * mx
+    residual = sum((y - intercept - slope * x) ** 2 for x, y in zip(xs, ys, strict=True))
+    stderr = math.sqrt(residual / (n - 2) / sxx) if n > 2 else math.nan
+    return {"slope": slope, "intercept": intercept, "stderr": stderr, "points": n}
+
+
+def power_law(xs: list[float], losses: list[float]) -> dict:
+    """``loss = a * x**-alpha`` fitted in log-log: alpha, its standard error, a."""
+    line = fit_line([math.log(x) for x in xs], [math.log(v) for v in losses])
+    return {"alpha": -line["slope"], "alpha_stderr": line["stderr"], "a": math.exp(line["intercept"])}
+
+
+def gap_trend(params: list[float], gaps: list[float]) -> dict:
+    """The KAN-minus-GPT-2 test-loss gap against log10(parameters), and what it says: does the gap
+    grow, hold or shrink with size (a trend counts beyond ``SIGNIFICANT`` standard errors)."""
+    line = fit_line([math.log10(p) for p in params], gaps)
+    mean = sum(gaps) / len(gaps)
+    moving = not math.isnan(line["stderr"]) and abs(line["slope"]) > SIGNIFICANT * line["stderr"]
+    who = "advantage" if mean < 0 else "deficit"
+    if not moving:
+        answer = "holds"
+    elif (line["slope"] < 0) == (mean < 0):  # the gap moves away from zero
+        answer = "grows"
+    else:
+        answer = "shrinks"
+    return {**line, "mean": mean, "answer": f"KAN-GPT-2's {who} {answer}"}
+
+
+def analyse(ladder: dict, sizes: list[str], models: list[str]) -> dict:
+    """Per corpus: each model's power laws (vs parameters and vs FLOPs) and each KAN model's gap trend."""
+    fits: dict[str, dict] = {}
+    for corpus in ladder[sizes[0]]["results"]:
+        fits[corpus] = {}
+        for name in models:
+            points = [
+                (ladder[s]["parameters"][corpus][name]["total"], ladder[s]["flops"][corpus][name], loss)
+                for s in sizes
+                for loss in ladder[s]["results"][corpus][name]["test"]["values"]
+            ]
+            params, flops, losses = zip(*points, strict=True)
+            fits[corpus][name] = {"parameters": power_law(params, losses), "flops": power_law(flops, losses)}
+            if name != "mlp":
+                gaps = [
+                    ladder[s]["results"][corpus][name]["test"]["mean"]
+                    - ladder[s]["results"][corpus]["mlp"]["test"]["mean"]
+                    for s in sizes
+                ]
+                reference = [ladder[s]["parameters"][corpus]["mlp"]["total"] for s in sizes]
+                fits[corpus][name]["gap"] = gap_trend(reference, gaps)
+    return fits
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+def run_ladder(base: RunConfig, sizes, corpora, variants, lrs, seeds, args) -> dict:
+    """Every size's protocol, all at once on ``args.jobs`` shared slots (the largest size first in the
+    queue, so that no core idles at the end); ``{size: {settings, parameters, flops, results}}``."""
+    out = Path(args.out)
+    slots = threading.Semaphore(args.jobs)
+    ladder = {}
+    for size in sizes:  # one at a time: the first one trains and caches the tokenizers
+        name = size_name(size)
+        config = size_config(base, size, args.tokens_per_param)
+        settings = quality.describe(config, corpora, variants, lrs, seeds, _describe_args(args, out / name))
+        ladder[name] = {
+            "config": config,
+            "settings": settings,
+            "parameters": {c: settings["corpora"][c].pop("parameters") for c in corpora},
+        }
+
+    def protocol(name: str) -> dict:
+        runner = quality.Runner(out / name, args.jobs, slots, DEVICES[args.device])
+        widen = 0 if args.quick else args.widen
+        return quality.protocol(ladder[name]["config"], corpora, variants, lrs, seeds, widen, runner)
+
+    names = list(reversed(ladder))
+    with ThreadPoolExecutor(len(names)) as pool:
+        for name, results in zip(names, pool.map(protocol, names), strict=True):
+            ladder[name]["results"] = results
+    for name, entry in ladder.items():
+        config, settings = entry.pop("config"), entry["settings"]
+        entry["flops"] = {
+            corpus: {
+                n: settings["tokens"]
+                * flops_per_token(
+                    quality.run_config(config, corpus, v, lrs[0], seeds[0], out / name),
+                    settings["corpora"][corpus]["vocab_size"],
+                )
+                for n, v in variants.items()
+            }
+            for corpus in corpora
+        }
+    return ladder
+
+
+def _describe_args(args, out: Path) -> argparse.Namespace:
+    return argparse.Namespace(
+        config=args.config, widen=args.widen, quick=args.quick, jobs=args.jobs, out=str(out)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Presenting
+
+
+def markdown(ladder: dict, fits: dict, variants: dict, meta: dict) -> str:
+    """Per corpus: the ladder table, the fitted exponents and the answer."""
+    sizes = list(ladder)
+    first = ladder[sizes[0]]["settings"]
+    lines = [
+        f"Sizes {', '.join(sizes)} (layers x width; {meta['heads']}); "
+        f"{meta['tokens_per_param']:g} training tokens per GPT-2 parameter (embeddings included) at "
+        f"every size, {first['tokens_per_step']:,} tokens per step; "
+        f"seeds {', '.join(map(str, meta['seeds']))}; "
+        f"learning-rate grid {', '.join(f'{lr:g}' for lr in meta['lrs'])} per size and model (widened "
+        f"up to {meta['widen']}x at an end), cosine to lr/10. Wall time {meta['wall_s'] / 60:.1f} min."
+    ]
+    for corpus in fits:
+        lines += [
+            "",
+            f"#### {corpus}: {quality.CORPORA[corpus][0]}",
+            "",
+            "| size | model | params (total) | non-embedding | tokens | epochs | lr | test loss, mean | "
+            "min–max | Δ vs GPT-2 | vs GPT-2 |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        for size in sizes:
+            entry = ladder[size]
+            info, ref = entry["settings"]["corpora"][corpus], entry["results"][corpus]["mlp"]
+            tokens = entry["settings"]["tokens"]
+            for name, row in entry["results"][corpus].items():
+                p, t = entry["parameters"][corpus][name], row["test"]
+                versus = "" if name == "mlp" else quality.verdict(t, ref["test"])
+                lines.append(
+                    f"| {size} | {row['label']} | {p['total']:,} | {p['total'] - p['embeddings']:,} | "
+                    f"{tokens:,} | {tokens / info['train_tokens']:.2f} | "
+                    f"{row['lr']:g} | {t['mean']:.4f} | {t['min']:.4f}–{t['max']:.4f} | "
+                    f"{t['mean'] - ref['test']['mean']:+.4f} | {versus} |"
+                )
+        lines += [
+            "",
+            "| model | alpha vs parameters | alpha vs FLOPs | gap trend per decade of parameters |",
+            "|---|---:|---:|---|",
+        ]
+        for name, fit in fits[corpus].items():
+            trend = fit.get("gap")
+            lines.append(
+                f"| {variants[name]['label']} | {_alpha(fit['parameters'])} | {_alpha(fit['flops'])} | "
+                + (
+                    ""
+                    if trend is None
+                    else f"{trend['slope']:+.4f} ± {trend['stderr']:.4f}: {trend['answer']}"
+                )
+                + " |"
+            )
+    return "\n".join(lines)
+
+
+def _alpha(fit: dict) -> str:
+    return f"{fit['alpha']:.4f} ± {fit['alpha_stderr']:.4f}"
+
+
+def plot(ladder: dict, fits: dict, variants: dict, path: Path) -> bool:
+    """Test loss against parameters and against FLOPs (log-log, every seed, the fitted laws), a row per
+    corpus; False without matplotlib."""
+    try:
+        fig = new_figure(11, 4.2 * len(fits), layout=None)
+    except ModuleNotFoundError:
+        return False
+    axes = fig.subplots(len(fits), 2, squeeze=False)
+    for row, corpus in zip(axes, fits, strict=True):
+        for ax, axis in zip(row, ("parameters", "flops"), strict=True):
+            for color, name in zip(("C0", "C1", "C2", "C3", "C4", "C5"), variants, strict=False):
+                xs, ys = [], []
+                for entry in ladder.values():
+                    x = (
+                        entry["parameters"][corpus][name]["total"]
+                        if axis == "parameters"
+                        else entry["flops"][corpus][name]
+                    )
+                    for loss in entry["results"][corpus][name]["test"]["values"]:
+                        xs.append(x)
+                        ys.append(loss)
+                law = fits[corpus][name][axis]
+                ends = [min(xs), max(xs)]
+                ax.plot(xs, ys, "o", color=color, markersize=4, alpha=0.7)
+                ax.plot(
+                    ends,
+                    [law["a"] * x ** -law["alpha"] for x in ends],
+                    "-",
+                    color=color,
+                    label=f"{variants[name]['label']}: alpha {_alpha(law)}",
+                )
+            ax.set(
+                xscale="log",
+                yscale="log",
+                xlabel="parameters (total)" if axis == "parameters" else "training FLOPs (matmul)",
+                ylabel="test loss (nats/token)",
+                title=corpus,
+            )
+            ax.legend(fontsize=7)
+            ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Other --section.key=value arguments override every run's config.",
+    )
+    parser.add_argument(
+        "--config", default=str(quality.ROOT / "configs" / "default.yaml"), help="base run config"
+    )
+    parser.add_argument("--sizes", default=DEFAULT_SIZES, help="LAYERSxWIDTH[xHEADS], comma-separated")
+    parser.add_argument(
+        "--tokens-per-param",
+        type=float,
+        default=DEFAULT_TOKENS_PER_PARAM,
+        help="training tokens per parameter",
+    )
+    parser.add_argument("--models", default="mlp,kan", help="comma-separated, mlp first")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=YAML", help="as quality.py's")
+    parser.add_argument(
+        "--corpora", default=",".join(quality.CORPORA), help=f"among {', '.join(quality.CORPORA)}"
+    )
+    parser.add_argument(
+        "--lrs", default=",".join(f"{lr:g}" for lr in quality.DEFAULT_LRS), help="peak learning rates"
+    )
+    parser.add_argument(
+        "--seeds", default=",".join(map(str, quality.DEFAULT_SEEDS)), help="the first one sweeps"
+    )
+    parser.add_argument(
+        "--widen", type=int, default=2, help="grid steps added at most where the best is at an end"
+    )
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (the cores are shared out)")
+    parser.add_argument(
+        "--device", choices=list(DEVICES), default="auto", help="where the runs train (auto: a GPU if any)"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="a fifth of the tokens, no widening (smoke test)"
+    )
+    parser.add_argument("--out", default="out/scaling", help="folder of the runs, scaling.json, scaling.png")
+    args, overrides = parser.parse_known_args(argv)
+    out = Path(args.out)
+    try:
+        variants = quality.parse_variants(args.models, args.variant)
+        corpora = args.corpora.split(",")
+        if not corpora or any(c not in quality.CORPORA for c in corpora):
+            raise ConfigError(
+                f"--corpora must name some of {', '.join(quality.CORPORA)}, got {args.corpora!r}"
+            )
+        lrs = quality._numbers(args.lrs, float, "--lrs")
+        seeds = quality._numbers(args.seeds, int, "--seeds")
+        if args.jobs < 1 or args.widen < 0:
+            raise ConfigError("--jobs must be >= 1 and --widen >= 0")
+        if not (math.isfinite(args.tokens_per_param) and args.tokens_per_param > 0):
+            raise ConfigError(f"--tokens-per-param must be a positive number, got {args.tokens_per_param}")
+        if args.quick:
+            args.tokens_per_param /= 5
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--device cuda: torch sees no CUDA device on this machine")
+        flat = [
+            f"--{s}.{k}={json.dumps(v)}" for s, values in quality.PROTOCOL.items() for k, v in values.items()
+        ]
+        base = load_config(args.config, [*flat, *overrides])
+        sizes = parse_sizes(args.sizes, base.model.get("n_head", 12))
+        if len(sizes) < 2:
+            raise ConfigError(f"--sizes must name at least two sizes to fit a law, got {args.sizes!r}")
+        start = time.perf_counter()
+        ladder = run_ladder(base, sizes, corpora, variants, lrs, seeds, args)
+    except (ConfigError, DataError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    meta = {
+        "sizes": list(ladder),
+        "heads": ", ".join(sorted({f"{s[2]} attention heads" for s in sizes})),
+        "tokens_per_param": args.tokens_per_param,
+        "lrs": lrs,
+        "seeds": seeds,
+        "widen": 0 if args.quick else args.widen,
+        "jobs": args.jobs,
+        "wall_s": time.perf_counter() - start,
+    }
+    fits = analyse(ladder, list(ladder), list(variants))
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"settings": meta, "ladder": ladder, "fits": fits}
+    (out / "scaling.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(markdown(ladder, fits, variants, meta))
+    plotted = plot(ladder, fits, variants, out / "scaling.png")
+    print(
+        f"\nwrote {out / 'scaling.json'}" + (f", {out / 'scaling.png'}" if plotted else ""), file=sys.stderr
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

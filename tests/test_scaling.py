@@ -1,0 +1,151 @@
+"""eval/scaling.py: the quality protocol on a size ladder, its budgets and its fits."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kangpt.run_config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def scaling(eval_script):
+    return eval_script("scaling")
+
+
+def protocol_base(quality, *extra):
+    flat = [f"--{s}.{k}={json.dumps(v)}" for s, values in quality.PROTOCOL.items() for k, v in values.items()]
+    return load_config(ROOT / "configs" / "default.yaml", [*flat, *extra])
+
+
+def test_sizes_are_parsed_ordered_and_checked(scaling):
+    assert scaling.parse_sizes("4x128,2x64x2,4x96", 4) == [(2, 64, 2), (4, 96, 4), (4, 128, 4)]
+    for text, message in (
+        ("4x", "LAYERSxWIDTH"),
+        ("4x128x4x2", "LAYERSxWIDTH"),
+        ("4x0", "LAYERSxWIDTH"),
+        ("4x130", "not a multiple of 4 heads"),
+        ("4x64,4x64", "twice"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            scaling.parse_sizes(text, 4)
+
+
+def test_every_size_trains_on_the_same_tokens_per_parameter(scaling):
+    quality = scaling.quality
+    base = protocol_base(quality)
+    tokens_per_step = base.train.batch_size * base.data.block_size
+    # At the one-size protocol's shape its ratio gives back its own schedule.
+    reference = scaling.size_config(base, (4, 128, 4), 614_400 / 1_334_016)
+    assert {k: getattr(reference.train, k) for k in quality.PROTOCOL["train"]} == quality.PROTOCOL["train"]
+    for size in ((4, 32, 4), (4, 72, 4), (2, 192, 6)):
+        config = scaling.size_config(base, size, 0.46)
+        assert (config.model["n_layer"], config.model["n_embd"], config.model["n_head"]) == size
+        gpt2 = scaling.gpt2_parameters(base, size)
+        assert abs(config.train.max_steps * tokens_per_step - 0.46 * gpt2) <= tokens_per_step / 2
+        assert config.train.warmup_steps == round(config.train.max_steps / 10)
+        assert config.train.eval_interval * 4 >= config.train.max_steps > config.train.eval_interval * 3
+        # Every model of the size is parameter-matched to its GPT-2.
+        variants = quality.parse_variants("mlp,kan,rational", [])
+        configs = {n: quality.run_config(config, "code", v, 1e-3, 1, ROOT) for n, v in variants.items()}
+        counts = quality.parameter_match(configs, base.data.vocab_size)
+        assert counts["mlp"]["total"] == gpt2
+
+
+def test_flops_per_token_of_gpt2_match_the_closed_form(scaling):
+    """Forward 2 FLOPs per weight of every matmul (12 d^2 per layer, d x V for the head), backward
+    twice that; attention's T x T products are small at T = 8."""
+    base = protocol_base(scaling.quality, "--data.block_size=8", "--model.n_positions=8")
+    layers, width, vocab = 2, 64, 512
+    config = scaling.size_config(base, (layers, width, 4), 1.0)
+    config.model["ffn_type"] = "mlp"
+    closed_form = 6 * (12 * layers * width**2 + width * vocab)
+    assert scaling.flops_per_token(config, vocab) == pytest.approx(closed_form, rel=0.03)
+    config.model["ffn_type"] = "kan"
+    assert scaling.flops_per_token(config, vocab) > 0
+
+
+def test_power_law_and_its_standard_error_match_numpy(scaling):
+    params = [1e5, 2e5, 4e5, 8e5, 1.6e6]
+    exact = [5.0 * p**-0.1 for p in params]
+    law = scaling.power_law(params, exact)
+    assert law["alpha"] == pytest.approx(0.1) and law["a"] == pytest.approx(5.0)
+    assert law["alpha_stderr"] == pytest.approx(0, abs=1e-9)
+    noisy = [loss * (1 + e) for loss, e in zip(exact, [0.01, -0.02, 0.015, 0.0, -0.01], strict=True)]
+    law = scaling.power_law(params, noisy)
+    coef, cov = np.polyfit(np.log(params), np.log(noisy), 1, cov=True)
+    assert law["alpha"] == pytest.approx(-coef[0])
+    assert law["alpha_stderr"] == pytest.approx(math.sqrt(cov[0, 0]))
+    assert math.isnan(scaling.fit_line([1.0, 2.0], [3.0, 4.0])["stderr"])
+
+
+@pytest.mark.parametrize(
+    ("gaps", "answer"),
+    [
+        ([-0.05, -0.1, -0.16, -0.2], "KAN-GPT-2's advantage grows"),
+        ([-0.2, -0.16, -0.1, -0.05], "KAN-GPT-2's advantage shrinks"),
+        ([-0.1, -0.12, -0.09, -0.11], "KAN-GPT-2's advantage holds"),
+        ([0.05, 0.1, 0.16, 0.2], "KAN-GPT-2's deficit grows"),
+        ([0.2, 0.16, 0.1, 0.05], "KAN-GPT-2's deficit shrinks"),
+    ],
+)
+def test_the_gap_trend_is_named_from_its_slope_and_uncertainty(scaling, gaps, answer):
+    trend = scaling.gap_trend([1e5, 2e5, 4e5, 8e5], gaps)
+    assert trend["answer"] == answer
+    assert trend["mean"] == pytest.approx(sum(gaps) / 4)
+
+
+def test_scaling_refuses_bad_arguments_with_one_line(capsys, scaling):
+    for argv, message in (
+        (["--sizes", "4x128"], "at least two sizes"),
+        (["--sizes", "4xabc,4x64"], "--sizes"),
+        (["--tokens-per-param", "0"], "--tokens-per-param"),
+        (["--tokens-per-param", "nan"], "--tokens-per-param"),
+        (["--models", "kan,mlp"], "--models must start with mlp"),
+        (["--corpora", "poems"], "--corpora"),
+        (["--jobs", "0"], "--jobs"),
+    ):
+        assert scaling.main(argv) == 1
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_tiny_ladder(tmp_path, monkeypatch, capsys, scaling):
+    """The --quick smoke run: two sizes, one corpus, two seeds, trained, fitted, tabled and plotted."""
+    monkeypatch.setenv("KANGPT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "ladder"
+    argv = [
+        *("--sizes", "1x32x2,1x48x2", "--corpora", "english", "--lrs", "4e-3", "--seeds", "1,2"),
+        *("--tokens-per-param", "2.5", "--quick", "--device", "cpu", "--out", str(out)),
+        *("--model.n_positions=32", "--data.max_documents=60", "--data.vocab_size=300"),
+        *("--data.block_size=32", "--train.batch_size=4", "--train.eval_blocks=8"),
+    ]
+    assert scaling.main(argv) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "scaling.json").read_text())
+    assert list(report["ladder"]) == ["1x32", "1x48"]
+    for size, entry in report["ladder"].items():
+        steps = entry["settings"]["max_steps"]
+        gpt2 = entry["parameters"]["english"]["mlp"]["total"]
+        assert abs(steps * 4 * 32 - 0.5 * gpt2) <= 4 * 32  # --quick: a fifth of 2.5 tokens per parameter
+        for name in ("mlp", "kan"):
+            row = entry["results"]["english"][name]
+            assert len(row["test"]["values"]) == 2 and all(math.isfinite(v) for v in row["test"]["values"])
+            total = entry["parameters"]["english"][name]["total"]
+            assert f"| {size} | {row['label']} | {total:,} |" in printed
+            assert (out / size / "runs" / "english" / name / "lr-0.004-seed-2" / "model").is_dir()
+    fits = report["fits"]["english"]
+    losses = [v for e in report["ladder"].values() for v in e["results"]["english"]["kan"]["test"]["values"]]
+    params = [e["parameters"]["english"]["kan"]["total"] for e in report["ladder"].values() for _ in (1, 2)]
+    slope = np.polyfit(np.log(params), np.log(losses), 1)[0]
+    assert fits["kan"]["parameters"]["alpha"] == pytest.approx(-slope)
+    assert fits["kan"]["gap"]["answer"].startswith("KAN-GPT-2's") and "gap" not in fits["mlp"]
+    assert (out / "scaling.png").stat().st_size > 0
+    # A second call trains nothing: every run is reused.
+    assert scaling.main(argv) == 0
+    assert "python train.py" not in capsys.readouterr().err

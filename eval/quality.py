@@ -215,14 +215,15 @@ def verdict(model: dict, reference: dict) -> str:
 class Runner:
     """Runs ``python train.py CONFIG`` in fresh processes, ``jobs`` at a time, reusing finished runs.
 
-    ``env`` adds environment variables to every run (the device). Runners given the same ``slots`` (a
-    semaphore of ``jobs``) share the ``jobs`` between them: the size ladder (eval/scaling.py) runs a
-    protocol per size at once, so no core waits for one protocol's slowest run.
+    ``env`` adds environment variables to every run (the device). ``slot`` (a function returning a
+    context manager) replaces the runner's own ``jobs`` slots: the size ladder (eval/scaling.py) runs
+    every size's protocol at once on shared slots, so no core waits for one protocol's slowest run.
     """
 
-    def __init__(self, out: Path, jobs: int, slots: threading.Semaphore | None = None, env=None):
+    def __init__(self, out: Path, jobs: int, slot=None, env: dict | None = None):
         self.out, self.jobs, self.env = out, jobs, env or {}
-        self.slots = slots or threading.Semaphore(jobs)
+        own = threading.Semaphore(jobs)
+        self.slot = slot or (lambda: own)
         self.threads = max(1, (os.cpu_count() or 1) // jobs)
 
     def run_all(self, configs: list[RunConfig]) -> list[dict]:
@@ -232,7 +233,7 @@ class Runner:
     def run(self, config: RunConfig) -> dict:
         """Train one config (or reuse it); return its summary."""
         if not self._finished(config):
-            with self.slots:
+            with self.slot():
                 self._train(config)
         return summarize(config)
 

@@ -5,7 +5,8 @@ config's) this runs ``eval/quality.py``'s protocol unchanged: every model parame
 its own learning-rate sweep (widened at an end), the other seeds at the chosen rate, the test split
 reported. What changes with the size is the token budget: ``--tokens-per-param`` times GPT-2's total
 parameter count at that size (embeddings included), so no size starves. The warm-up is a tenth of the
-steps and the validation split is read four times per run, as in the one-size protocol.
+steps, as in the one-size protocol; the validation split is read once, at the end (the sweep reads
+nothing else, and at the smallest sizes four reads cost more than the training).
 
 Per corpus and model it fits a power law ``loss = a * N**-alpha`` to the test losses of every seed
 (least squares in log-log), against total parameters N and against training FLOPs (matrix-multiply
@@ -25,12 +26,15 @@ interrupted ladder continues where it stopped. Output: the tables on stdout (mar
 from __future__ import annotations
 
 import argparse
+import heapq
+import itertools
 import json
 import math
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -104,7 +108,7 @@ def size_config(base: RunConfig, size: tuple[int, int, int], tokens_per_param: f
     schedule = {
         "max_steps": steps,
         "warmup_steps": max(1, round(steps / 10)),
-        "eval_interval": math.ceil(steps / 4),
+        "eval_interval": steps,  # only the final validation loss is read: at small sizes it costs most
         "log_interval": max(1, steps // 12),
     }
     return build_config(quality.merge(shaped(base.to_dict(), size), {"train": schedule}))
@@ -190,11 +194,38 @@ def analyse(ladder: dict, sizes: list[str], models: list[str]) -> dict:
 # Running
 
 
+class Slots:
+    """``jobs`` training slots shared by every size's protocol, handed to the waiting run of the
+    largest size first: its runs are the longest, and the ladder ends with its last stage."""
+
+    def __init__(self, jobs: int):
+        self.free, self.waiting, self.turn = jobs, [], threading.Condition()
+
+    @contextmanager
+    def for_size(self, rank: int):
+        """A slot for a run of the size ``rank`` (larger ranks first, then first come first served)."""
+        ticket = (-rank, next(self._tickets))
+        with self.turn:
+            heapq.heappush(self.waiting, ticket)
+            self.turn.wait_for(lambda: self.free > 0 and self.waiting[0] == ticket)
+            heapq.heappop(self.waiting)
+            self.free -= 1
+            self.turn.notify_all()
+        try:
+            yield
+        finally:
+            with self.turn:
+                self.free += 1
+                self.turn.notify_all()
+
+    _tickets = itertools.count()
+
+
 def run_ladder(base: RunConfig, sizes, corpora, variants, lrs, seeds, args) -> dict:
     """Every size's protocol, all at once on ``args.jobs`` shared slots (the largest size first in the
     queue, so that no core idles at the end); ``{size: {settings, parameters, flops, results}}``."""
     out = Path(args.out)
-    slots = threading.Semaphore(args.jobs)
+    slots = Slots(args.jobs)
     ladder = {}
     for size in sizes:  # one at a time: the first one trains and caches the tokenizers
         name = size_name(size)
@@ -207,7 +238,8 @@ def run_ladder(base: RunConfig, sizes, corpora, variants, lrs, seeds, args) -> d
         }
 
     def protocol(name: str) -> dict:
-        runner = quality.Runner(out / name, args.jobs, slots, DEVICES[args.device])
+        rank = list(ladder).index(name)
+        runner = quality.Runner(out / name, args.jobs, lambda: slots.for_size(rank), DEVICES[args.device])
         widen = 0 if args.quick else args.widen
         return quality.protocol(ladder[name]["config"], corpora, variants, lrs, seeds, widen, runner)
 

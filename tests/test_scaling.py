@@ -2,6 +2,8 @@
 
 import json
 import math
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -41,14 +43,15 @@ def test_every_size_trains_on_the_same_tokens_per_parameter(scaling):
     tokens_per_step = base.train.batch_size * base.data.block_size
     # At the one-size protocol's shape its ratio gives back its own schedule.
     reference = scaling.size_config(base, (4, 128, 4), 614_400 / 1_334_016)
-    assert {k: getattr(reference.train, k) for k in quality.PROTOCOL["train"]} == quality.PROTOCOL["train"]
+    same = ("max_steps", "warmup_steps", "log_interval")
+    assert {k: getattr(reference.train, k) for k in same} == {k: quality.PROTOCOL["train"][k] for k in same}
     for size in ((4, 32, 4), (4, 72, 4), (2, 192, 6)):
         config = scaling.size_config(base, size, 0.46)
         assert (config.model["n_layer"], config.model["n_embd"], config.model["n_head"]) == size
         gpt2 = scaling.gpt2_parameters(base, size)
         assert abs(config.train.max_steps * tokens_per_step - 0.46 * gpt2) <= tokens_per_step / 2
         assert config.train.warmup_steps == round(config.train.max_steps / 10)
-        assert config.train.eval_interval * 4 >= config.train.max_steps > config.train.eval_interval * 3
+        assert config.train.eval_interval == config.train.max_steps  # the final validation loss only
         # Every model of the size is parameter-matched to its GPT-2.
         variants = quality.parse_variants("mlp,kan,rational", [])
         configs = {n: quality.run_config(config, "code", v, 1e-3, 1, ROOT) for n, v in variants.items()}
@@ -149,3 +152,23 @@ def test_tiny_ladder(tmp_path, monkeypatch, capsys, scaling):
     # A second call trains nothing: every run is reused.
     assert scaling.main(argv) == 0
     assert "python train.py" not in capsys.readouterr().err
+
+
+def test_slots_go_to_the_largest_waiting_size_first(scaling):
+    slots, order = scaling.Slots(1), []
+
+    def run(rank, i):
+        with slots.for_size(rank):
+            order.append((rank, i))
+            time.sleep(0.05)
+
+    holder = threading.Thread(target=run, args=(9, 0))
+    holder.start()
+    time.sleep(0.02)
+    waiting = [threading.Thread(target=run, args=(rank, i)) for i, rank in enumerate([0, 2, 1, 2, 0], 1)]
+    for thread in waiting:
+        thread.start()
+        time.sleep(0.01)
+    for thread in [holder, *waiting]:
+        thread.join()
+    assert order == [(9, 0), (2, 2), (2, 4), (1, 3), (0, 1), (0, 5)]

@@ -33,10 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kangpt.compare import ratio
-from kangpt.configuration_kangpt import KANGPT2Config
-from kangpt.kan import BASES, KANFeedForward, kan_block_hidden_size
-from kangpt.measure import (
+from kangpt.comparison.measure import (
     DTYPES,
     PeakMemory,
     SavedTensorBytes,
@@ -44,6 +41,9 @@ from kangpt.measure import (
     interleaved_median_times,
     run_fresh_process,
 )
+from kangpt.comparison.models import ratio
+from kangpt.configuration_kangpt import KANGPT2Config
+from kangpt.kan import BASES, KANFeedForward, kan_block_hidden_size
 
 
 class NaiveKANLinear(nn.Module):

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
+from kangpt.comparison.measure import run_fresh_process
 from kangpt.data import load_documents, pack_documents
-from kangpt.evaluation import validation_loss
-from kangpt.measure import run_fresh_process
-from kangpt.run_config import load_config
+from kangpt.training.evaluation import validation_loss
+from kangpt.training.run_config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -32,7 +32,7 @@ TARGETS = {"block_triton": 1.2, "train_tokens": 0.85, "train_vram": 1.0}
 
 def run(step: str, argv: list[str], out: Path, env: dict | None = None) -> tuple[bool, float]:
     """Run ``python ARGV`` from the project root, its output to ``out/STEP.log``; (success, seconds)."""
-    from kangpt.measure import run_fresh_process
+    from kangpt.comparison.measure import run_fresh_process
 
     start = time.perf_counter()
     try:
@@ -159,7 +159,7 @@ def run_steps(out: Path, dry: bool) -> tuple[dict, dict, dict]:
 
 def bench_rows(bench: dict) -> list[tuple[str, str]]:
     """The KAN block against the MLP: time and peak ratios of each bench step that ran."""
-    from kangpt.compare import ratio
+    from kangpt.comparison.models import ratio
 
     rows = []
     for step, key in (("bench_eager", "kan"), ("bench_compiled", "kan"), ("bench_triton", "kan-triton")):

@@ -46,13 +46,20 @@ from pathlib import Path
 import torch
 import yaml
 
+from kangpt.comparison.measure import run_fresh_process
 from kangpt.data import DataError
-from kangpt.measure import run_fresh_process
+from kangpt.io.plotting import new_figure
 from kangpt.modeling_kangpt import KANGPT2LMHeadModel
-from kangpt.plotting import new_figure
-from kangpt.report import parameter_counts
-from kangpt.run_config import ConfigError, RunConfig, build_config, load_config, model_config, read_yaml
-from kangpt.run_dir import read_metrics
+from kangpt.training.report import parameter_counts
+from kangpt.training.run_config import (
+    ConfigError,
+    RunConfig,
+    build_config,
+    load_config,
+    model_config,
+    read_yaml,
+)
+from kangpt.training.run_dir import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 MATCH_TOLERANCE = 0.01  # every KAN model's parameter count within 1% of GPT-2's
@@ -509,7 +516,7 @@ def describe(base: RunConfig, corpora, variants, lrs, seeds, args) -> dict:
     """The protocol's settings and, per corpus, the data's sizes and every model's parameters (checked)."""
     from accelerate import Accelerator
 
-    from kangpt.training import load_corpus
+    from kangpt.training.loop import load_corpus
 
     t = base.train
     tokens_per_step = t.batch_size * t.gradient_accumulation_steps * base.data.block_size

@@ -1,6 +1,6 @@
-"""What int8 weight-only quantisation (torchao, ``kangpt.quantization``) costs a trained model.
+"""What int8 weight-only quantisation (torchao, ``kangpt.finetuning.quantization``) costs a trained model.
 
-Loads a model folder twice, quantises one copy with :func:`kangpt.quantization.quantize_int8`, and
+Loads a model folder twice, quantises one copy with :func:`kangpt.finetuning.quantization.quantize_int8`, and
 reports for both, measured in one run: the bytes of the weights (all of them, and the feed-forward
 blocks alone), the loss on held-out tokens and the time of a forward pass over a batch of them
 (median of interleaved repeats).
@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
+from kangpt.comparison.measure import MiB, interleaved_median_times
 from kangpt.data import load_documents, pack_documents
-from kangpt.evaluation import validation_loss
-from kangpt.loading import load_model
-from kangpt.measure import MiB, interleaved_median_times
-from kangpt.quantization import quantize_int8, tensor_bytes
+from kangpt.finetuning.quantization import quantize_int8, tensor_bytes
+from kangpt.io.loading import load_model
+from kangpt.training.evaluation import validation_loss
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

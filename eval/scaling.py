@@ -43,9 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # quality.py, the prot
 import quality  # noqa: E402
 
 from kangpt.data import DataError  # noqa: E402
+from kangpt.io.plotting import new_figure  # noqa: E402
 from kangpt.modeling_kangpt import KANGPT2LMHeadModel  # noqa: E402
-from kangpt.plotting import new_figure  # noqa: E402
-from kangpt.run_config import ConfigError, RunConfig, build_config, load_config, model_config  # noqa: E402
+from kangpt.training.run_config import ConfigError, RunConfig, build_config, load_config, model_config  # noqa: E402
 
 DEFAULT_SIZES = "4x32,4x48,4x72,4x104,4x144"  # 186k to 1.6M parameters at vocabulary 4096
 # The one-size protocol's ratio: 614,400 tokens for GPT-2's 1,334,016 parameters at 4 x 128.

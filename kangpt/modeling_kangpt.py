@@ -377,25 +377,20 @@ class KANGPT2LMHeadModel(KANGPT2PreTrainedModel, GenerationMixin):
         return generation_config
 
     @classmethod
-    def from_gpt2(cls, gpt2, convert: torch.Tensor | None = None, **config_overrides) -> "KANGPT2LMHeadModel":
+    def from_gpt2(cls, gpt2, **config_overrides) -> "KANGPT2LMHeadModel":
         """Build a KAN-GPT-2 from a GPT-2 language model.
 
         ``gpt2`` is a ``transformers.GPT2LMHeadModel``, a local folder holding one, or a hub name
         (e.g. ``"openai-community/gpt2"``, when online). Embeddings, attention and layer norms are
         copied; GPT-2's MLP too when ``ffn_type="mlp"``. With ``ffn_type="kan"`` (the default) the
-        KAN blocks are freshly initialised, unless ``convert`` holds calibration token blocks (N, T):
-        then every block is converted from GPT-2's MLP so that it already does what the MLP did
-        (:func:`kangpt.convert.convert_gpt2`, which also reports the error of every block).
+        KAN blocks are freshly initialised; :func:`kangpt.finetuning.convert_gpt2` converts them from
+        GPT-2's MLPs instead, so that they already do what the MLPs did.
         ``config_overrides`` go to :class:`KANGPT2Config`: the KAN design, not GPT-2's shape.
         """
         from transformers import GPT2LMHeadModel
 
         if not isinstance(gpt2, GPT2LMHeadModel):
             gpt2 = GPT2LMHeadModel.from_pretrained(gpt2)
-        if convert is not None:
-            from .convert import convert_gpt2
-
-            return convert_gpt2(gpt2, convert, **config_overrides)[0]
         model = cls(kangpt2_config_of(gpt2.config, **config_overrides))
         state = gpt2.state_dict()
         if model.config.ffn_type == "kan":

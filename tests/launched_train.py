@@ -27,9 +27,9 @@ from accelerate import Accelerator
 from accelerate.state import PartialState
 from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataParallelPlugin
 
-import kangpt.training as training
+import kangpt.training.loop as training
 from kangpt.commands import main
-from kangpt.launch import requested_sharding
+from kangpt.training.launch import requested_sharding
 
 DUMP = Path(os.environ.get("DUMP_DIR", "."))
 
@@ -59,7 +59,7 @@ def switch_to_requested_sharding(state) -> None:
 
 
 class LaunchedAccelerator(Accelerator):
-    """The Accelerator of ``kangpt.training``, sharded as asked, dumping logits around checkpoints."""
+    """The Accelerator of ``kangpt.training.loop``, sharded as asked, dumping logits around checkpoints."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

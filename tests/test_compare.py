@@ -1,4 +1,5 @@
-"""eval/compare.py (``kangpt compare``), eval/quality.py and the measuring helpers of kangpt.measure.
+"""eval/compare.py (``kangpt compare``), eval/quality.py and the measuring helpers of
+kangpt.comparison.measure.
 
 Fast checks of what the tables rest on (parameter counts against transformers' GPT-2, byte counts,
 peak memory), plus a tiny end-to-end comparison on CPU. No speed target is tested: speed is
@@ -15,16 +16,16 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from kangpt import commands
 from kangpt.commands.compare import main
-from kangpt.compare import GPT2_SIZES, MODELS, PARTS, SHAPES, parameter_table
-from kangpt.kan import BASES
-from kangpt.measure import (
+from kangpt.comparison.measure import (
     MiB,
     PeakMemory,
     SavedTensorBytes,
     adamw_state_bytes_per_parameter,
     training_state_bytes,
 )
-from kangpt.run_config import load_config
+from kangpt.comparison.models import GPT2_SIZES, MODELS, PARTS, SHAPES, parameter_table
+from kangpt.kan import BASES
+from kangpt.training.run_config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 # transformers' GPT2LMHeadModel parameter counts (LM head tied to the token embeddings).

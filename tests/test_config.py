@@ -12,7 +12,8 @@ from accelerate.commands.config.config_args import load_config_from_file
 
 from kangpt import KANGPT2LMHeadModel, modeling_kangpt
 from kangpt.commands import main
-from kangpt.run_config import (
+from kangpt.training.loop import learning_rate
+from kangpt.training.run_config import (
     ConfigError,
     DataConfig,
     TrainConfig,
@@ -22,8 +23,7 @@ from kangpt.run_config import (
     parse_args,
     read_yaml,
 )
-from kangpt.run_dir import RunDir, read_metrics, write_manifest
-from kangpt.training import learning_rate
+from kangpt.training.run_dir import RunDir, read_metrics, write_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"

@@ -1,4 +1,5 @@
-"""Converting a pretrained GPT-2 into a KAN-GPT-2 (kangpt.convert, ``kangpt convert``, ``train.init_from``).
+"""Converting a pretrained GPT-2 into a KAN-GPT-2 (kangpt.finetuning.convert, ``kangpt convert``,
+``train.init_from``).
 
 The hub is unreachable here, so the GPT-2 is made here: transformers' own ``GPT2LMHeadModel``, small,
 trained on the standard-library corpus once per test session and saved with its tokenizer.
@@ -14,10 +15,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from kangpt import KANGPT2LMHeadModel, commands
-from kangpt.convert import convert_gpt2, fit_group_functions, load_gpt2
 from kangpt.data import load_documents, load_tokenizer, pack_documents
-from kangpt.evaluation import validation_loss
+from kangpt.finetuning.convert import convert_gpt2, fit_group_functions, load_gpt2
 from kangpt.kan import KANLinear
+from kangpt.training.evaluation import validation_loss
 
 SHAPE = {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 64}
 

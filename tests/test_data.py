@@ -20,7 +20,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 import kangpt.data as data
-import kangpt.run_dir as run_dir
+import kangpt.training.run_dir as run_dir
 from kangpt.data import (
     DataError,
     load_documents,

@@ -19,9 +19,9 @@ from filelock import FileLock
 from training_runs import NO_DROPOUT, ROOT, RUN_TIMEOUT, TINY, free_port, losses, overrides, run_train
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kangpt.run_config import build_config
-from kangpt.run_dir import MANIFEST, checkpoint_problem
-from kangpt.training import learning_rate
+from kangpt.training.loop import learning_rate
+from kangpt.training.run_config import build_config
+from kangpt.training.run_dir import MANIFEST, checkpoint_problem
 
 pytestmark = pytest.mark.slow
 

@@ -1,11 +1,11 @@
-"""The launch checks of ``kangpt.launch`` that need no launch: settings that cannot run under the sharding
-that formed. (The checks of what formed run multi-process, in test_distributed.py.)"""
+"""The launch checks of ``kangpt.training.launch`` that need no launch: settings that cannot run
+under the sharding that formed. (The checks of what formed run multi-process, in test_distributed.py.)"""
 
 import pytest
 from accelerate.utils import DistributedType
 
-from kangpt.launch import check_deepspeed_config, check_grid_levers
-from kangpt.run_config import ConfigError, TrainConfig
+from kangpt.training.launch import check_deepspeed_config, check_grid_levers
+from kangpt.training.run_config import ConfigError, TrainConfig
 
 GRID_LEVERS = [{"kan_grid_schedule": [[4, 10]]}, {"kan_grid_update_steps": [2]}]
 

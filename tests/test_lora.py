@@ -11,7 +11,7 @@ from kangpt.kan import KANLinear
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 
-from kangpt.lora import KANLinearLoRA, register_kan_lora  # noqa: E402
+from kangpt.finetuning.lora import KANLinearLoRA, register_kan_lora  # noqa: E402
 
 KAN_LAYERS = ["mlp.layers.0", "mlp.layers.1"]
 

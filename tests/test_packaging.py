@@ -20,5 +20,5 @@ def test_a_folder_named_kangpt_in_the_working_directory_does_not_hide_the_packag
 
 def test_importing_kangpt_prints_nothing(tmp_path):
     """Not even the import-time warnings of torchao, which transformers imports when it is installed."""
-    result = run_python("import kangpt.training, kangpt.commands", tmp_path)
+    result = run_python("import kangpt.training.loop, kangpt.commands", tmp_path)
     assert result.returncode == 0 and result.stdout == "" and result.stderr == "", result.stderr

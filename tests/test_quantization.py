@@ -13,7 +13,7 @@ from kangpt import KANGPT2Config, KANGPT2LMHeadModel
 from kangpt.kan import KANLinear
 
 pytest.importorskip("torchao")
-from kangpt.quantization import quantize_int8, tensor_bytes  # noqa: E402
+from kangpt.finetuning.quantization import quantize_int8, tensor_bytes  # noqa: E402
 
 
 def tiny_model() -> KANGPT2LMHeadModel:

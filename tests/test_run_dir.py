@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from kangpt.run_config import ConfigError, build_config
-from kangpt.run_dir import MANIFEST, RunDir, checkpoint_problem, publish, write_manifest, writing
+from kangpt.training.run_config import ConfigError, build_config
+from kangpt.training.run_dir import MANIFEST, RunDir, checkpoint_problem, publish, write_manifest, writing
 
 
 def make_checkpoint(folder: Path) -> Path:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kangpt.run_config import ConfigError, load_config
+from kangpt.training.run_config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 

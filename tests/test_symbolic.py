@@ -1,4 +1,4 @@
-"""Tests of kangpt.symbolic: recovery of known functions, ranking, formulas, bad inputs."""
+"""Tests of kangpt.interpret.symbolic: recovery of known functions, ranking, formulas, bad inputs."""
 
 import json
 import math
@@ -9,8 +9,8 @@ import sympy
 import torch
 import torch.nn.functional as F
 
+from kangpt.interpret.symbolic import LIBRARY, Candidate, SymbolicFit, fit_symbolic
 from kangpt.kan import KANLinear
-from kangpt.symbolic import LIBRARY, Candidate, SymbolicFit, fit_symbolic
 
 N_POINTS = 200
 NOISE = 0.01  # noise std as a fraction of std(y)

@@ -32,10 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 
 from kangpt import KANGPT2LMHeadModel, commands
 from kangpt.kan import KANLinear
-from kangpt.report import write_model_card
-from kangpt.run_config import load_config, model_config
-from kangpt.run_dir import MANIFEST, checkpoint_problem
-from kangpt.training import (
+from kangpt.training.loop import (
     NO_MATPLOTLIB,
     build_optimizer,
     evaluate,
@@ -44,6 +41,9 @@ from kangpt.training import (
     sample,
     train_batches,
 )
+from kangpt.training.report import write_model_card
+from kangpt.training.run_config import load_config, model_config
+from kangpt.training.run_dir import MANIFEST, checkpoint_problem
 
 
 def snapshot(folder: Path) -> dict:
@@ -171,7 +171,7 @@ def test_published_files_are_as_readable_as_the_umask_allows(finished_run):
 
 INTERRUPT_AT_STEP_5 = """
 import os, signal, sys
-import kangpt.training as training
+import kangpt.training.loop as training
 
 log_metrics = training.log_metrics
 
@@ -442,7 +442,7 @@ def test_an_out_dir_that_cannot_be_written_is_refused_up_front(
 
 LOCK_CHECKPOINTS_AFTER_THE_FIRST = """
 import os, sys
-import kangpt.training as training
+import kangpt.training.loop as training
 
 save_checkpoint = training.save_checkpoint
 
@@ -586,7 +586,7 @@ def test_fp16_on_cpu_is_refused_before_anything_is_written(source, env, tiny_con
 WITHOUT_MATPLOTLIB = """
 import sys
 sys.modules["matplotlib"] = None  # importing it now fails as when it is not installed
-import kangpt.training as training
+import kangpt.training.loop as training
 from kangpt.commands import main
 sys.exit(main(["train", *sys.argv[1:]]))
 """
@@ -607,7 +607,7 @@ def test_without_matplotlib_the_run_says_why_there_is_no_loss_plot(env, tiny_con
 PAUSE_AFTER_STEP_2 = """
 import os, sys, time
 from pathlib import Path
-import kangpt.training as training
+import kangpt.training.loop as training
 
 log_metrics = training.log_metrics
 

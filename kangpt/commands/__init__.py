@@ -13,8 +13,8 @@ import argparse
 import sys
 
 from ..data import DataError
-from ..loading import ModelFolderError
-from ..run_config import ConfigError
+from ..io.loading import ModelFolderError
+from ..training.run_config import ConfigError
 from . import compare, convert, generate, inspect, train
 from .errors import CommandError
 

@@ -1,5 +1,5 @@
 """``kangpt compare`` (and ``python eval/compare.py``): KAN-GPT-2 side by side with GPT-2; see
-:mod:`kangpt.compare` for what is measured and how."""
+:mod:`kangpt.comparison.models` for what is measured and how."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 import transformers
 
-from ..compare import GPT2_SIZES, MODELS, SHAPES, run_comparison, shape_of
-from ..compare_report import plot, report_markdown
+from ..comparison.measure import DTYPES
+from ..comparison.models import GPT2_SIZES, MODELS, SHAPES, run_comparison, shape_of
+from ..comparison.report import plot, report_markdown
 from ..kan import BASES
-from ..measure import DTYPES
 from .arguments import blocking_file, check_float, check_ints, usable_device
 from .errors import CommandError
 

@@ -14,13 +14,13 @@ from huggingface_hub.errors import StrictDataclassError
 from tqdm.auto import tqdm
 
 from ..configuration_kangpt import KANGPT2Config
-from ..convert import convert_gpt2, load_gpt2
 from ..data import DataError, load_documents, pack_documents
-from ..evaluation import validation_loss
+from ..finetuning.convert import convert_gpt2, load_gpt2
 from ..messages import first_line
 from ..modeling_kangpt import KANGPT2LMHeadModel, kangpt2_config_of
-from ..run_config import read_yaml
-from ..run_dir import publish, remove, temporary_name, writing
+from ..training.evaluation import validation_loss
+from ..training.run_config import read_yaml
+from ..training.run_dir import publish, remove, temporary_name, writing
 from .arguments import check_ints, check_not_within, holds_something, usable_device
 from .errors import CommandError
 

@@ -7,7 +7,7 @@ import argparse
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, TextStreamer
 
-from ..loading import load_model
+from ..io.loading import load_model
 from .arguments import check_float, check_ints, usable_device
 from .errors import CommandError
 

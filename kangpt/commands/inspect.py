@@ -10,7 +10,6 @@ from pathlib import Path
 import datasets
 import torch
 
-from ..evaluation import validation_loss
 from ..interpret import (
     auto_symbolic,
     collect_statistics,
@@ -23,10 +22,11 @@ from ..interpret import (
     prune,
     sample_blocks,
 )
-from ..loading import load_model
-from ..plotting import new_figure
-from ..run_dir import publish, remove, temporary_name
-from ..symbolic import LIBRARY
+from ..interpret.symbolic import LIBRARY
+from ..io.loading import load_model
+from ..io.plotting import new_figure
+from ..training.evaluation import validation_loss
+from ..training.run_dir import publish, remove, temporary_name
 from .arguments import default_device, holds_something
 from .errors import CommandError
 

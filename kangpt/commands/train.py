@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..run_config import describe_keys, parse_args
-from ..training import train
+from ..training.loop import train
+from ..training.run_config import describe_keys, parse_args
 
 HELP = "train KAN-GPT-2 as CONFIG.yaml says, with --section.key=value overrides (as python train.py)"
 

@@ -39,13 +39,13 @@ number of non-zero parameters drops). Removed parts are replaced by their mean o
 tokens, folded into the bias of the layer they fed.
 """
 
-from ..evaluation import validation_loss
-from ..symbolic import fit_symbolic
+from ..training.evaluation import validation_loss
 from .formulas import auto_symbolic, edge_values
 from .importance import edge_importance, edge_moments, importance_report, input_importance, rank_edges
 from .plots import plot_edges, plot_group_functions, plot_importance
 from .pruning import prune
 from .statistics import LayerStats, collect_statistics, kan_layers, layer_statistics, sample_blocks
+from .symbolic import fit_symbolic
 
 __all__ = [
     "LayerStats",

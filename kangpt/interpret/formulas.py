@@ -10,9 +10,9 @@ import sympy
 import torch
 
 from ..kan import KANLinear
-from ..symbolic import Candidate, fit_symbolic
 from .importance import _coefficients, edge_importance, rank_edges
 from .statistics import LayerStats, _sample_mask, kan_layers, layer_statistics
+from .symbolic import Candidate, fit_symbolic
 
 _F64 = torch.float64
 
@@ -135,7 +135,7 @@ def _write_symbolic_report(folder: Path, kan: KANLinear, edges: list[dict], bloc
         f"# Symbolic fits ({title})",
         "",
         f"The {len(edges)} most important edges; each edge function phi_j,i(x_i) is fitted as "
-        f"c*f(a*x_i + b) + d over {points} sample inputs (`kangpt.symbolic.fit_symbolic`).",
+        f"c*f(a*x_i + b) + d over {points} sample inputs (`kangpt.interpret.symbolic.fit_symbolic`).",
     ]
     if kan.sharing == "group":
         lines.append("Grouped layer: phi_j,i = w_j,i * R_g(x_i); the group function R_g is the one fitted.")

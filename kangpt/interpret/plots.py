@@ -8,12 +8,12 @@ from pathlib import Path
 
 import torch
 
+from ..io.plotting import new_figure
 from ..kan import KANLinear
-from ..plotting import new_figure
-from ..symbolic import LIBRARY
 from .formulas import _group_values, edge_values
 from .importance import edge_importance, rank_edges
 from .statistics import LayerStats, _sample_mask
+from .symbolic import LIBRARY
 
 _F64 = torch.float64
 _PLOT_POINTS = 200  # points per drawn edge function

@@ -10,7 +10,7 @@ from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from .messages import first_line
+from ..messages import first_line
 
 
 class ModelFolderError(ValueError):

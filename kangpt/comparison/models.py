@@ -31,14 +31,14 @@ What each figure is:
    tokens/s, median over repeats interleaved across the models (*measured*).
 4. Peak memory of a training step and of generation for GPT-2 and the default KAN-GPT-2 at small,
    medium, large and XL (``--estimate-*``, bf16, batch 8 x 1024 by default), *estimated* without
-   allocating (``kangpt.memory_estimate``: fake tensors and torch's ``MemTracker``), and at the
+   allocating (``kangpt.comparison.estimate``: fake tensors and torch's ``MemTracker``), and at the
    measured size too, so that the estimate can be checked against the measurement.
 
 Training runs with fp32 weights under autocast to ``--dtype`` (mixed precision, as ``train.py``
 does); generation casts the weights to ``--dtype``. Output: markdown tables on stdout, ``compare.json``
 and bar charts ``parameters.png``, ``memory.png``, ``speed.png`` in ``--out``.
 
-This module measures (:func:`run_comparison`); ``kangpt.compare_report`` writes the tables and
+This module measures (:func:`run_comparison`); ``kangpt.comparison.report`` writes the tables and
 charts; ``kangpt.commands.compare`` is the command.
 """
 
@@ -54,8 +54,10 @@ import torch
 import transformers
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from .configuration_kangpt import KANGPT2Config
-from .kan_fast import triton_kernels_apply
+from ..configuration_kangpt import KANGPT2Config
+from ..kan_fast import triton_kernels_apply
+from ..modeling_kangpt import KANGPT2LMHeadModel
+from ..training.report import parameter_counts
 from .measure import (
     DTYPES,
     PeakMemory,
@@ -66,8 +68,6 @@ from .measure import (
     run_fresh_process,
     training_state_bytes,
 )
-from .modeling_kangpt import KANGPT2LMHeadModel
-from .report import parameter_counts
 
 # Shapes. The GPT-2 ones are OpenAI's (vocabulary 50257, 1024 positions); "mini" is GPT-2 scaled
 # down to CPU size (head width 64 as in GPT-2, the project's 4096-token BPE), "tiny" is for tests.
@@ -259,9 +259,9 @@ def measure_memory(name: str, args) -> dict:
 
 
 def child_argv(args, name: str) -> list[str]:
-    """Arguments of ``python -m kangpt.compare NAME SETTINGS`` measuring model ``name`` alone."""
+    """Arguments of ``python -m kangpt.comparison.models NAME SETTINGS`` measuring model ``name`` alone."""
     spec = {key: getattr(args, key) for key in CHILD_KEYS}
-    return ["-m", "kangpt.compare", name, json.dumps(spec)]
+    return ["-m", "kangpt.comparison.models", name, json.dumps(spec)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,9 +280,9 @@ def estimate_memory(
     fused: bool = True,
 ) -> dict:
     """``{size: {model: {"train_peak_bytes", "generate_peak_bytes"}}}`` for every shape, estimated
-    (``kangpt.memory_estimate``). With ``fused``, the default KAN-GPT-2 runs through the fused Triton
+    (``kangpt.comparison.estimate``). With ``fused``, the default KAN-GPT-2 runs through the fused Triton
     op where Triton is installed, as it does on a GPU; without, through the PyTorch path."""
-    from .memory_estimate import estimate_generation_peak, estimate_training_peak
+    from .estimate import estimate_generation_peak, estimate_training_peak
 
     table = {}
     for size, shape in shapes.items():

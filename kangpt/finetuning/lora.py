@@ -8,7 +8,7 @@ LoRA on a parameter (``ParamWrapper``, what ``LoraConfig(target_parameters=...)`
 custom-module mapping, so that ``target_modules`` can name KAN layers beside attention layers::
 
     from peft import LoraConfig, PeftModel, get_peft_model
-    from kangpt.lora import register_kan_lora
+    from kangpt.finetuning.lora import register_kan_lora
 
     config = register_kan_lora(LoraConfig(r=8, target_modules=["c_attn", "mlp.layers.0", "mlp.layers.1"]))
     model = get_peft_model(model, config)
@@ -31,7 +31,7 @@ import warnings
 from peft import LoraConfig
 from peft.tuners.lora.layer import ParamWrapper
 
-from .kan import KANLinear
+from ..kan import KANLinear
 
 
 class KANLinearLoRA(ParamWrapper):

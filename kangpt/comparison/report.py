@@ -1,13 +1,13 @@
-"""Tables and charts of a comparison (:func:`kangpt.compare.run_comparison`'s results)."""
+"""Tables and charts of a comparison (:func:`kangpt.comparison.models.run_comparison`'s results)."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-from .compare import MODELS, PARTS, ratio
+from ..io.plotting import new_figure
 from .measure import MiB
-from .plotting import new_figure
+from .models import MODELS, PARTS, ratio
 
 # Targets for the parameter-matched KAN-GPT-2 against GPT-2 (reported, never asserted).
 TARGETS = {"train_step_s": ("<=", 1.3), "saved_bytes": ("<=", 1.0), "generate_tokens_per_s": (">=", 0.8)}

@@ -34,7 +34,7 @@ from pathlib import Path
 import yaml
 from safetensors import SafetensorError
 
-from .messages import first_line
+from ..messages import first_line
 from .run_config import ConfigError, RunConfig
 
 RUN_FILE = "run.yaml"

@@ -8,8 +8,8 @@ from pathlib import Path
 import yaml
 from torch import nn
 
-from .data import BUILTIN_CORPORA, is_local_source
-from .plotting import new_figure
+from ..data import BUILTIN_CORPORA, is_local_source
+from ..io.plotting import new_figure
 from .run_config import RunConfig
 
 # Run settings that only make sense on this machine (the card leaves them out), and those that may name

@@ -31,10 +31,10 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
-from .configuration_kangpt import KANGPT2Config
-from .kan import KANLinear
-from .kan_bases import GroupedBasis, RationalBasis
-from .messages import first_line
+from ..configuration_kangpt import KANGPT2Config
+from ..kan import KANLinear
+from ..kan_bases import GroupedBasis, RationalBasis
+from ..messages import first_line
 
 _FIT_VALUES = 1 << 16  # values of each group's inputs a function is fitted on (a random sample)
 _PRE_TOKENS = 4096  # tokens whose MLP pre-activations (4 x d each) are kept per block
@@ -258,7 +258,7 @@ def convert_gpt2(gpt2: nn.Module, calibration_ids: torch.Tensor, *, steps: int =
         progress: a function wrapping the iterable of blocks (e.g. ``tqdm``), for a progress bar.
         config_overrides: ``KANGPT2Config`` fields (the KAN design); GPT-2's shape cannot change.
     """
-    from .modeling_kangpt import KANGPT2LMHeadModel
+    from ..modeling_kangpt import KANGPT2LMHeadModel
 
     if calibration_ids.ndim != 2 or calibration_ids.numel() == 0:
         raise ValueError(f"calibration_ids must be non-empty token blocks (N, T), got shape "
@@ -302,7 +302,7 @@ def load_gpt2(source: str):
     have GPT-2's names. ValueError when it is neither."""
     from transformers import AutoConfig, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-    from .modeling_kangpt import GPT2_FIELDS, KANGPT2LMHeadModel
+    from ..modeling_kangpt import GPT2_FIELDS, KANGPT2LMHeadModel
 
     try:
         config = AutoConfig.from_pretrained(source)

@@ -3,7 +3,7 @@
 The same command runs on one CPU, and under ``accelerate launch`` (DDP, FSDP, DeepSpeed) or
 ``torchrun`` on several devices. :func:`train` reads top to bottom: run folder, data, model,
 optimizer, the loop (learning rate, gradient accumulation, clipping, logging, evaluation,
-checkpoints, SIGINT/SIGTERM), then the final model folder. See ``kangpt.run_dir`` for the files.
+checkpoints, SIGINT/SIGTERM), then the final model folder. See ``kangpt.training.run_dir`` for the files.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
-from .data import (
+from ..data import (
     DataError,
     corpus_files,
     load_splits,
@@ -46,10 +46,10 @@ from .data import (
     stream_blocks,
     unigram_entropy,
 )
+from ..kan import KANLinear
+from ..modeling_kangpt import KANGPT2LMHeadModel
 from .evaluation import block_losses
-from .kan import KANLinear
 from .launch import check_launch
-from .modeling_kangpt import KANGPT2LMHeadModel
 from .report import plot_losses, write_model_card
 from .run_config import ConfigError, DataConfig, RunConfig, TrainConfig, model_config
 from .run_dir import (

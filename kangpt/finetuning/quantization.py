@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .kan import KANLinear
+from ..kan import KANLinear
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:

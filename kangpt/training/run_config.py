@@ -33,10 +33,10 @@ from huggingface_hub.errors import StrictDataclassError
 from pydantic import ConfigDict, TypeAdapter, ValidationError, with_config
 from typing_extensions import TypedDict  # pydantic reads typing's TypedDict only from Python 3.12
 
-from .configuration_kangpt import KANGPT2Config
-from .data import BPE_VOCAB_SIZE_RULE, MIN_BPE_VOCAB_SIZE
-from .messages import first_line
-from .modeling_kangpt import KANGPT2LMHeadModel
+from ..configuration_kangpt import KANGPT2Config
+from ..data import BPE_VOCAB_SIZE_RULE, MIN_BPE_VOCAB_SIZE
+from ..messages import first_line
+from ..modeling_kangpt import KANGPT2LMHeadModel
 
 SECTIONS = ("model", "data", "train")
 TRACKERS = tuple(t.value for t in LoggerType if t != LoggerType.ALL)
@@ -230,7 +230,7 @@ def _init_from_config(config: RunConfig) -> KANGPT2Config:
     """The KANGPT2Config of the folder ``train.init_from`` (see :func:`model_config`)."""
     from transformers import AutoConfig
 
-    from .modeling_kangpt import kangpt2_config_of
+    from ..modeling_kangpt import kangpt2_config_of
 
     path = config.train.init_from
     changed = sorted(set(config.model) - set(INIT_FROM_MODEL_FIELDS))

@@ -309,7 +309,7 @@ def test_hub_path_uses_config_and_own_validation_split(monkeypatch, caplog):
             "validation": datasets.Dataset.from_dict({"story": ["v1", "v2"], "x": [5, 6]}),
         })
 
-    monkeypatch.setattr(data.datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr(data.corpora.datasets, "load_dataset", fake_load_dataset)
     with caplog.at_level("WARNING", logger="kangpt.data"):
         train, val = load_documents("someone/stories", name="en", text_field="story", max_documents=2)
     assert calls == [(("someone/stories", "en"), {"streaming": False})]
@@ -534,7 +534,7 @@ def test_bpe_smaller_than_vocab_size_warns_also_from_cache(small_docs, monkeypat
         full = load_tokenizer("bpe", small_docs, vocab_size=300)  # enough text for 300 tokens: no warning
         assert len(full) == 300 and not caplog.records
         short = load_tokenizer("bpe", small_docs[:2], vocab_size=4096)
-        monkeypatch.setattr(data, "_train_bpe", None)  # the second call must load the cached tokenizer
+        monkeypatch.setattr(data.tokenizer, "_train_bpe", None)  # the second call must load the cached one
         cached = load_tokenizer("bpe", small_docs[:2], vocab_size=4096)
     n = len(short.get_vocab())
     assert 257 < n < 4096 and len(cached) == n
@@ -553,7 +553,7 @@ def test_bpe_is_cached_and_not_retrained(small_docs, tmp_path, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("retrained a cached tokenizer")
 
-    monkeypatch.setattr(data, "_train_bpe", no_training)
+    monkeypatch.setattr(data.tokenizer, "_train_bpe", no_training)
     dataset = datasets.Dataset.from_dict({"text": small_docs[:4]})  # same texts as a dataset: same key
     second = load_tokenizer("bpe", dataset, vocab_size=300)
     assert second.get_vocab() == first.get_vocab()
@@ -586,7 +586,7 @@ def test_damaged_bpe_cache_entry_is_retrained_and_replaced(small_docs, tmp_path,
     assert file.stat().st_ino != damaged_inode  # replaced by a rename, never rewritten in place
     assert list(entry.parent.iterdir()) == [entry]  # no temporary folder left behind
     caplog.clear()
-    monkeypatch.setattr(data, "_train_bpe", None)  # the repaired entry is loaded, not retrained
+    monkeypatch.setattr(data.tokenizer, "_train_bpe", None)  # the repaired entry is loaded, not retrained
     again = load_tokenizer("bpe", small_docs[:4], vocab_size=300)
     assert again.backend_tokenizer.to_str() == fresh.backend_tokenizer.to_str() and not caplog.records
 
@@ -672,7 +672,7 @@ def test_pack_documents_too_few_tokens(tokenizer):
 
 
 def test_stream_blocks_equals_pack_documents_across_batches(small_docs, tokenizer, monkeypatch):
-    monkeypatch.setattr(data, "_BATCH_DOCS", 2)  # several tokenization batches, so blocks straddle them
+    monkeypatch.setattr(data.packing, "_BATCH_DOCS", 2)  # several tokenization batches: blocks straddle them
     docs = small_docs[:7]
     expected = pack_documents(docs, tokenizer, 53)["input_ids"]
     stream = stream_blocks(datasets.Dataset.from_dict({"text": docs}).to_iterable_dataset(), tokenizer, 53)

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from kangpt.io.folders import atomic_folder, publish
 from kangpt.training.run_config import ConfigError, build_config
-from kangpt.training.run_dir import MANIFEST, RunDir, checkpoint_problem, publish, write_manifest, writing
+from kangpt.training.run_dir import MANIFEST, RunDir, checkpoint_problem, write_manifest, writing
 
 
 def make_checkpoint(folder: Path) -> Path:
@@ -119,6 +120,37 @@ def test_publish_gives_files_and_folders_the_modes_the_umask_allows(tmp_path):
     assert modes == {"model": 0o750, "model/sub": 0o750, "model/model.safetensors": 0o640,
                      "model/config.json": 0o640, "model/sub/x.bin": 0o640}
     assert not tmp.exists()
+
+
+def test_an_atomic_folder_replaces_the_old_one_whole_or_leaves_it_as_it_was(tmp_path):
+    path = tmp_path / "out" / "report"
+    with atomic_folder(path) as tmp:
+        (tmp / "a.json").write_text("old")
+    with pytest.raises(RuntimeError, match="stopped"), atomic_folder(path) as tmp:
+        (tmp / "a.json").write_text("half")
+        raise RuntimeError("stopped")
+    assert {p.name: p.read_text() for p in path.iterdir()} == {"a.json": "old"}
+    (tmp_path / "out" / ".tmp-report").mkdir()  # left by a writer that died
+    (tmp_path / "out" / ".tmp-report" / "stale").write_text("x")
+    with atomic_folder(path) as tmp:
+        assert list(tmp.iterdir()) == []
+        (tmp / "b.json").write_text("new")
+    assert {p.name: p.read_text() for p in path.iterdir()} == {"b.json": "new"}
+    assert sorted(p.name for p in path.parent.iterdir()) == ["report"]
+
+
+def test_shared_atomic_folders_of_one_path_each_write_their_own_and_one_whole_stays(tmp_path):
+    path = tmp_path / "cache" / "entry"
+    with atomic_folder(path, shared=True) as first:
+        with atomic_folder(path, shared=True) as second:  # another process, at the same time
+            assert first != second
+            for name in ("config.json", "tokenizer.json"):
+                (second / name).write_text("second")
+        for name in ("config.json", "tokenizer.json"):
+            (first / name).write_text("first")
+    contents = {p.name: p.read_text() for p in path.iterdir()}
+    assert set(contents) == {"config.json", "tokenizer.json"} and len(set(contents.values())) == 1
+    assert sorted(p.name for p in path.parent.iterdir()) == ["entry"]
 
 
 def test_an_os_error_while_writing_becomes_one_line_naming_the_file(tmp_path):

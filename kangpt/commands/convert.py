@@ -16,11 +16,12 @@ from tqdm.auto import tqdm
 from ..configuration_kangpt import KANGPT2Config
 from ..data import DataError, load_documents, pack_documents
 from ..finetuning.convert import convert_gpt2, load_gpt2
+from ..io.folders import atomic_folder, temporary_name
 from ..messages import first_line
 from ..modeling_kangpt import KANGPT2LMHeadModel, kangpt2_config_of
 from ..training.evaluation import validation_loss
 from ..training.run_config import read_yaml
-from ..training.run_dir import publish, remove, temporary_name, writing
+from ..training.run_dir import writing
 from .arguments import check_ints, check_not_within, holds_something, usable_device
 from .errors import CommandError
 
@@ -89,16 +90,12 @@ def run(args: argparse.Namespace) -> int:
     after = validation_loss(model, blocks["evaluation"])
     summary = {**report.to_dict(), "source": args.gpt2_dir, "design": overrides, "eval_tokens":
                blocks["evaluation"].numel(), "loss": {"gpt2": before, "converted": after}}
-    tmp = temporary_name(out)
-    with writing(tmp):
-        out.parent.mkdir(parents=True, exist_ok=True)
-        remove(tmp)
+    with writing(temporary_name(out)), atomic_folder(out) as tmp:
         model.generation_config = gpt2.generation_config
         model.save_pretrained(tmp)
         tokenizer.model_max_length = model.config.n_positions
         tokenizer.save_pretrained(tmp)
         (tmp / "conversion.json").write_text(json.dumps(summary, indent=2) + "\n")
-        publish(tmp, out)
     for entry in report.blocks:
         print(f"block {entry['block']:>2}: relative error {entry['relative_error']:.4f}")
     print(f"held-out loss ({blocks['evaluation'].numel():,} tokens of {args.data}): GPT-2 {before:.4f}, "

@@ -23,10 +23,10 @@ from ..interpret import (
     sample_blocks,
 )
 from ..interpret.symbolic import LIBRARY
+from ..io.folders import atomic_folder
 from ..io.loading import load_model
 from ..io.plotting import new_figure
 from ..training.evaluation import validation_loss
-from ..training.run_dir import publish, remove, temporary_name
 from .arguments import default_device, holds_something
 from .errors import CommandError
 
@@ -93,10 +93,7 @@ def run(args: argparse.Namespace) -> int:
         )
     stats_ids, eval_ids = _split_blocks(args, tokenizer, model.config.n_positions)
 
-    tmp = temporary_name(out)
-    remove(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_folder(out) as tmp:
         print(f"statistics of {len(layers)} KAN layers over {stats_ids.numel()} tokens")
         stats = collect_statistics(model, stats_ids, batch_size=args.batch_size, samples=args.samples)
         (tmp / "importance.json").write_text(json.dumps(importance_report(model, stats), indent=1) + "\n")
@@ -117,10 +114,6 @@ def run(args: argparse.Namespace) -> int:
             )
         if args.prune_hidden > 0 or args.prune_edges > 0:
             _prune_and_save(args, model, tokenizer, stats, eval_ids, tmp)
-        publish(tmp, out)
-    except BaseException:
-        remove(tmp)
-        raise
     print(f"wrote {out}")
     return 0
 

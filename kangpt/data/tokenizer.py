@@ -12,8 +12,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from datasets import Dataset
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from ..io.folders import atomic_folder
 from ..messages import first_line
 from .errors import DataError
 
@@ -72,7 +71,10 @@ def load_tokenizer(
     path = root / "tokenizers" / f"bpe-{vocab_size}-{_bpe_key(texts, vocab_size)}"
     tokenizer = _cached_bpe(path)
     if tokenizer is None:
-        _save_atomically(_train_bpe(texts, vocab_size), path)
+        trained = _train_bpe(texts, vocab_size)
+        # Runs started together may train the same BPE at once: each writes its own whole entry.
+        with atomic_folder(path, shared=True) as tmp:
+            trained.save_pretrained(tmp)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     if len(tokenizer) < vocab_size:  # checked after loading, so a cached short BPE is reported too
         logger.warning("the trained BPE has %d tokens, fewer than vocab_size=%d: its %d training texts "
@@ -156,26 +158,3 @@ def _train_bpe(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=EOT, eos_token=EOT, unk_token=EOT,
                                    pad_token=EOT, clean_up_tokenization_spaces=False,
                                    padding_side="left")  # batched generation pads on the left
-
-
-def _save_atomically(tokenizer: PreTrainedTokenizerFast, path: Path) -> None:
-    """``save_pretrained`` into a temporary sibling folder, then rename it to ``path``.
-
-    Over an existing (damaged) entry, whose folder a rename cannot replace, each file is moved in with
-    ``os.replace``, atomic each, ``tokenizer.json`` last: it marks a whole entry (:func:`_cached_bpe`).
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        tokenizer.save_pretrained(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private
-        if path.is_dir():
-            for file in sorted(Path(tmp).iterdir(), key=lambda file: file.name == "tokenizer.json"):
-                os.replace(file, path / file.name)
-        else:
-            os.rename(tmp, path)
-    except OSError:
-        if not (path / "tokenizer.json").is_file():  # not just a concurrent writer that finished first
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,2 +1,2 @@
-"""What kangpt's parts read and write alike: model folders loaded with their tokenizer (``loading``)
-and figures drawn without a screen (``plotting``)."""
+"""What kangpt's parts read and write alike: folders written whole or not at all (``folders``), model
+folders loaded with their tokenizer (``loading``) and figures drawn without a screen (``plotting``)."""

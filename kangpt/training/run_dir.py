@@ -34,6 +34,7 @@ from pathlib import Path
 import yaml
 from safetensors import SafetensorError
 
+from ..io.folders import remove, write_text_atomically
 from ..messages import first_line
 from .run_config import ConfigError, RunConfig
 
@@ -268,25 +269,6 @@ class RunDir:
         return saved if isinstance(saved, dict) else {}
 
 
-def temporary_name(path: Path) -> Path:
-    """The name under which ``path`` is written before it is renamed: ``.tmp-<name>``, never taken for it."""
-    return path.with_name(f".tmp-{path.name}")
-
-
-def publish(tmp: Path, path: Path) -> None:
-    """Rename the finished folder ``tmp`` to ``path``; an older ``path`` is moved aside, then deleted.
-
-    Modes are first made what a plain ``open``/``mkdir`` gives under the umask (see :func:`_normalise_modes`).
-    """
-    _normalise_modes(tmp)
-    old = path.with_name(f".old-{path.name}")
-    remove(old)
-    if path.exists():
-        os.rename(path, old)
-    os.rename(tmp, path)
-    remove(old)
-
-
 def write_manifest(folder: Path) -> None:
     """Write ``folder/manifest.json``: size and sha256 of every other file in it (call it last)."""
     files = {path.relative_to(folder).as_posix(): {"size": path.stat().st_size, "sha256": _sha256(path)}
@@ -344,26 +326,11 @@ def _free_space(path: Path) -> str:
     return f"{shutil.disk_usage(path).free / 2**20:,.1f} MiB free on its disk"
 
 
-def write_text_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
-    tmp = temporary_name(path)
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def read_metrics(path: Path) -> list[dict]:
     """The records of a metrics.jsonl file (an empty list if there is none)."""
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def remove(path: Path) -> None:
-    """Delete a file or folder if it exists."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
 
 
 def _sha256(path: Path) -> str:
@@ -372,31 +339,6 @@ def _sha256(path: Path) -> str:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _normalise_modes(folder: Path) -> None:
-    """Give ``folder`` and everything in it mode 0666 (files) or 0777 (folders) less the umask.
-
-    safetensors writes its files 0600, so ``model.safetensors`` would be the one file of a shared
-    model folder that the group and others cannot read.
-    """
-    umask = _umask()
-    for path in [folder, *folder.rglob("*")]:
-        if not path.is_symlink():
-            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
-
-
-def _umask() -> int:
-    """The process's umask, from /proc where it is there: setting it to read it races with other threads."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return umask
 
 
 def _children(folder: Path) -> list[Path]:

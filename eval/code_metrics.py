@@ -1,8 +1,9 @@
 """The shape of the code: lines per module, the longest functions, and which kangpt module imports which.
 
-Reads the source (``kangpt/``, ``eval/``, ``train.py``) without importing it, and checks that no
-library module imports the commands (``kangpt.commands``): commands depend on the library, never the
-reverse. Exit code 1 if one does.
+Reads the source (``kangpt/``, ``eval/``, ``train.py``) without importing it, and checks that the
+imports only point down: no library module imports the commands (``kangpt.commands``), the modules
+at the package root (the modelling closure a saved model folder carries) import only each other, and
+no module imports itself through others (a cycle). Exit code 1 if one does.
 
     python eval/code_metrics.py              # this checkout
     python eval/code_metrics.py --longest 20 PATH/TO/OTHER/CHECKOUT
@@ -79,7 +80,38 @@ def main(argv: list[str] | None = None) -> int:
     library = [m for m in graph if m.startswith("kangpt") and not m.startswith("kangpt.commands")]
     wrong = [m for m in library if any(i.startswith("kangpt.commands") for i in graph[m])]
     print(f"\nlibrary modules importing kangpt.commands: {', '.join(wrong) or 'none'}")
-    return 1 if wrong else 0
+    closure = {m for m in graph if m.startswith("kangpt.") and m.count(".") == 1
+               and (root / (m.replace(".", "/") + ".py")).is_file()}
+    up = [f"{m} -> {i}" for m in sorted(closure) for i in graph[m] if i not in closure]
+    print(f"modelling modules (package root) importing others: {', '.join(up) or 'none'}")
+    cycles = import_cycles(graph)
+    print(f"import cycles: {'; '.join(' -> '.join(c) for c in cycles) or 'none'}")
+    return 1 if wrong or up or cycles else 0
+
+
+def import_cycles(graph: dict[str, list[str]]) -> list[list[str]]:
+    """Every cycle of module imports found by a depth-first walk (each as the modules around it).
+
+    A package's ``__init__`` importing its own modules is no cycle with them: those modules import
+    their siblings, not the package, so the edges to the package itself are left out.
+    """
+    edges = {m: [i for i in imported if i in graph and not m.startswith(f"{i}.")]
+             for m, imported in graph.items()}
+    cycles, state = [], {}  # state: 1 on the walk's path, 2 done
+
+    def walk(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for nxt in edges[module]:
+            if state.get(nxt) == 1:
+                cycles.append([*path[path.index(nxt):], nxt])
+            elif nxt not in state:
+                walk(nxt, [*path, nxt])
+        state[module] = 2
+
+    for module in sorted(edges):
+        if module not in state:
+            walk(module, [module])
+    return cycles
 
 
 if __name__ == "__main__":

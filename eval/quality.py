@@ -271,9 +271,7 @@ def summarize(config: RunConfig) -> dict:
     """Final validation and test loss, the validation curve, tokens/s and wall time of a finished run."""
     folder = Path(config.train.out_dir)
     records = read_metrics(folder / "metrics.jsonl")
-    tokens_per_step = (
-        config.train.batch_size * config.train.gradient_accumulation_steps * config.data.block_size
-    )
+    tokens_per_step = config.tokens_per_step()
     curve = [(r["step"] * tokens_per_step, r["val_loss"]) for r in records if "val_loss" in r]
     speeds = [r["tokens_per_sec"] for r in records if "tokens_per_sec" in r]
     return {
@@ -516,10 +514,10 @@ def describe(base: RunConfig, corpora, variants, lrs, seeds, args) -> dict:
     """The protocol's settings and, per corpus, the data's sizes and every model's parameters (checked)."""
     from accelerate import Accelerator
 
-    from kangpt.training.loop import load_corpus
+    from kangpt.training.corpus import load_corpus
 
     t = base.train
-    tokens_per_step = t.batch_size * t.gradient_accumulation_steps * base.data.block_size
+    tokens_per_step = base.tokens_per_step()
     shape = model_config(base)
     settings = {
         "config": args.config,

@@ -102,9 +102,7 @@ def shaped(raw: dict, size: tuple[int, int, int]) -> dict:
 
 def size_config(base: RunConfig, size: tuple[int, int, int], tokens_per_param: float) -> RunConfig:
     """``base`` at ``size``, trained on ``tokens_per_param`` x GPT-2's parameters (whole steps)."""
-    t = base.train
-    tokens_per_step = t.batch_size * t.gradient_accumulation_steps * base.data.block_size
-    steps = max(4, round(tokens_per_param * gpt2_parameters(base, size) / tokens_per_step))
+    steps = max(4, round(tokens_per_param * gpt2_parameters(base, size) / base.tokens_per_step()))
     schedule = {
         "max_steps": steps,
         "warmup_steps": max(1, round(steps / 10)),

@@ -27,6 +27,7 @@ from accelerate import Accelerator
 from accelerate.state import PartialState
 from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataParallelPlugin
 
+import kangpt.training.launch as launch
 import kangpt.training.loop as training
 from kangpt.commands import main
 from kangpt.training.launch import requested_sharding
@@ -59,7 +60,7 @@ def switch_to_requested_sharding(state) -> None:
 
 
 class LaunchedAccelerator(Accelerator):
-    """The Accelerator of ``kangpt.training.loop``, sharded as asked, dumping logits around checkpoints."""
+    """The Accelerator of ``kangpt.training.launch``, sharded as asked, dumping logits around checkpoints."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -105,7 +106,7 @@ def save_model_and_dump_weights(accelerator, model, *args):
 if __name__ == "__main__":
     if "STUCK_AFTER" in os.environ:
         faulthandler.dump_traceback_later(int(os.environ["STUCK_AFTER"]), exit=True)
-    training.Accelerator = LaunchedAccelerator
+    launch.Accelerator = LaunchedAccelerator
     save_model = training.save_model
     if os.environ.get("DUMP_RANK_WEIGHTS") == "1":
         training.save_model = save_model_and_dump_weights

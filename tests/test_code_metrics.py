@@ -52,3 +52,35 @@ def test_a_library_module_importing_the_commands_fails_the_check(tmp_path, capsy
 
 def test_this_checkout_keeps_the_commands_on_top(code_metrics):
     assert code_metrics([str(ROOT)]) == 0
+
+
+def test_a_modelling_module_importing_a_sub_package_fails_the_check(tmp_path, capsys, code_metrics):
+    root = _checkout(tmp_path, {
+        "kangpt/__init__.py": "from .modeling import M\n",
+        "kangpt/modeling.py": "from .kan import K\n",
+        "kangpt/kan.py": "",
+        "kangpt/training/__init__.py": "",
+        "kangpt/training/loop.py": "from ..modeling import M\n",  # a sub-package importing the model: fine
+    })
+    assert code_metrics([str(root)]) == 0
+    (root / "kangpt/kan.py").write_text("def f():\n    from .training.loop import train\n")
+    assert code_metrics([str(root)]) == 1
+    out = capsys.readouterr().out
+    assert "modelling modules (package root) importing others: kangpt.kan -> kangpt.training.loop" in out
+
+
+def test_an_import_cycle_fails_the_check(tmp_path, capsys, code_metrics):
+    root = _checkout(tmp_path, {
+        "kangpt/__init__.py": "",
+        "kangpt/data/__init__.py": "from .corpora import load\n",  # a package and its own modules: no cycle
+        "kangpt/data/corpora.py": "from .errors import E\n",
+        "kangpt/data/errors.py": "",
+        "kangpt/training/__init__.py": "",
+        "kangpt/training/a.py": "from .b import x\n",
+        "kangpt/training/b.py": "from ..data import load\n",
+    })
+    assert code_metrics([str(root)]) == 0
+    (root / "kangpt/training/b.py").write_text("from ..data import load\nfrom . import a\n")
+    assert code_metrics([str(root)]) == 1
+    cycle = "import cycles: kangpt.training.a -> kangpt.training.b -> kangpt.training.a"
+    assert cycle in capsys.readouterr().out

@@ -12,7 +12,7 @@ from accelerate.commands.config.config_args import load_config_from_file
 
 from kangpt import KANGPT2LMHeadModel, modeling_kangpt
 from kangpt.commands import main
-from kangpt.training.loop import learning_rate
+from kangpt.training.optimizer import learning_rate
 from kangpt.training.run_config import (
     ConfigError,
     DataConfig,
@@ -135,10 +135,9 @@ def test_default_config_is_used_without_a_config_argument(tmp_path):
         ({"model": {"n_layer": "four"}}, "model.n_layer must be int"),
         ({"train": {"trackers": "tensorboard"}}, "train.trackers must be a list of str"),
         ({"train": {"max_steps": 0}}, "train.max_steps must be > 0"),
-        ({"data": {"block_size": 2048}}, "data.block_size must be <= model.n_positions=1024"),
         (
             {"model": {"n_positions": 64}, "data": {"block_size": 128}},
-            "data.block_size must be <= model.n_positions=64",
+            "model.n_positions=64 differs from data.block_size=128: leave model.n_positions out",
         ),
         ({"model": {"n_embd": 96, "n_head": 5}}, "model: KANGPT2Config.n_head must divide n_embd=96"),
         ({"model": {"n_embd": 100, "n_head": 4}}, "model: KANGPT2Config.kan_groups must divide n_embd=100"),

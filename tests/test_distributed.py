@@ -19,7 +19,7 @@ from filelock import FileLock
 from training_runs import NO_DROPOUT, ROOT, RUN_TIMEOUT, TINY, free_port, losses, overrides, run_train
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kangpt.training.loop import learning_rate
+from kangpt.training.optimizer import learning_rate
 from kangpt.training.run_config import build_config
 from kangpt.training.run_dir import MANIFEST, checkpoint_problem
 

@@ -32,18 +32,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 
 from kangpt import KANGPT2LMHeadModel, commands
 from kangpt.kan import KANLinear
-from kangpt.training.loop import (
-    NO_MATPLOTLIB,
-    build_optimizer,
-    evaluate,
-    kan_penalty,
-    load_corpus,
-    sample,
-    train_batches,
-)
-from kangpt.training.report import write_model_card
+from kangpt.training.corpus import load_corpus, train_batches
+from kangpt.training.evaluation import evaluate
+from kangpt.training.loop import kan_penalty
+from kangpt.training.optimizer import build_optimizer
+from kangpt.training.report import sample, write_model_card
 from kangpt.training.run_config import load_config, model_config
 from kangpt.training.run_dir import MANIFEST, checkpoint_problem
+from kangpt.training.saving import NO_MATPLOTLIB
 
 
 def snapshot(folder: Path) -> dict:
@@ -128,7 +124,7 @@ def test_a_short_run_writes_a_model_that_transformers_loads_and_generates_from(f
 
 @pytest.mark.slow
 def test_the_model_folder_generates_and_truncates_within_the_context(finished_run, env):
-    folder, n_positions = finished_run[0] / "model", TINY["model"]["n_positions"]
+    folder, n_positions = finished_run[0] / "model", TINY["data"]["block_size"]  # n_positions follows it
     saved = json.loads((folder / "generation_config.json").read_text())
     assert "max_length" not in saved and "max_new_tokens" not in saved  # the model stops at its context
     generation = GenerationConfig.from_pretrained(folder)
@@ -136,7 +132,7 @@ def test_the_model_folder_generates_and_truncates_within_the_context(finished_ru
     assert (generation.do_sample, generation.temperature, generation.top_k) == (True, 0.8, 50)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     assert tokenizer.model_max_length == n_positions
-    long_text = (ROOT / "kangpt" / "training.py").read_text()
+    long_text = (ROOT / "kangpt" / "training" / "loop.py").read_text()
     assert len(tokenizer(long_text, truncation=True).input_ids) == n_positions
     cached = AutoTokenizer.from_pretrained(next((Path(env["KANGPT_CACHE"]) / "tokenizers").iterdir()))
     assert cached.model_max_length > 1e20  # the BPE cache is left as it was
@@ -301,7 +297,8 @@ def test_evaluation_is_the_model_loss_over_the_fixed_validation_blocks(corpus_an
     blocks = corpus.val.with_format("torch")["input_ids"]
     with torch.no_grad():
         expected = torch.stack([model(input_ids=b[None], labels=b[None]).loss for b in blocks]).mean()
-    assert evaluate(model, val_loader, accelerator) == pytest.approx(expected.item(), rel=1e-5)
+    loss = evaluate(model, val_loader, gather=accelerator.gather_for_metrics)
+    assert loss == pytest.approx(expected.item(), rel=1e-5)
     assert 0 < corpus.baseline < torch.log(torch.tensor(512.0)).item()
 
 
@@ -313,7 +310,8 @@ def test_the_final_test_loss_is_the_trained_model_on_the_held_out_test_blocks(fi
     assert not set(val_and_test) & {tuple(b) for b in corpus.train["input_ids"]}
     model = AutoModelForCausalLM.from_pretrained(out / "model").eval()
     loader = accelerator.prepare(torch.utils.data.DataLoader(corpus.test.with_format("torch"), batch_size=8))
-    assert losses(out, "test_loss")[8] == pytest.approx(evaluate(model, loader, accelerator), rel=1e-5)
+    loss = evaluate(model, loader, gather=accelerator.gather_for_metrics)
+    assert losses(out, "test_loss")[8] == pytest.approx(loss, rel=1e-5)
 
 
 def test_streaming_reads_the_same_tokens_in_corpus_order(corpus_and_model, env):
@@ -375,12 +373,12 @@ def test_bad_input_is_one_error_line_and_touches_nothing(case, tiny_config, fini
         (tmp_path / "corpus" / "empty.txt").write_text("  \n")
         args += ["--data.dataset=" + str(tmp_path / "corpus")]
         expected = "no non-empty documents"
-    elif case == "block size":
-        args += ["--data.block_size=128"]
-        expected = "data.block_size must be <= model.n_positions=64, got 128"
+    elif case == "block size":  # two knobs that must agree: n_positions follows block_size
+        args += ["--data.block_size=128", "--model.n_positions=64"]
+        expected = "model.n_positions=64 differs from data.block_size=128"
     elif case == "sample tokens":  # the sample after training must fit the context with its prompt
-        args += ["--train.sample_tokens=64"]
-        expected = "train.sample_tokens must be < model.n_positions=64, got 64"
+        args += ["--train.sample_tokens=32"]
+        expected = "train.sample_tokens must be < model.n_positions=32, got 32"
     else:
         out = finished_run[0]
         args += ["--model.n_layer=3", "--train.resume=auto"]

@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {
-    "model": {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 64,
+    "model": {"n_layer": 2, "n_embd": 32, "n_head": 2,
               "resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1},
     "data": {"dataset": "stdlib", "max_documents": 40, "val_fraction": 0.1, "test_fraction": 0.1,
              "vocab_size": 512, "block_size": 32},

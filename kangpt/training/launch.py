@@ -1,4 +1,5 @@
-"""Launch checks: a run starts only where accelerate formed what the launcher asked for.
+"""The run's Accelerator, and the launch checks: a run starts only where accelerate formed what the
+launcher asked for.
 
 ``accelerate launch`` and ``torchrun`` tell every process how many were started (``WORLD_SIZE``)
 and, for FSDP and DeepSpeed, which to use (``ACCELERATE_USE_FSDP``, ``ACCELERATE_USE_DEEPSPEED``).
@@ -10,11 +11,22 @@ and the settings that would fail only later in the run, before anything is loade
 
 from __future__ import annotations
 
+import logging
+
+import datasets
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, get_int_from_env, parse_flag_from_env
+from accelerate.tracking import get_available_trackers
+from accelerate.utils import (
+    DistributedType,
+    GradientAccumulationPlugin,
+    ProjectConfiguration,
+    get_int_from_env,
+    parse_flag_from_env,
+)
 
 from .run_config import ConfigError, TrainConfig
+from .run_dir import RunDir
 
 # The variables a launcher sets to the number of processes it started (torchrun's, then MPI's).
 WORLD_SIZE_VARIABLES = ["WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"]
@@ -127,3 +139,39 @@ def check_deepspeed_config(ds_config: dict, cfg: TrainConfig) -> None:
             "DeepSpeed ZeRO-3 cannot write the final model/ unless it gathers the sharded weights: set "
             "zero3_save_16bit_model: true in the accelerate config (configs/accelerate/deepspeed-zero3.yaml)"
         )
+
+
+def make_accelerator(cfg: TrainConfig, run: RunDir) -> Accelerator:
+    """The run's Accelerator: mixed precision, gradient accumulation, trackers logging into ``run``."""
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=cfg.gradient_accumulation_steps, sync_with_dataloader=False
+        ),
+        log_with=installed_trackers(cfg.trackers) or None,
+        project_config=ProjectConfiguration(project_dir=str(run.path), logging_dir=str(run.logs)),
+    )
+    check_launch(accelerator, cfg)  # before anything is loaded or written
+    check_mixed_precision(accelerator, cfg)
+    if not accelerator.is_main_process:
+        datasets.disable_progress_bars()
+    # save_state warns at every checkpoint that it drops the LM head tied to the embeddings (reloads fine).
+    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
+    return accelerator
+
+
+def check_mixed_precision(accelerator: Accelerator, cfg: TrainConfig) -> None:
+    """Refuse fp16 on CPU: accelerate then neither autocasts nor scales, and trains in float32 unannounced.
+
+    bf16 on CPU is real (accelerate autocasts to bfloat16), so it is kept.
+    """
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        source = "train.mixed_precision" if cfg.mixed_precision else "mixed precision (accelerate's config)"
+        raise ConfigError(f"{source} 'fp16' needs a GPU: on CPU accelerate ignores it and trains in float32; "
+                          "use 'bf16' or 'no'")
+
+
+def installed_trackers(names: list[str]) -> list[str]:
+    """The trackers among ``names`` whose package is installed (metrics.jsonl is written in any case)."""
+    available = {tracker.value for tracker in get_available_trackers()}
+    return [name for name in names if name in available]

@@ -1,4 +1,5 @@
-"""What a finished run says about itself: the model card (README.md) and the loss curve (loss.png)."""
+"""What a finished run says about itself: the model card (README.md), the loss curve (loss.png) and a
+sample from the saved model."""
 
 from __future__ import annotations
 
@@ -148,3 +149,20 @@ def plot_losses(records: list[dict], path: Path, baseline: float) -> bool:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     return True
+
+
+def sample(model_dir: Path, prompt: str, max_new_tokens: int) -> str:
+    """Load the saved folder as a user would and complete ``prompt``, within the model's context.
+
+    A prompt longer than the context keeps its last tokens; the new tokens are capped to the room left.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    context = model.config.n_positions
+    tokenizer.truncation_side = "left"  # a prompt too long keeps its end, which the sample continues
+    inputs = tokenizer(prompt, return_tensors="pt", truncation=True, max_length=context - 1)  # room for one
+    room = context - inputs["input_ids"].shape[1]
+    output = model.generate(**inputs, max_new_tokens=min(max_new_tokens, room))
+    return tokenizer.decode(output[0], skip_special_tokens=True)

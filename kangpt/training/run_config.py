@@ -2,8 +2,8 @@
 
 ::
 
-    model:            # any KANGPT2Config field (vocab_size and the special-token ids come from the tokenizer)
-      n_layer: 4
+    model:            # any KANGPT2Config field (vocab_size and the special-token ids come from the tokenizer,
+      n_layer: 4      # n_positions from data.block_size)
     data:             # DataConfig
       block_size: 256
     train:            # TrainConfig
@@ -158,6 +158,11 @@ class RunConfig:
             "train": dataclasses.asdict(self.train),
         }
 
+    def tokens_per_step(self, processes: int = 1) -> int:
+        """Training tokens of one optimizer step over ``processes`` processes (each its own batches)."""
+        t = self.train
+        return t.batch_size * t.gradient_accumulation_steps * processes * self.data.block_size
+
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     """Read the YAML file ``path`` (None: all defaults), apply ``--section.key=value`` overrides, validate."""
@@ -215,13 +220,14 @@ def model_config(config: RunConfig, **tokenizer_fields) -> KANGPT2Config:
     """The KANGPT2Config of a run, with ``tokenizer_fields`` (vocab size, special-token ids) filled in.
 
     ``vocab_size`` from the ``model:`` section wins when it is given (e.g. padded to a multiple of 64).
+    The context (``n_positions``) is ``data.block_size``: every position the model has is trained.
     With ``train.init_from``, the config is the folder's (a GPT-2 folder's as ``ffn_type="mlp"``), the
     dropout rates of the ``model:`` section applied; the tokenizer fields are the folder's too.
     """
     if config.train.init_from is not None:
         return _init_from_config(config)
     try:
-        return KANGPT2Config(**{**tokenizer_fields, **config.model})
+        return KANGPT2Config(**{"n_positions": config.data.block_size, **tokenizer_fields, **config.model})
     except (ValueError, StrictDataclassError) as err:
         raise ConfigError(f"model: {first_line(err)}") from err
 
@@ -422,7 +428,7 @@ def _check_values(config: RunConfig) -> None:
             raise ConfigError(f"{key} {rule}, got {getattr(getattr(config, section), name)!r}")
 
     # The floor of a BPE that the run trains (with train.init_from the folder's tokenizer is used, see
-    # training.py), known before the corpus is read; kangpt.data holds the rule.
+    # model.py), known before the corpus is read; kangpt.data holds the rule.
     if data.tokenizer == "bpe" and train.init_from is None:
         need("data.vocab_size", data.vocab_size >= MIN_BPE_VOCAB_SIZE, BPE_VOCAB_SIZE_RULE)
     for key in ("vocab_size", "block_size"):
@@ -433,6 +439,10 @@ def _check_values(config: RunConfig) -> None:
     for key in ("validation_dataset", "test_dataset"):
         need(f"data.{key}", getattr(data, key) is None or bool(getattr(data, key)), "must be null or a path")
     need("data.max_documents", data.max_documents is None or data.max_documents > 0, "must be > 0")
+    given = config.model.get("n_positions", data.block_size)
+    if train.init_from is None and given != data.block_size:  # two knobs that must agree: one is enough
+        raise ConfigError(f"model.n_positions={given!r} differs from data.block_size={data.block_size}: "
+                          "leave model.n_positions out, it follows data.block_size")
     model = _buildable_model_config(config)
     n_positions = model.n_positions
     need("data.block_size", data.block_size <= n_positions, f"must be <= model.n_positions={n_positions}")

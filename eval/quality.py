@@ -442,15 +442,17 @@ def parse_variants(names: str, extra: list[str]) -> dict[str, dict]:
     return {n: {"name": n, **known[n]} for n in chosen}
 
 
-def main(argv: list[str] | None = None) -> int:
+def protocol_parser(description: str, models: str) -> argparse.ArgumentParser:
+    """The arguments of a protocol (this script's and eval/scaling.py's): base config, models, corpora,
+    learning-rate grid, seeds, widening, jobs; ``models`` is the default of ``--models``."""
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
+        description=description,
         allow_abbrev=False,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Other --section.key=value arguments override every run's config.",
     )
     parser.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"), help="base run config")
-    parser.add_argument("--models", default="mlp,kan,edge-bspline", help="comma-separated, mlp first")
+    parser.add_argument("--models", default=models, help="comma-separated, mlp first")
     parser.add_argument(
         "--variant",
         action="append",
@@ -467,6 +469,29 @@ def main(argv: list[str] | None = None) -> int:
         "--widen", type=int, default=2, help="grid steps added at most where the best is at an end"
     )
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (the cores are shared out)")
+    return parser
+
+
+def protocol_choices(args) -> tuple[dict[str, dict], list[str], list[float], list[int]]:
+    """The models, corpora, learning rates and seeds ``args`` name; ConfigError for a bad one."""
+    variants = parse_variants(args.models, args.variant)
+    corpora = args.corpora.split(",")
+    if not corpora or any(c not in CORPORA for c in corpora):
+        raise ConfigError(f"--corpora must name some of {', '.join(CORPORA)}, got {args.corpora!r}")
+    lrs, seeds = _numbers(args.lrs, float, "--lrs"), _numbers(args.seeds, int, "--seeds")
+    if args.jobs < 1 or args.widen < 0:
+        raise ConfigError("--jobs must be >= 1 and --widen >= 0")
+    return variants, corpora, lrs, seeds
+
+
+def protocol_config(path: str, settings: dict, overrides: list[str]) -> RunConfig:
+    """The run config at ``path`` with the protocol's ``settings`` (sections of keys), then ``overrides``."""
+    flat = [f"--{s}.{k}={json.dumps(v)}" for s, values in settings.items() for k, v in values.items()]
+    return load_config(path, [*flat, *overrides])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = protocol_parser(__doc__.split("\n\n")[0], "mlp,kan,edge-bspline")
     parser.add_argument("--quick", action="store_true", help="a short budget and no widening (smoke test)")
     parser.add_argument(
         "--out", default="out/quality", help="folder of the runs, quality.json, validation.png"
@@ -474,18 +499,8 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parser.parse_known_args(argv)
     out = Path(args.out)
     try:
-        variants = parse_variants(args.models, args.variant)
-        corpora = args.corpora.split(",")
-        if not corpora or any(c not in CORPORA for c in corpora):
-            raise ConfigError(f"--corpora must name some of {', '.join(CORPORA)}, got {args.corpora!r}")
-        lrs, seeds = _numbers(args.lrs, float, "--lrs"), _numbers(args.seeds, int, "--seeds")
-        if args.jobs < 1 or args.widen < 0:
-            raise ConfigError("--jobs must be >= 1 and --widen >= 0")
-        protocol_defaults = merge(PROTOCOL, QUICK) if args.quick else PROTOCOL
-        flat = [
-            f"--{s}.{k}={json.dumps(v)}" for s, values in protocol_defaults.items() for k, v in values.items()
-        ]
-        base = load_config(args.config, [*flat, *overrides])
+        variants, corpora, lrs, seeds = protocol_choices(args)
+        base = protocol_config(args.config, merge(PROTOCOL, QUICK) if args.quick else PROTOCOL, overrides)
         settings = describe(base, corpora, variants, lrs, seeds, args)
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -45,7 +45,7 @@ import quality  # noqa: E402
 from kangpt.data import DataError  # noqa: E402
 from kangpt.io.plotting import new_figure  # noqa: E402
 from kangpt.modeling_kangpt import KANGPT2LMHeadModel  # noqa: E402
-from kangpt.training.run_config import ConfigError, RunConfig, build_config, load_config, model_config  # noqa: E402
+from kangpt.training.run_config import ConfigError, RunConfig, build_config, model_config  # noqa: E402
 
 DEFAULT_SIZES = "4x32,4x48,4x72,4x104,4x144"  # 186k to 1.6M parameters at vocabulary 4096
 # The one-size protocol's ratio: 614,400 tokens for GPT-2's 1,334,016 parameters at 4 x 128.
@@ -378,67 +378,27 @@ def plot(ladder: dict, fits: dict, variants: dict, path: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        allow_abbrev=False,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Other --section.key=value arguments override every run's config.",
-    )
-    parser.add_argument(
-        "--config", default=str(quality.ROOT / "configs" / "default.yaml"), help="base run config"
-    )
+    parser = quality.protocol_parser(__doc__.split("\n\n")[0], "mlp,kan")
     parser.add_argument("--sizes", default=DEFAULT_SIZES, help="LAYERSxWIDTH[xHEADS], comma-separated")
     parser.add_argument(
-        "--tokens-per-param",
-        type=float,
-        default=DEFAULT_TOKENS_PER_PARAM,
-        help="training tokens per parameter",
+        "--tokens-per-param", type=float, default=DEFAULT_TOKENS_PER_PARAM, help="tokens per parameter"
     )
-    parser.add_argument("--models", default="mlp,kan", help="comma-separated, mlp first")
-    parser.add_argument("--variant", action="append", default=[], metavar="NAME=YAML", help="as quality.py's")
-    parser.add_argument(
-        "--corpora", default=",".join(quality.CORPORA), help=f"among {', '.join(quality.CORPORA)}"
-    )
-    parser.add_argument(
-        "--lrs", default=",".join(f"{lr:g}" for lr in quality.DEFAULT_LRS), help="peak learning rates"
-    )
-    parser.add_argument(
-        "--seeds", default=",".join(map(str, quality.DEFAULT_SEEDS)), help="the first one sweeps"
-    )
-    parser.add_argument(
-        "--widen", type=int, default=2, help="grid steps added at most where the best is at an end"
-    )
-    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (the cores are shared out)")
     parser.add_argument(
         "--device", choices=list(DEVICES), default="auto", help="where the runs train (auto: a GPU if any)"
     )
-    parser.add_argument(
-        "--quick", action="store_true", help="a fifth of the tokens, no widening (smoke test)"
-    )
+    parser.add_argument("--quick", action="store_true", help="a fifth of the tokens, no widening (smoke)")
     parser.add_argument("--out", default="out/scaling", help="folder of the runs, scaling.json, scaling.png")
     args, overrides = parser.parse_known_args(argv)
     out = Path(args.out)
     try:
-        variants = quality.parse_variants(args.models, args.variant)
-        corpora = args.corpora.split(",")
-        if not corpora or any(c not in quality.CORPORA for c in corpora):
-            raise ConfigError(
-                f"--corpora must name some of {', '.join(quality.CORPORA)}, got {args.corpora!r}"
-            )
-        lrs = quality._numbers(args.lrs, float, "--lrs")
-        seeds = quality._numbers(args.seeds, int, "--seeds")
-        if args.jobs < 1 or args.widen < 0:
-            raise ConfigError("--jobs must be >= 1 and --widen >= 0")
+        variants, corpora, lrs, seeds = quality.protocol_choices(args)
         if not (math.isfinite(args.tokens_per_param) and args.tokens_per_param > 0):
             raise ConfigError(f"--tokens-per-param must be a positive number, got {args.tokens_per_param}")
         if args.quick:
             args.tokens_per_param /= 5
         if args.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("--device cuda: torch sees no CUDA device on this machine")
-        flat = [
-            f"--{s}.{k}={json.dumps(v)}" for s, values in quality.PROTOCOL.items() for k, v in values.items()
-        ]
-        base = load_config(args.config, [*flat, *overrides])
+        base = quality.protocol_config(args.config, quality.PROTOCOL, overrides)
         sizes = parse_sizes(args.sizes, base.model.get("n_head", 12))
         if len(sizes) < 2:
             raise ConfigError(f"--sizes must name at least two sizes to fit a law, got {args.sizes!r}")

@@ -43,7 +43,7 @@ from kangpt.comparison.measure import (
 )
 from kangpt.comparison.models import ratio
 from kangpt.configuration_kangpt import KANGPT2Config
-from kangpt.kan import BASES, KANFeedForward, kan_block_hidden_size
+from kangpt.kan import BASES, KANFeedForward, KANSpec, kan_block_hidden_size
 
 
 class NaiveKANLinear(nn.Module):
@@ -84,17 +84,17 @@ BLOCKS = ["mlp", "kan", "kan-triton", *(f"edge-{b}" for b in BASES if b != "rati
           *(f"group-{b}" for b in BASES if b != "rational"), "rational", "naive-bspline"]
 
 
-def kan_kwargs(name: str) -> dict:
-    """``KANLinear`` arguments of KAN block ``name`` (see ``BLOCKS``)."""
-    default = {**KANGPT2Config().kan_layer_kwargs(), "kernel": "torch"}
+def kan_spec(name: str) -> KANSpec:
+    """The functions of KAN block ``name`` (see ``BLOCKS``): KAN-GPT-2's, on the PyTorch path."""
+    default = KANGPT2Config().kan_spec().replace(kernel="torch")
     if name == "kan":
         return default
     if name == "kan-triton":  # the default design on the fused Triton kernels
-        return {**default, "kernel": "triton"}
+        return default.replace(kernel="triton")
     if name == "rational":
-        return {**default, "basis": "rational"}
+        return default.replace(basis="rational")
     sharing, _, basis = name.partition("-")
-    return {**default, "basis": basis, "sharing": sharing}
+    return default.replace(basis=basis, sharing=sharing)
 
 
 def build(name: str, d: int) -> nn.Module:
@@ -107,8 +107,8 @@ def build(name: str, d: int) -> nn.Module:
         return nn.Sequential(NaiveKANLinear(d, h), NaiveKANLinear(h, d))
     if name not in BLOCKS:
         raise ValueError(f"unknown block {name!r}; choose from {', '.join(BLOCKS)}")
-    kwargs = kan_kwargs(name)
-    return KANFeedForward(d, d, kan_block_hidden_size(d, d, mlp_params, **kwargs), **kwargs)
+    spec = kan_spec(name)
+    return KANFeedForward(d, d, kan_block_hidden_size(d, d, mlp_params, spec=spec), spec=spec)
 
 
 def compiled(model: nn.Module) -> nn.Module:

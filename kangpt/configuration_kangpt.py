@@ -1,7 +1,5 @@
 """Configuration of KAN-GPT-2: GPT-2's configuration plus the choice of feed-forward block."""
 
-import dataclasses
-
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
@@ -100,9 +98,7 @@ class KANGPT2Config(PreTrainedConfig):
         self.validate_feed_forward()
         if self.ffn_type == "kan" and self.kan_hidden_size is None:
             self.kan_hidden_size = (
-                kan_block_hidden_size(
-                    self.n_embd, self.n_embd, self.mlp_num_parameters, **self.kan_layer_kwargs()
-                )
+                kan_block_hidden_size(self.n_embd, self.n_embd, self.mlp_num_parameters, spec=self.kan_spec())
                 or 0
             )
         super().__post_init__(**kwargs)
@@ -113,16 +109,16 @@ class KANGPT2Config(PreTrainedConfig):
         inner = self.n_inner if self.n_inner is not None else 4 * self.n_embd
         return 2 * self.n_embd * inner + inner + self.n_embd
 
-    def kan_spec(self) -> KANSpec:
-        """The settings of every KAN layer (the ``kan_*`` fields; a ``ValueError`` names a bad one)."""
+    def kan_spec(self, widths: dict[str, int] | None = None) -> KANSpec:
+        """The settings of every KAN layer (the ``kan_*`` fields; a ``ValueError`` names a bad one),
+        checked against the layers' input ``widths`` if given, by name (``{"n_embd": 768}``)."""
         try:
-            return KANSpec(**{field: getattr(self, f"kan_{field}") for field in KANSpec.__dataclass_fields__})
+            spec = KANSpec(**{field: getattr(self, f"kan_{field}") for field in KANSpec.__dataclass_fields__})
+            for name, width in (widths or {}).items():
+                spec.check_width(width, name)
         except ValueError as err:  # the spec's message starts with the field's name
             raise ValueError(f"KANGPT2Config.kan_{err}") from None
-
-    def kan_layer_kwargs(self) -> dict:
-        """Keyword arguments of ``kangpt.kan.KANLinear`` for this config."""
-        return dataclasses.asdict(self.kan_spec())
+        return spec
 
     def kan_hidden_size_of_layer(self, layer_idx: int) -> int:
         """KAN block width of layer ``layer_idx`` (0: a single KAN layer)."""

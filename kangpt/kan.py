@@ -18,9 +18,11 @@ kernels run over contiguous inputs; :meth:`KANLinear.coefficients` views the wei
 ``(out, in, F)``: ``[j, i]`` holds the coefficients of edge i -> j (index 0 is the SiLU weight for
 the spline-like bases).
 
-Where the rest lives: the settings in ``kangpt.kan_spec``, the bases (formulas and derivatives) in
-``kangpt.kan_bases``, the fast paths :meth:`KANLinear.forward` takes (a custom autograd function
-that keeps only the input, chunking, the compile policy, the Triton dispatch) in ``kangpt.kan_fast``.
+Where the rest lives: the settings in ``kangpt.kan_spec`` (a ``KANSpec``, which a block builds and
+checks once and hands to its layers), the bases (formulas and derivatives) in ``kangpt.kan_bases``,
+the grouped B-splines' piece table and its blocked eager path in ``kangpt.kan_grouped``, the fast
+paths :meth:`KANLinear.forward` takes (a custom autograd function that keeps only the input,
+chunking, the compile policy, the Triton dispatch) in ``kangpt.kan_fast``.
 """
 
 from __future__ import annotations
@@ -41,9 +43,11 @@ __all__ = [
     "SHARINGS",
     "KANFeedForward",
     "KANLinear",
+    "KANSpec",
     "coefficient_view",
     "kan_block_hidden_size",
     "kan_linear_num_parameters",
+    "split_settings",
 ]
 
 # E[silu(z)^2] for z ~ N(0, 1), by quadrature; used for variance-preserving initialisation.
@@ -65,24 +69,26 @@ class KANLinear(nn.Module):
 
     Args:
         in_features, out_features: widths, as for ``nn.Linear``.
-        basis: ``"bspline"`` (default), ``"rbf"``, ``"chebyshev"`` or ``"rational"``; see the basis
-            classes in ``kangpt.kan_bases`` for formulas and parameters per edge.
-        grid_size, spline_order: the grid has ``grid_size`` intervals; every spline-like basis has
-            ``K = grid_size + spline_order`` functions per edge (B-splines of order ``spline_order``,
-            K Gaussians, or Chebyshev degree K - 1), so they cost the same.
-        grid_range: the input interval the grid (or the RBF centres) covers.
+        spec: the layer's functions (:class:`~kangpt.kan_spec.KANSpec`, checked when it was made;
+            default ``KANSpec()``): the basis (``"bspline"``, ``"rbf"``, ``"chebyshev"`` or
+            ``"rational"``; see the basis classes in ``kangpt.kan_bases`` for formulas and parameters
+            per edge), its grid (``grid_size`` intervals on ``grid_range``; every spline-like basis
+            has ``K = grid_size + spline_order`` functions per edge, so they cost the same), how
+            functions are shared and which kernels run them:
+
+            - ``sharing="edge"``: every edge has its own function, a combination of the basis's
+              ``1 + K`` features (``1 + K`` coefficients per edge); ``sharing="group"``: the inputs
+              are cut into ``groups`` contiguous groups (their number must divide ``in_features``)
+              that share one learnable function, which the weight scales per edge (one coefficient
+              per edge; see ``kangpt.kan_bases.GroupedBasis``). ``rational`` is always grouped.
+            - ``kernel="auto"``: the fused Triton kernels of ``kangpt.kan_triton`` for a grouped
+              B-spline layer on CUDA when ``triton`` is installed, the PyTorch path otherwise;
+              ``"triton"``: always the kernels (on CPU tensors only under ``TRITON_INTERPRET=1``);
+              ``"torch"``: never.
+
+            A block builds one spec and hands it to each of its layers; :meth:`from_settings` builds
+            a layer from keywords instead.
         bias: add a learnable bias per output.
-        sharing: ``"edge"`` (default): every edge has its own function, a combination of the basis's
-            ``1 + K`` features (``1 + K`` coefficients per edge); ``"group"``: the inputs are cut into
-            ``groups`` contiguous groups that share one learnable function, which the weight scales
-            per edge (one coefficient per edge; see ``kangpt.kan_bases.GroupedBasis``). ``rational`` is always
-            grouped.
-        groups: number of input groups of a grouped layer (it must divide ``in_features``).
-        rational_order: numerator/denominator degrees of the ``rational`` basis.
-        kernel: ``"auto"`` (default): the fused Triton kernels of ``kangpt.kan_triton`` for a grouped
-            B-spline layer on CUDA when ``triton`` is installed, the PyTorch path otherwise;
-            ``"triton"``: always the kernels (on CPU tensors only under ``TRITON_INTERPRET=1``);
-            ``"torch"``: never.
         spline_scale: the spline coefficients start at this fraction of the SiLU weights' scale.
         init_gain: scale of the initial outputs (e.g. 1/sqrt(2 n_layer) for a residual branch).
         chunk_size: tokens per chunk when recomputing features in backward, eager mode (default: about
@@ -99,16 +105,9 @@ class KANLinear(nn.Module):
         self,
         in_features: int,
         out_features: int,
+        spec: KANSpec | None = None,
         *,
-        basis: str = "bspline",
-        grid_size: int = 5,
-        spline_order: int = 3,
-        grid_range: tuple[float, float] = (-2.0, 2.0),
         bias: bool = True,
-        sharing: str = "edge",
-        groups: int = 8,
-        rational_order: tuple[int, int] = (5, 4),
-        kernel: str = "auto",
         spline_scale: float = 0.1,
         init_gain: float = 1.0,
         chunk_size: int | None = None,
@@ -119,13 +118,18 @@ class KANLinear(nn.Module):
         for name, value in (("in_features", in_features), ("out_features", out_features)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        spec = KANSpec(
-            basis, grid_size, spline_order, tuple(grid_range), sharing, groups, tuple(rational_order), kernel
-        )
+        if spec is None:
+            spec = KANSpec()
+        elif type(spec).__name__ != "KANSpec":  # not isinstance: remote code loads kan_spec.py twice
+            raise TypeError(
+                f"spec must be a KANSpec (KANLinear.from_settings takes keywords), got {type(spec).__name__}"
+            )
         spec.check_width(in_features)
-        if kernel == "triton" and not triton_kernels_apply(spec.basis, spec.sharing):
-            raise ValueError("kernel='triton' needs the triton package and a grouped B-spline layer "
-                             f"(sharing='group', basis='bspline'), got sharing={sharing!r}, basis={basis!r}")
+        if spec.kernel == "triton" and not triton_kernels_apply(spec.basis, spec.sharing):
+            raise ValueError(
+                "kernel='triton' needs the triton package and a grouped B-spline layer "
+                f"(sharing='group', basis='bspline'), got sharing={spec.sharing!r}, basis={spec.basis!r}"
+            )
         self.in_features, self.out_features, self.spec = in_features, out_features, spec
         self.spline_scale, self.init_gain, self.chunk_size = spline_scale, init_gain, chunk_size
         self.basis = make_basis(spec, in_features, device, dtype)
@@ -134,6 +138,15 @@ class KANLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, columns, **factory))
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
         self.reset_parameters()
+
+    @classmethod
+    def from_settings(cls, in_features: int, out_features: int, **settings) -> KANLinear:
+        """A layer from keywords: :class:`~kangpt.kan_spec.KANSpec`'s fields (``basis``,
+        ``grid_size``, ``sharing``, ``groups``, ...) make its spec, the others (``bias``,
+        ``init_gain``, ...) go to the constructor, e.g.
+        ``KANLinear.from_settings(768, 3072, sharing="group", groups=8)``."""
+        spec, layer_settings = split_settings(settings)
+        return cls(in_features, out_features, spec, **layer_settings)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in_features) -> (..., out_features) by the definition: the features of every input,
@@ -291,16 +304,27 @@ class KANLinear(nn.Module):
 class KANFeedForward(nn.Module):
     """A KAN feed-forward block: ``d_in -> hidden_size -> d_out`` with two KAN layers, or a single
     ``d_in -> d_out`` KAN layer when ``hidden_size`` is 0 or None. ``output_gain`` is the last
-    layer's ``init_gain``; extra arguments go to :class:`KANLinear`."""
+    layer's ``init_gain``.
+
+    Every layer gets the same ``spec``, built and checked once here: the given one, changed by any of
+    :class:`~kangpt.kan_spec.KANSpec`'s fields among ``settings`` (``sharing="edge"``, ...), or
+    ``KANSpec()`` changed by them; the other ``settings`` go to every :class:`KANLinear`."""
 
     def __init__(
-        self, d_in: int, d_out: int, hidden_size: int | None = None, output_gain: float = 1.0, **kan_kwargs
+        self,
+        d_in: int,
+        d_out: int,
+        hidden_size: int | None = None,
+        output_gain: float = 1.0,
+        spec: KANSpec | None = None,
+        **settings,
     ):
         super().__init__()
+        spec, layer_settings = split_settings(settings, spec)
         widths = [d_in, hidden_size, d_out] if hidden_size else [d_in, d_out]
         last = len(widths) - 2
         self.layers = nn.ModuleList(
-            KANLinear(a, b, init_gain=output_gain if i == last else 1.0, **kan_kwargs)
+            KANLinear(a, b, spec, init_gain=output_gain if i == last else 1.0, **layer_settings)
             for i, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=False))
         )
 
@@ -311,20 +335,35 @@ class KANFeedForward(nn.Module):
         return x
 
 
-def _spec_of(kan_kwargs: dict) -> tuple[KANSpec, bool]:
-    """The spec and ``bias`` among ``KANLinear`` keyword arguments (the others are ignored)."""
-    fields = {k: v for k, v in kan_kwargs.items() if k in KANSpec.__dataclass_fields__}
-    return KANSpec(**fields), kan_kwargs.get("bias", True)
+def split_settings(settings: dict, spec: KANSpec | None = None) -> tuple[KANSpec, dict]:
+    """Keyword ``settings`` cut in two: the spec their :class:`~kangpt.kan_spec.KANSpec` fields make
+    (``spec``, or ``KANSpec()``, with those fields replaced; checked once) and the others, as they are
+    (``KANLinear``'s own: ``bias``, ``init_gain``, ...)."""
+    fields = {k: v for k, v in settings.items() if k in KANSpec.__dataclass_fields__}
+    others = {k: v for k, v in settings.items() if k not in fields}
+    if spec is None:
+        return KANSpec(**fields), others
+    return (spec.replace(**fields) if fields else spec), others
 
 
-def kan_linear_num_parameters(in_features: int, out_features: int, **kan_kwargs) -> int:
-    """Parameter count of ``KANLinear(in_features, out_features, **kan_kwargs)`` without building it."""
-    spec, bias = _spec_of(kan_kwargs)
-    return spec.num_parameters(in_features, out_features, bias)
+def kan_linear_num_parameters(
+    in_features: int, out_features: int, spec: KANSpec | None = None, **settings
+) -> int:
+    """Parameter count of ``KANLinear(in_features, out_features, spec)`` without building it;
+    ``settings`` as for :meth:`KANLinear.from_settings` (only the spec's fields and ``bias`` count)."""
+    spec, others = split_settings(settings, spec)
+    return spec.num_parameters(in_features, out_features, others.get("bias", True))
 
 
 def kan_block_hidden_size(
-    d_in: int, d_out: int, target_params: int, *, tolerance: float = 0.01, multiple_of: int = 8, **kan_kwargs
+    d_in: int,
+    d_out: int,
+    target_params: int,
+    *,
+    tolerance: float = 0.01,
+    multiple_of: int = 8,
+    spec: KANSpec | None = None,
+    **settings,
 ) -> int | None:
     """Hidden width of a KAN block whose parameter count matches ``target_params``.
 
@@ -334,9 +373,11 @@ def kan_block_hidden_size(
     on such widths run markedly faster, see eval/bench_kan.py), else simply the closest width. For
     grouped layers, ``h`` is always a multiple of the groups. Parameters grow by about
     ``2 * n_features * d`` per unit of ``h``, so the match is within 1% once ``h`` is over ~50
-    (GPT-2 small, per edge: h = 344, +0.7%). ``kan_kwargs`` are those of :class:`KANLinear`.
+    (GPT-2 small, per edge: h = 344, +0.7%). ``spec`` and ``settings`` are those of
+    :class:`KANFeedForward` (only the spec's fields and ``bias`` count).
     """
-    spec, bias = _spec_of(kan_kwargs)
+    spec, others = split_settings(settings, spec)
+    bias = others.get("bias", True)
     single = spec.num_parameters(d_in, d_out, bias)
     if abs(single - target_params) <= tolerance * target_params:
         return None

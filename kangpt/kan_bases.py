@@ -6,7 +6,9 @@ Every basis has the interface of :class:`Basis`: its features of an input ``x`` 
 (..., F, in), a plain differentiable formula (``features``, what ``torch.compile`` fuses and what
 plots and fits read) and an eager fast path that writes them into a buffer and, for the backward,
 returns the input's gradient from the hand-derived derivative (``features_and_grads``). Each class
-holds its formula and its derivative side by side. See ``kangpt.kan`` for how a layer uses them.
+holds its formula and its derivative side by side. See ``kangpt.kan`` for how a layer uses them,
+and ``kangpt.kan_grouped`` for how the grouped B-splines' fast paths run (their table of polynomial
+pieces, evaluated in blocks of rows, and their autograd function for ``torch.compile``).
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensor
 
+from .kan_grouped import PieceTableEvaluation
 from .kan_spec import KANSpec
 
 
@@ -188,7 +190,7 @@ class BSplineBasis(SplineBasis):
         self.grid_size = grid_size
         self.spline_order = spline_order
         self.step = (self.grid_range[1] - self.grid_range[0]) / grid_size
-        self._pieces = _cardinal_bspline_pieces(spline_order)
+        self._pieces = _cardinal_bspline_pieces(spline_order)  # kan_grouped's piece table reads them too
         self._cache = {}
         k = spline_order
         self._folded = [(-1) ** m * math.comb(k + 1, m) / math.factorial(k) for m in range((k + 2) // 2)]
@@ -510,212 +512,31 @@ class GroupedBasis(nn.Module):
         return out, grad_x, (grad_coefficients,)
 
 
-class GroupedBSplineBasis(GroupedBasis):
+class GroupedBSplineBasis(PieceTableEvaluation, GroupedBasis):
     """:class:`GroupedBasis` over B-splines, evaluated by their local support (cost independent of K).
 
-    On the uniform grid, ``phi_g`` is one polynomial of degree k per grid interval: with
-    ``z = (x - a) / h + k``, ``c = floor(z)`` and ``t = z - c``, the spline part is
-    ``sum_p E[g, c, p] t^p``, where the piece table ``E = a_g @ T`` follows from the coefficients by a
-    fixed linear map ``T`` (the k + 1 B-spline pieces active on each interval). Evaluating it is one
-    gather of a table row and a Horner step per input, whatever the number of B-splines; the
-    gradient of the table is a histogram of ``grad * t^p`` over (group, interval), mapped back by
-    ``T``. This is the eager path; ``features`` (the pointwise formula) is what ``torch.compile``
-    fuses. Work is done in blocks of rows whose temporaries stay in the CPU's cache.
+    The same functions, with the same reference formula (``features``, what ``torch.compile`` fuses
+    through ``compiled_features``), but the eager path never writes the K B-splines: ``phi_g`` is one
+    polynomial of degree k per grid interval, so every input needs one row of a table of polynomial
+    pieces and a Horner step. The table, its blocks of rows and its autograd function are
+    ``kangpt.kan_grouped.PieceTableEvaluation``'s.
     """
-
-    # Elements per block: larger blocks cost fewer op calls, smaller ones keep their temporaries in
-    # the CPU's caches (tuned with eval/bench_kan.py).
-    _BLOCK_ELEMENTS = 1 << 18
 
     def __init__(self, basis: BSplineBasis, in_features: int, groups: int, device=None, dtype=None):
         super().__init__(basis, in_features, groups, device=device, dtype=dtype)
-        self._cache = {}
-        self._inference, self._inference_key, self._inference_source = None, None, None
-
-    @property
-    def rows(self) -> int:
-        """Table rows per group: the intervals c = -1 .. K + k (the first and last hold zeros)."""
-        return self.spline.num_functions + self.spline.spline_order + 2
-
-    def _constants(self, x):
-        """``T`` (K, rows, k + 1) and every input's first table row (in,), per device and dtype (built
-        once, not under ``torch.compile``: a tensor stored while tracing would escape the graph)."""
-        key = (x.device, x.dtype)
-        if key not in self._cache or torch.compiler.is_compiling():
-            k, n_fun = self.spline.spline_order, self.spline.num_functions
-            pieces = torch.tensor(_cardinal_bspline_pieces(k), dtype=torch.float64)  # (m, power)
-            transform = torch.zeros(n_fun, self.rows, k + 1, dtype=torch.float64)
-            for j in range(n_fun):  # B_j is piece m on interval c = j + m, which is table row c + 1
-                transform[j, j + 1 : j + k + 2] = pieces
-            first_row = torch.arange(self.groups).repeat_interleave(self.group_size) * self.rows
-            constants = (transform.to(x.device, x.dtype), first_row.to(x.device))
-            if torch.compiler.is_compiling():
-                return constants
-            self._cache[key] = constants
-        return self._cache[key]
-
-    def _tables(self, coefficients, x):
-        """The piece table (groups * rows, k + 1): the polynomial of every interval of every group, by
-        power; every input's linear and SiLU weights (in,) each; its group's first table row (in,)."""
-        transform, first_row = self._constants(x)
-        a = coefficients.to(x.dtype)  # (G, 2 + K)
-        table = torch.einsum("gj,jrp->grp", a[:, 2:], transform).flatten(0, 1)  # (G * rows, k + 1)
-        linear, silu = (a[:, i].repeat_interleave(self.group_size) for i in (0, 1))
-        return table, linear, silu, first_row
-
-    def _inference_tables(self, x):
-        """:meth:`_tables` of the forward-only path, kept while the coefficients hold the same values
-        (compared, not tracked: ``.data`` writes bump no version) and the input's device and dtype
-        stay: generation calls the layer once per new token."""
-        c = self.coefficients.detach()
-        if isinstance(c, FakeTensor):  # shapes only (memory estimates): no values to compare
-            return self._tables(c, x)
-        key = (x.device, x.dtype)
-        if self._inference_key != key or not torch.equal(c, self._inference_source):
-            self._inference = self._tables(c, x)
-            self._inference_key, self._inference_source = key, c.clone()
-        return self._inference
-
-    def _locate(self, x, first_row):
-        """(..., in) -> the table row of every input (int64) and its position ``t`` in the interval.
-
-        Row ``c + 1`` of its group holds interval ``c = floor(z)``; ``z + 1`` is clamped to
-        ``[0, K + k + 1]`` (beyond: the zero rows), where the cast to an integer is the floor and the
-        fractional part is ``t``."""
-        spline = self.spline
-        z = x.mul(1 / spline.step).add_(spline.spline_order + 1 - spline.grid_range[0] / spline.step)
-        # A NaN input (weights that diverged) keeps its NaN value but needs a row: clamping keeps NaN,
-        # whose cast to an integer indexes outside the table.
-        z.nan_to_num_(nan=0.0).clamp_(0.0, float(spline.num_functions + spline.spline_order + 1))
-        row = z.to(torch.int64)
-        return row.add_(first_row), z.frac_()
-
-    @staticmethod
-    def _piece(t, e):
-        """``sum_p e[p] t^p`` by Horner's rule: the spline part of phi_g, from the pieces ``e`` (k + 1
-        tensors, the columns of the gathered table rows)."""
-        value = e[-1]
-        for c in e[-2::-1]:
-            value = torch.addcmul(c, value, t)
-        return value
-
-    @staticmethod
-    def _piece_slope(t, e):
-        """``sum_p p e[p] t^(p-1)``, the derivative of :meth:`_piece` in ``t`` (divide by the grid step
-        for the derivative in x), from the same pieces: ``e_1 + 2 t (e_2 + 3/2 t (e_3 + ...))``."""
-        if len(e) < 2:
-            return torch.zeros_like(t)
-        slope = e[-1]
-        for p in range(len(e) - 2, 0, -1):
-            slope = torch.addcmul(e[p], slope, t, value=(p + 1) / p)
-        return slope
-
-    def _blocks(self, x):
-        rows = max(1, self._BLOCK_ELEMENTS // x.shape[-1])
-        return [slice(s, s + rows) for s in range(0, x.shape[0], rows)]
-
-    def compiled_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., in) -> (..., 1, in): the features as ``torch.compile`` computes them (see
-        :class:`_GroupedSplineFunction`); the same values as :meth:`features`."""
-        return _GroupedSplineFunction.apply(x, self.coefficients, self).unsqueeze(-2)
-
-    def _values(self, x: torch.Tensor, coefficients: torch.Tensor, slopes: bool):
-        """phi_g(x) of every input of ``x`` (..., in) from the piece table, and its derivative if asked."""
-        table, linear, silu_weight, first_row = self._tables(coefficients, x)
-        index, t = self._locate(x, first_row)
-        e = table[index].unbind(-1)  # k + 1 of (..., in): the pieces of every input's interval
-        value = self._piece(t, e) + linear * x + silu_weight * F.silu(x)
-        if not slopes:
-            return value, None
-        sigmoid = torch.sigmoid(x)
-        silu_slope = sigmoid * (1 + x * (1 - sigmoid))
-        return value, self._piece_slope(t, e) / self.spline.step + linear + silu_weight * silu_slope
-
-    def _phi_into(self, x, tables, out):
-        """phi_g(x) of a (rows, in) block ``x`` written into ``out``; returns the row index, ``t``, the
-        gathered pieces and ``silu(x)`` for the backward."""
-        table, linear, a_silu, first_row = tables
-        index, t = self._locate(x, first_row)
-        e = F.embedding(index, table).unbind(-1)  # k + 1 of (rows, in): a row gather, fastest on CPU
-        silu = F.silu(x)
-        torch.addcmul(self._piece(t, e).addcmul_(x, linear), silu, a_silu, out=out)
-        return index, t, e, silu
+        self._init_piece_tables()
 
     @_fp32_features
     def features_into(self, x, out):
-        with torch.no_grad():
-            tables = self._inference_tables(x)
-            x2, out2 = x.reshape(-1, x.shape[-1]), out.view(-1, x.shape[-1])
-            if x2.numel() <= self._BLOCK_ELEMENTS:  # a decoding step: one block
-                self._phi_into(x2, tables, out2)
-                return out
-            for rows in self._blocks(x2):
-                self._phi_into(x2[rows], tables, out2[rows])
-        return out
+        """phi_g(x) of every input written into ``out`` (..., 1, in), from the piece table."""
+        return self._blocked_features_into(x, out)
 
     @_fp32_features
     def features_and_grads(self, x, out, grad_out):
-        with torch.no_grad():
-            tables = self._tables(self.coefficients, x)
-            _, linear, a_silu, _ = tables
-            k, bins = self.spline.spline_order, self.groups * self.rows
-            x2, out2, g2 = (
-                x.reshape(-1, x.shape[-1]),
-                out.view(-1, x.shape[-1]),
-                grad_out.reshape(-1, x.shape[-1]),
-            )
-            blocks = self._blocks(x2)
-            grad_x = torch.empty_like(x2)
-            # sum of grad * t^p per table row, one histogram per row of the block (a scatter along the
-            # last dimension runs its rows in parallel; one shared histogram would run on one thread)
-            histograms = x2.new_empty(len(x2[blocks[0]]), k + 1, bins)
-            histogram = x2.new_zeros(k + 1, bins)
-            term_sums = x2.new_zeros(2, x.shape[-1])  # sums of grad * x and grad * silu(x) per input
-            for rows in blocks:
-                xb, gb = x2[rows], g2[rows]
-                index, t, e, silu = self._phi_into(xb, tables, out2[rows])
-                grad = torch.ops.aten.silu_backward(gb * a_silu, xb).addcmul_(gb, linear)
-                torch.addcmul(grad, gb, self._piece_slope(t, e), value=1 / self.spline.step, out=grad_x[rows])
-                term_sums[0] += (gb * xb).sum(0)
-                term_sums[1] += (gb * silu).sum(0)
-                block = histograms[: len(xb)].zero_()
-                weight = gb
-                for p in range(k + 1):
-                    block[:, p].scatter_add_(1, index, weight)
-                    if p < k:
-                        weight = weight * t
-                histogram += block.sum(0)
-            transform, _ = self._constants(x)
-            grad_spline = torch.einsum(
-                "pgr,jrp->gj", histogram.view(k + 1, self.groups, self.rows), transform
-            )
-            grad_a = torch.cat([term_sums.view(2, self.groups, -1).sum(-1).t(), grad_spline], 1)
-        return out, grad_x.view(x.shape), (grad_a,)
-
-
-class _GroupedSplineFunction(torch.autograd.Function):
-    """Grouped B-spline values for ``torch.compile``: the value and its slope come from the piece
-    table (a gather, which Inductor fuses as an indirect load); the gradient of the coefficients is a
-    reduction of ``grad * term`` over the inputs of each group, with every B-spline written densely
-    (the histogram of the eager path would become atomic adds). Saves ``x`` and the coefficients."""
-
-    @staticmethod
-    def forward(ctx, x, coefficients, basis):
-        ctx.save_for_backward(x, coefficients)
-        ctx.basis = basis
-        return basis._values(x, coefficients, slopes=False)[0]
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, coefficients = ctx.saved_tensors
-        basis = ctx.basis
-        _, slope = basis._values(x, coefficients, slopes=True)
-        shape = (*x.shape[:-1], basis.groups, basis.group_size)
-        xg, gg = x.reshape(shape), grad.reshape(shape)
-        dims = (*range(xg.dim() - 2), xg.dim() - 1)  # everything but the group
-        terms = [xg, F.silu(xg), *basis.spline.each_function(xg)]
-        grad_coefficients = torch.stack([(gg * term).sum(dims) for term in terms], 1)  # (G, 2 + K)
-        return grad * slope, grad_coefficients.to(coefficients.dtype), None
+        """Features into ``out`` and, from d(loss)/d(features) ``grad_out`` (..., 1, in), the gradients
+        of the input and of ``coefficients``: ``(out, grad_x, (grad_coefficients,))``, from the piece
+        table (the coefficients' gradient as per-interval sums)."""
+        return self._blocked_features_and_grads(x, out, grad_out)
 
 
 def make_basis(spec: KANSpec, in_features: int, device=None, dtype=None) -> Basis:

@@ -97,10 +97,12 @@ class KANSpec:
             return self.groups * (self.rational_order[0] + 1 + self.rational_order[1])
         return self.groups * (2 + self.num_functions) if self.grouped else 0
 
-    def check_width(self, in_features: int) -> None:
-        """Raise a ``ValueError`` if a layer with ``in_features`` inputs cannot use this spec."""
-        if self.grouped and in_features % self.groups:
-            raise ValueError(f"groups must divide in_features={in_features}, got {self.groups!r}")
+    def check_width(self, width: int, name: str = "in_features") -> None:
+        """Raise a ``ValueError`` if a layer with ``width`` inputs cannot use this spec (a grouped
+        layer's groups must divide it). The one width check: ``KANLinear`` runs it on its inputs, and
+        ``KANGPT2Config``'s model on its widths, ``name`` naming the width in the message."""
+        if self.grouped and width % self.groups:
+            raise ValueError(f"groups must divide {name}={width}, got {self.groups!r}")
 
     def num_parameters(self, in_features: int, out_features: int, bias: bool = True) -> int:
         """Parameters of a ``KANLinear(in_features, out_features)`` with this spec."""

@@ -1,7 +1,7 @@
 """Fused Triton kernels of a grouped B-spline KAN layer (the default design), for CUDA GPUs.
 
 A grouped layer computes ``y = phi(x) @ W.T + b`` where ``phi`` applies the function of every input's
-group elementwise (see ``kangpt.kan.GroupedBSplineBasis``). The kernels never write ``phi(x)``:
+group elementwise (see ``kangpt.kan_grouped.PieceTableEvaluation``). The kernels never write ``phi(x)``:
 
 - forward: one matmul whose K loop loads a tile of ``x`` and evaluates ``phi`` on it in registers
   (a gather of the piece table, a Horner step, the linear and SiLU terms) before the dot product;

@@ -122,21 +122,15 @@ class KANGPT2FeedForward(KANFeedForward):
 
     def __init__(self, config: KANGPT2Config, layer_idx: int):
         hidden = config.kan_hidden_size_of_layer(layer_idx)
-        if config.kan_spec().grouped:  # checked here, as n_head is
-            groups = config.kan_groups
-            if config.n_embd % groups:
-                raise ValueError(f"KANGPT2Config.kan_groups must divide n_embd={config.n_embd}, got {groups}")
-            if hidden and hidden % groups:
-                raise ValueError(
-                    f"KANGPT2Config.kan_hidden_size must be a multiple of kan_groups={groups} for grouped "
-                    f"KAN layers, got {hidden}"
-                )
+        # One spec for the block's layers. The widths are checked here, as n_head is (a config's fields
+        # may change one at a time), so that the message names the config's fields.
+        widths = {"n_embd": config.n_embd, **({"kan_hidden_size": hidden} if hidden else {})}
         super().__init__(
             config.n_embd,
             config.n_embd,
             hidden,
             output_gain=1 / math.sqrt(2 * config.n_layer),  # GPT-2's scaling of residual branches
-            **config.kan_layer_kwargs(),
+            spec=config.kan_spec(widths),
         )
         self.dropout = nn.Dropout(config.resid_pdrop)
 

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 from kangpt import KANGPT2LMHeadModel, commands
 from kangpt.data import load_documents, load_tokenizer, pack_documents
 from kangpt.finetuning.convert import convert_gpt2, fit_group_functions, load_gpt2
-from kangpt.kan import KANLinear
+from kangpt.kan import KANLinear, KANSpec
 from kangpt.training.evaluation import validation_loss
 
 SHAPE = {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 64}
@@ -111,7 +111,8 @@ def test_a_gpt2_trained_by_kangpt_loads_as_transformers_gpt2(gpt2, gpt2_folder, 
 def test_group_functions_fit_the_identity_exactly_and_gelu_closely():
     torch.manual_seed(0)
     x = 3 * torch.randn(5000, 16, dtype=torch.float64)
-    layer = KANLinear(16, 4, sharing="group", groups=4, grid_range=(-6, 6), grid_size=15).double()
+    spec = KANSpec(sharing="group", groups=4, grid_range=(-6, 6), grid_size=15)
+    layer = KANLinear(16, 4, spec).double()
     assert fit_group_functions(layer, lambda v: v, x) < 1e-6  # the linear term
     gelu = torch.nn.functional.gelu
     assert fit_group_functions(layer, lambda v: gelu(v, approximate="tanh"), x) < 2e-3

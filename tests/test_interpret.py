@@ -26,7 +26,7 @@ from kangpt.interpret import (
     prune,
     validation_loss,
 )
-from kangpt.kan import KANLinear
+from kangpt.kan import KANLinear, KANSpec
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # nats/token that pruning 25% of the hidden units and 10% of the edges may cost the tiny trained model
@@ -67,7 +67,8 @@ def test_importance_matches_brute_force(basis, sharing):
     unit is removed (its mean folded into the bias)."""
     torch.manual_seed(0)
     kwargs = {"basis": basis, "groups": 2, "sharing": sharing}
-    first, second = KANLinear(6, 8, **kwargs).double(), KANLinear(8, 5, **kwargs).double()
+    spec = KANSpec(**kwargs)  # one spec for the block, as KANFeedForward builds it
+    first, second = KANLinear(6, 8, spec).double(), KANLinear(8, 5, spec).double()
     with torch.no_grad():
         for layer in (first, second):
             layer.weight.normal_(std=0.5)
@@ -89,7 +90,7 @@ def test_importance_matches_brute_force(basis, sharing):
     units = input_importance(second, stats)
     y = second(h).detach()
     for k in range(second.in_features):
-        removed = KANLinear(8, 5, **kwargs).double()
+        removed = KANLinear.from_settings(8, 5, **kwargs).double()
         removed.load_state_dict(second.state_dict())
         with torch.no_grad():
             removed.coefficients()[:, k] = 0
@@ -118,7 +119,7 @@ def _set_edge(layer, i, j, fn, scale=1.0):
 @pytest.mark.parametrize("basis", ["bspline", "rbf", "chebyshev"])
 def test_auto_symbolic_names_edges_fitted_to_known_functions(basis, tmp_path):
     torch.manual_seed(0)
-    layer = KANLinear(4, 3, basis=basis, grid_size=8).double()
+    layer = KANLinear.from_settings(4, 3, basis=basis, grid_size=8).double()
     with torch.no_grad():
         layer.weight.normal_(std=0.01)  # every other edge is small
     _set_edge(layer, 1, 2, lambda x: 1.5 * torch.sin(1.7 * x + 0.3))
@@ -140,7 +141,7 @@ def test_auto_symbolic_names_edges_fitted_to_known_functions(basis, tmp_path):
 @pytest.mark.parametrize("basis", ["rational", "bspline"])
 def test_auto_symbolic_fits_group_functions(basis):
     torch.manual_seed(0)
-    layer = KANLinear(4, 3, basis=basis, groups=2, sharing="group", grid_size=8).double()
+    layer = KANLinear.from_settings(4, 3, basis=basis, groups=2, sharing="group", grid_size=8).double()
     with torch.no_grad():
         if basis == "rational":
             layer.basis.numerator.zero_()

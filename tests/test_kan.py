@@ -5,12 +5,13 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from kangpt import kan_bases, kan_fast
+from kangpt import kan_fast, kan_grouped
 from kangpt.kan import (
     BASES,
     SHARINGS,
     KANFeedForward,
     KANLinear,
+    KANSpec,
     kan_block_hidden_size,
     kan_linear_num_parameters,
 )
@@ -71,7 +72,8 @@ def test_grouped_bspline_is_linear_plus_silu_plus_cox_de_boor_splines_per_group(
     paths (the pointwise formula and the eager piece table)."""
     torch.manual_seed(7)
     lo, hi, grid = -1.5, 2.5, 4
-    layer = KANLinear(6, 2, grid_size=grid, spline_order=k, grid_range=(lo, hi), sharing="group", groups=3)
+    spec = KANSpec(grid_size=grid, spline_order=k, grid_range=(lo, hi), sharing="group", groups=3)
+    layer = KANLinear(6, 2, spec)
     a = torch.randn(3, 2 + grid + k, dtype=torch.float64)
     layer = layer.double()
     with torch.no_grad():
@@ -95,11 +97,11 @@ def test_grouped_layer_is_a_per_edge_layer_with_rank_one_coefficients(basis):
     """Without its linear term, a grouped layer equals the per-edge layer whose edge i -> j has the
     coefficients w_ji * a_g(i) (SiLU and spline)."""
     torch.manual_seed(8)
-    grouped = KANLinear(8, 5, basis=basis, sharing="group", groups=4).double()
+    grouped = KANLinear.from_settings(8, 5, basis=basis, sharing="group", groups=4).double()
     with torch.no_grad():
         grouped.basis.coefficients.normal_()
         grouped.basis.coefficients[:, 0] = 0  # the linear term, which per-edge layers do not have
-    edge = KANLinear(8, 5, basis=basis, sharing="edge").double()
+    edge = KANLinear.from_settings(8, 5, basis=basis, sharing="edge").double()
     a = grouped.basis.coefficients.detach()[:, 1:].repeat_interleave(2, dim=0)  # (in, F): every input's
     with torch.no_grad():
         edge.coefficients().copy_(grouped.weight[:, :, None] * a[None])  # (out, in, F)
@@ -112,7 +114,7 @@ def test_grouped_layer_is_a_per_edge_layer_with_rank_one_coefficients(basis):
 @pytest.mark.parametrize("basis,old,new", [("bspline", 5, 10), ("rbf", 5, 7), ("chebyshev", 5, 9)])
 def test_grouped_extend_grid_preserves_the_functions_and_the_parameters(basis, old, new):
     torch.manual_seed(9)
-    layer = KANLinear(6, 4, basis=basis, grid_size=old, sharing="group", groups=2)
+    layer = KANLinear.from_settings(6, 4, basis=basis, grid_size=old, sharing="group", groups=2)
     coefficients, weight = layer.basis.coefficients, layer.weight
     with torch.no_grad():
         coefficients.normal_()
@@ -151,7 +153,7 @@ def reference_layer(layer: KANLinear, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("basis,sharing", KINDS)
 def test_gradcheck_custom_backward_for_input_and_every_parameter(basis, sharing):
     torch.manual_seed(0)
-    layer = KANLinear(
+    layer = KANLinear.from_settings(
         4, 3, basis=basis, groups=2, chunk_size=4, grid_range=(-1.5, 1.5), sharing=sharing
     ).double()
     with torch.no_grad():  # spline coefficients as large as the SiLU weights, so they matter
@@ -172,7 +174,7 @@ def test_gradcheck_custom_backward_for_input_and_every_parameter(basis, sharing)
 @pytest.mark.parametrize("basis,sharing", KINDS)
 def test_chunked_function_equals_plain_autograd(basis, sharing):
     torch.manual_seed(1)
-    layer = KANLinear(12, 6, basis=basis, groups=4, chunk_size=5, sharing=sharing)
+    layer = KANLinear.from_settings(12, 6, basis=basis, groups=4, chunk_size=5, sharing=sharing)
     x = torch.randn(4, 9, 12, requires_grad=True)
     y = layer(x)
     y.pow(2).sum().backward()
@@ -191,7 +193,7 @@ def test_reference_forward_is_the_layer(basis, sharing):
     """``reference_forward`` (features, one matmul) gives what ``forward`` gives, and is the obvious
     formula of this test file."""
     torch.manual_seed(12)
-    layer = KANLinear(12, 5, basis=basis, groups=4, sharing=sharing).double()
+    layer = KANLinear.from_settings(12, 5, basis=basis, groups=4, sharing=sharing).double()
     x = 2 * torch.randn(3, 7, 12, dtype=torch.float64)
     torch.testing.assert_close(layer.reference_forward(x), reference_layer(layer, x))
     torch.testing.assert_close(layer(x), layer.reference_forward(x))
@@ -202,9 +204,9 @@ def test_grouped_bspline_blocks_equal_plain_autograd(k, monkeypatch):
     """The grouped B-spline eager path works in blocks of rows (per-row histograms for the gradient
     of the coefficients); cut into blocks of 5 rows, the last one ragged, values and every gradient
     equal plain autograd through the pointwise formula."""
-    monkeypatch.setattr(kan_bases.GroupedBSplineBasis, "_BLOCK_ELEMENTS", 5 * 12)
+    monkeypatch.setattr(kan_grouped.PieceTableEvaluation, "_BLOCK_ELEMENTS", 5 * 12)
     torch.manual_seed(11)
-    layer = KANLinear(12, 6, spline_order=k, sharing="group", groups=4).double()
+    layer = KANLinear.from_settings(12, 6, spline_order=k, sharing="group", groups=4).double()
     with torch.no_grad():
         layer.basis.coefficients.normal_()
     x = (2 * torch.randn(36, 12, dtype=torch.float64)).requires_grad_()
@@ -223,7 +225,7 @@ def test_grouped_bspline_blocks_equal_plain_autograd(k, monkeypatch):
 def test_compiled_path_formula_equals_eager(basis, sharing, monkeypatch):
     """Under torch.compile the layer uses the plain formula; it must give the same values."""
     torch.manual_seed(2)
-    layer = KANLinear(8, 4, basis=basis, groups=2, sharing=sharing)
+    layer = KANLinear.from_settings(8, 4, basis=basis, groups=2, sharing=sharing)
     x = torch.randn(5, 8)
     eager = layer(x)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
@@ -234,7 +236,7 @@ def test_compiled_path_formula_equals_eager(basis, sharing, monkeypatch):
 
 @pytest.mark.parametrize("basis,sharing", KINDS)
 def test_saves_only_its_input_for_backward(basis, sharing):
-    layer = KANLinear(16, 8, basis=basis, chunk_size=4, sharing=sharing)
+    layer = KANLinear.from_settings(16, 8, basis=basis, chunk_size=4, sharing=sharing)
     x = torch.randn(64, 16, requires_grad=True)
     params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
     saved = []
@@ -260,7 +262,7 @@ def test_shape_compatible_with_linear():
 @pytest.mark.parametrize("basis,sharing", KINDS)
 def test_basis_in_fp32_under_bf16_autocast(basis, sharing):
     torch.manual_seed(3)
-    layer = KANLinear(16, 8, basis=basis, chunk_size=8, sharing=sharing)
+    layer = KANLinear.from_settings(16, 8, basis=basis, chunk_size=8, sharing=sharing)
     x = torch.randn(32, 16).bfloat16()
     feats = layer.basis.features(x)
     assert feats.dtype == torch.float32
@@ -277,7 +279,7 @@ def test_basis_in_fp32_under_bf16_autocast(basis, sharing):
 @pytest.mark.parametrize("basis,sharing", KINDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_finite_for_huge_inputs(basis, sharing, dtype):
-    layer = KANLinear(4, 3, basis=basis, groups=2, sharing=sharing).to(dtype)
+    layer = KANLinear.from_settings(4, 3, basis=basis, groups=2, sharing=sharing).to(dtype)
     x = torch.tensor([[1e4, -1e4, 0.0, 3.0], [-1e4, 1e4, 1e3, -1e3]], dtype=dtype, requires_grad=True)
     assert torch.isfinite(layer.basis.features(x)).all()
     y = layer(x)
@@ -299,13 +301,13 @@ def test_finite_for_huge_inputs(basis, sharing, dtype):
 )
 def test_bad_arguments_name_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=name):
-        KANLinear(8, 4, **kwargs)
+        KANLinear.from_settings(8, 4, **kwargs)
 
 
 @pytest.mark.parametrize("basis,old,new", [("bspline", 5, 10), ("bspline", 4, 12), ("chebyshev", 5, 9)])
 def test_extend_grid_preserves_the_function(basis, old, new):
     torch.manual_seed(4)
-    layer = KANLinear(6, 4, basis=basis, grid_size=old)
+    layer = KANLinear.from_settings(6, 4, basis=basis, grid_size=old)
     with torch.no_grad():
         layer.weight.normal_()  # large spline coefficients: a non-trivial function
     x = torch.linspace(-2, 2, 513).unsqueeze(-1).expand(-1, 6)
@@ -318,13 +320,13 @@ def test_extend_grid_preserves_the_function(basis, old, new):
 
 def test_extend_grid_rejects_coarsening_and_rational():
     with pytest.raises(ValueError, match="new_grid_size"):
-        KANLinear(4, 4, grid_size=5).extend_grid(3)
+        KANLinear.from_settings(4, 4, grid_size=5).extend_grid(3)
     with pytest.raises(ValueError, match="rational"):
-        KANLinear(8, 4, basis="rational", groups=4).extend_grid(8)
+        KANLinear.from_settings(8, 4, basis="rational", groups=4).extend_grid(8)
 
 
 def test_regularization_loss_matches_hand_computation():
-    layer = KANLinear(3, 2, grid_size=1, spline_order=1)  # 1 + 2 features per edge
+    layer = KANLinear.from_settings(3, 2, grid_size=1, spline_order=1)  # 1 + 2 features per edge
     with torch.no_grad():
         coefficients = layer.coefficients()  # (out, in, F)
         coefficients.zero_()
@@ -339,7 +341,7 @@ def test_regularization_loss_matches_hand_computation():
 def test_edge_functions_sum_to_the_layer_output():
     torch.manual_seed(5)
     for basis, sharing in KINDS:
-        layer = KANLinear(8, 3, basis=basis, groups=4, sharing=sharing)
+        layer = KANLinear.from_settings(8, 3, basis=basis, groups=4, sharing=sharing)
         x = torch.randn(7, 8)
         edges = layer.edge_functions(x)  # (P, out, in)
         torch.testing.assert_close(edges.sum(-1) + layer.bias, layer(x), rtol=1e-5, atol=1e-5)
@@ -357,7 +359,7 @@ def test_initialisation_close_to_silu_mlp_and_variance_preserving():
 
 @pytest.mark.parametrize("basis,sharing", KINDS)
 def test_parameter_count_formula(basis, sharing):
-    layer = KANLinear(16, 8, basis=basis, grid_size=4, spline_order=2, sharing=sharing)
+    layer = KANLinear.from_settings(16, 8, basis=basis, grid_size=4, spline_order=2, sharing=sharing)
     assert kan_linear_num_parameters(16, 8, basis=basis, grid_size=4, spline_order=2, sharing=sharing) == sum(
         p.numel() for p in layer.parameters()
     )
@@ -396,7 +398,7 @@ def test_hidden_size_says_when_a_single_layer_fits():
 @pytest.mark.parametrize("sharing", SHARINGS)
 def test_torch_compile_matches_eager_and_keeps_only_the_input(sharing, monkeypatch):
     torch.manual_seed(7)
-    layer = KANLinear(16, 8, chunk_size=24, sharing=sharing, groups=4)
+    layer = KANLinear.from_settings(16, 8, chunk_size=24, sharing=sharing, groups=4)
     with torch.no_grad():
         for param in layer.basis.parameters():  # grouped: functions far from their SiLU start
             param.normal_()
@@ -429,7 +431,7 @@ def test_torch_compile_matches_eager_and_keeps_only_the_input(sharing, monkeypat
 def test_rational_matches_the_group_formula():
     """Every input goes through its group's P(x) / (1 + |Q(x)|), written out term by term."""
     torch.manual_seed(4)
-    layer = KANLinear(6, 2, basis="rational", groups=3, rational_order=(3, 2)).double()
+    layer = KANLinear.from_settings(6, 2, basis="rational", groups=3, rational_order=(3, 2)).double()
     with torch.no_grad():
         layer.basis.numerator.normal_()
         layer.basis.denominator.normal_()
@@ -451,7 +453,7 @@ def test_grouped_inference_sees_coefficients_changed_in_place():
     """The forward-only path keeps its piece table between calls (generation); an optimizer step,
     which changes the coefficients in place, must still be seen."""
     torch.manual_seed(10)
-    layer = KANLinear(8, 4, sharing="group", groups=2)
+    layer = KANLinear.from_settings(8, 4, sharing="group", groups=2)
     x = torch.randn(5, 8)
     with torch.no_grad():
         before = layer(x)
@@ -464,7 +466,7 @@ def test_grouped_inference_sees_coefficients_changed_in_place():
 @pytest.mark.parametrize("basis,sharing", [("bspline", "edge"), ("bspline", "group"), ("rbf", "group")])
 def test_set_grid_range_keeps_the_functions_on_the_new_range(basis, sharing):
     torch.manual_seed(11)
-    layer = KANLinear(6, 4, basis=basis, sharing=sharing, groups=2, grid_size=8).double()
+    layer = KANLinear.from_settings(6, 4, basis=basis, sharing=sharing, groups=2, grid_size=8).double()
     with torch.no_grad():  # smooth functions: every function's coefficients sampled from a sine
         functions = layer.basis.coefficients if sharing == "group" else layer.coefficients()  # (..., F)
         phase = 6 * torch.rand(*functions.shape[:-1], 1, dtype=functions.dtype)
@@ -478,7 +480,7 @@ def test_set_grid_range_keeps_the_functions_on_the_new_range(basis, sharing):
     tolerance = 0.02 if basis == "bspline" else 0.05  # a least-squares refit onto another grid
     assert (layer(x) - before).abs().max() < tolerance * before.abs().max()
     with pytest.raises(ValueError, match="chebyshev"):
-        KANLinear(4, 2, basis="chebyshev").set_grid_range(-1, 1)
+        KANLinear.from_settings(4, 2, basis="chebyshev").set_grid_range(-1, 1)
 
 
 @pytest.mark.parametrize("grad", [False, True])
@@ -486,7 +488,7 @@ def test_a_nan_input_gives_nan_where_it_reaches_and_no_index_error(grad):
     # Weights that diverged feed NaN to the next layer: the loss must turn NaN (which training catches),
     # not the piece-table lookup index outside its table.
     torch.manual_seed(2)
-    layer = KANLinear(8, 5, sharing="group", groups=2, kernel="torch")
+    layer = KANLinear.from_settings(8, 5, sharing="group", groups=2, kernel="torch")
     x = torch.randn(4, 8)
     clean = layer(x).detach()
     x[1, 3] = float("nan")
@@ -497,3 +499,14 @@ def test_a_nan_input_gives_nan_where_it_reaches_and_no_index_error(grad):
     if grad:
         y[[0, 2, 3]].sum().backward()
         assert torch.isfinite(x.grad[[0, 2, 3]]).all()
+
+
+def test_a_block_builds_one_spec_and_hands_it_to_its_layers():
+    spec = KANSpec(sharing="group", groups=4)
+    block = KANFeedForward(8, 8, 16, spec=spec, kernel="torch")  # a field given too changes the spec
+    first, second = block.layers
+    assert first.spec is second.spec and first.spec == spec.replace(kernel="torch")
+    layer = KANLinear.from_settings(8, 4, sharing="group", groups=4, bias=False)  # keywords: spec + layer
+    assert layer.spec == spec and layer.bias is None
+    with pytest.raises(TypeError, match="spec must be a KANSpec"):
+        KANLinear(8, 4, {"sharing": "group"})

@@ -15,7 +15,7 @@ CUDA = torch.cuda.is_available()
 pytest.importorskip("triton", reason="triton is not installed (the dev extra installs it where it can)")
 
 from kangpt import kan_fast, kan_triton  # noqa: E402
-from kangpt.kan import KANLinear  # noqa: E402
+from kangpt.kan import KANLinear, KANSpec  # noqa: E402
 from kangpt.kan_triton import grouped_linear  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
@@ -26,11 +26,12 @@ SHAPES = [(5, 12, 7, 4), (70, 96, 40, 8), (33, 64, 45, 2), (40, 80, 64, 2)]
 def layers(n_in, n_out, groups, seed=0):
     """A grouped B-spline layer with functions far from their start, and its twin on the kernels."""
     torch.manual_seed(seed)
-    torch_layer = KANLinear(n_in, n_out, sharing="group", groups=groups, kernel="torch").to(DEVICE)
+    spec = KANSpec(sharing="group", groups=groups, kernel="torch")
+    torch_layer = KANLinear(n_in, n_out, spec).to(DEVICE)
     with torch.no_grad():
         torch_layer.basis.coefficients.normal_()
         torch_layer.bias.normal_()
-    fused = KANLinear(n_in, n_out, sharing="group", groups=groups, kernel="triton").to(DEVICE)
+    fused = KANLinear(n_in, n_out, spec.replace(kernel="triton")).to(DEVICE)
     fused.load_state_dict(torch_layer.state_dict())
     return torch_layer, fused
 
@@ -117,8 +118,8 @@ class FailingKernel:
 
 
 def auto_twin(reference: KANLinear) -> KANLinear:
-    auto = KANLinear(reference.in_features, reference.out_features, sharing="group", groups=reference.groups,
-                     kernel="auto").to(DEVICE)
+    spec = reference.spec.replace(kernel="auto")
+    auto = KANLinear(reference.in_features, reference.out_features, spec).to(DEVICE)
     auto.load_state_dict(reference.state_dict())
     return auto
 

@@ -101,6 +101,23 @@ def test_heads_that_do_not_divide_the_width_are_refused_by_the_attention_as_in_g
         KANGPT2LMHeadModel(config)
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"kan_groups": 3}, r"KANGPT2Config.kan_groups must divide n_embd=32, got 3"),
+        ({"kan_hidden_size": 36}, r"KANGPT2Config.kan_groups must divide kan_hidden_size=36, got 8"),
+    ],
+)
+def test_kan_widths_the_groups_do_not_divide_are_refused_by_the_block(overrides, message):
+    config = tiny_config(kan_hidden_size=64)
+    first, second = KANGPT2LMHeadModel(config).transformer.h[0].mlp.layers
+    assert first.spec is second.spec  # one spec per block, built and checked once
+    for field, value in overrides.items():  # set one at a time, as the config allows: the block refuses
+        setattr(config, field, value)
+    with pytest.raises(ValueError, match=message):
+        KANGPT2LMHeadModel(config)
+
+
 def test_parameter_counts_at_gpt2_small_on_meta_device():
     with torch.device("meta"):
         mlp = KANGPT2LMHeadModel(KANGPT2Config(ffn_type="mlp"))

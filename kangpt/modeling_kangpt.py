@@ -121,16 +121,14 @@ class KANGPT2FeedForward(KANFeedForward):
     ``kan_hidden_size`` is 0), then dropout."""
 
     def __init__(self, config: KANGPT2Config, layer_idx: int):
-        hidden = config.kan_hidden_size_of_layer(layer_idx)
-        # One spec for the block's layers. The widths are checked here, as n_head is (a config's fields
-        # may change one at a time), so that the message names the config's fields.
-        widths = {"n_embd": config.n_embd, **({"kan_hidden_size": hidden} if hidden else {})}
+        # One spec for the block's layers. The widths are checked here too, as n_head is (a config's
+        # fields may change one at a time), so that the message names the config's fields.
         super().__init__(
             config.n_embd,
             config.n_embd,
-            hidden,
+            config.kan_hidden_size_of_layer(layer_idx),
             output_gain=1 / math.sqrt(2 * config.n_layer),  # GPT-2's scaling of residual branches
-            spec=config.kan_spec(widths),
+            spec=config.kan_spec(config.kan_widths(layer_idx)),
         )
         self.dropout = nn.Dropout(config.resid_pdrop)
 

@@ -36,7 +36,6 @@ from typing_extensions import TypedDict  # pydantic reads typing's TypedDict onl
 from ..configuration_kangpt import KANGPT2Config
 from ..data import BPE_VOCAB_SIZE_RULE, MIN_BPE_VOCAB_SIZE
 from ..messages import first_line
-from ..modeling_kangpt import KANGPT2LMHeadModel
 
 SECTIONS = ("model", "data", "train")
 TRACKERS = tuple(t.value for t in LoggerType if t != LoggerType.ALL)
@@ -259,19 +258,6 @@ def _init_from_config(config: RunConfig) -> KANGPT2Config:
         raise ConfigError(f"train.init_from: cannot read {path!r}: {first_line(err)}") from err
 
 
-def _buildable_model_config(config: RunConfig) -> KANGPT2Config:
-    """The run's model config, once the model has been built from it on the meta device (nothing is
-    allocated): the modules check what the config alone does not, as in GPT-2 (``n_head`` dividing
-    ``n_embd``), so a run that cannot build its model is refused before it loads any data."""
-    model_cfg = model_config(config)
-    try:
-        with torch.device("meta"):
-            KANGPT2LMHeadModel(model_cfg)
-    except ValueError as err:
-        raise ConfigError(f"model: {err}") from err
-    return model_cfg
-
-
 def _read_config_file(path: Path) -> dict:
     """The sections of a run's YAML file (``{}`` for an empty one); ConfigError naming the file."""
     try:
@@ -443,7 +429,7 @@ def _check_values(config: RunConfig) -> None:
     if train.init_from is None and given != data.block_size:  # two knobs that must agree: one is enough
         raise ConfigError(f"model.n_positions={given!r} differs from data.block_size={data.block_size}: "
                           "leave model.n_positions out, it follows data.block_size")
-    model = _buildable_model_config(config)
+    model = model_config(config)  # the config's own validators check what the model needs of it
     n_positions = model.n_positions
     need("data.block_size", data.block_size <= n_positions, f"must be <= model.n_positions={n_positions}")
     for key in ("max_steps", "batch_size", "gradient_accumulation_steps", "eval_interval", "log_interval",

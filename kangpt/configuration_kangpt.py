@@ -101,7 +101,6 @@ class KANGPT2Config(PreTrainedConfig):
                 kan_block_hidden_size(self.n_embd, self.n_embd, self.mlp_num_parameters, spec=self.kan_spec())
                 or 0
             )
-        self.validate_widths()
         super().__post_init__(**kwargs)
 
     @property
@@ -152,11 +151,11 @@ class KANGPT2Config(PreTrainedConfig):
             self._need(len(self.kan_hidden_size) == self.n_layer, "kan_hidden_size",
                        f"must have n_layer={self.n_layer} entries")
 
-    def validate_widths(self) -> None:
-        """What the model's modules need of the widths, on the config alone (a run config is checked
-        without building its model): ``n_head`` divides ``n_embd`` and a grouped KAN layer's groups
-        divide its inputs (``n_embd``, each block's ``kan_hidden_size``). The modules check it again
-        when built: a config's fields may be changed one at a time after it is made."""
+    def check_widths(self) -> None:
+        """What the model's modules need of the widths, checked on the config alone (a run config is
+        checked without building its model): ``n_head`` divides ``n_embd`` and a grouped KAN layer's
+        groups divide its inputs (``n_embd``, each block's ``kan_hidden_size``). Not a validator of
+        the config: like GPT2Config, it accepts such widths, and the modules refuse them when built."""
         self._need(self.n_embd % self.n_head == 0, "n_head", f"must divide n_embd={self.n_embd}")
         if self.ffn_type == "kan":
             for layer in range(self.n_layer if isinstance(self.kan_hidden_size, list) else 1):

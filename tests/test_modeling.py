@@ -95,14 +95,13 @@ def test_invalid_config_values_name_the_field(field, value):
         KANGPT2Config(**{field: value})
 
 
-def test_heads_that_do_not_divide_the_width_are_refused_by_the_config_and_the_attention():
+def test_heads_that_do_not_divide_the_width_are_refused_by_the_attention_as_in_gpt2():
+    config = tiny_config(n_head=5)  # GPT2Config accepts it too: GPT2Attention refuses it
     message = r"KANGPT2Config.n_head must divide n_embd=32, got 5"
-    with pytest.raises(ValueError, match=message):  # the config alone: a run config needs no model
-        tiny_config(n_head=5)
-    config = tiny_config()
-    config.n_head = 5  # changed after it was made (GPT2Config accepts it too): GPT2Attention refuses it
     with pytest.raises(ValueError, match=message):
         KANGPT2LMHeadModel(config)
+    with pytest.raises(ValueError, match=message):  # what a run config asks before building a model
+        config.check_widths()
 
 
 @pytest.mark.parametrize(

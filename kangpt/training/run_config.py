@@ -429,7 +429,11 @@ def _check_values(config: RunConfig) -> None:
     if train.init_from is None and given != data.block_size:  # two knobs that must agree: one is enough
         raise ConfigError(f"model.n_positions={given!r} differs from data.block_size={data.block_size}: "
                           "leave model.n_positions out, it follows data.block_size")
-    model = model_config(config)  # the config's own validators check what the model needs of it
+    model = model_config(config)
+    try:
+        model.check_widths()  # what the model's modules need, without building them
+    except ValueError as err:
+        raise ConfigError(f"model: {err}") from err
     n_positions = model.n_positions
     need("data.block_size", data.block_size <= n_positions, f"must be <= model.n_positions={n_positions}")
     for key in ("max_steps", "batch_size", "gradient_accumulation_steps", "eval_interval", "log_interval",

@@ -139,7 +139,7 @@ def test_an_atomic_folder_replaces_the_old_one_whole_or_leaves_it_as_it_was(tmp_
     assert sorted(p.name for p in path.parent.iterdir()) == ["report"]
 
 
-def test_shared_atomic_folders_of_one_path_each_write_their_own_and_one_whole_stays(tmp_path):
+def test_shared_atomic_folders_of_one_path_each_write_their_own_and_readers_always_find_it(tmp_path):
     path = tmp_path / "cache" / "entry"
     with atomic_folder(path, shared=True) as first:
         with atomic_folder(path, shared=True) as second:  # another process, at the same time
@@ -148,8 +148,10 @@ def test_shared_atomic_folders_of_one_path_each_write_their_own_and_one_whole_st
                 (second / name).write_text("second")
         for name in ("config.json", "tokenizer.json"):
             (first / name).write_text("first")
+        inode = path.stat().st_ino  # the second writer's entry, which readers may be loading
+    assert path.stat().st_ino == inode  # never moved away: its files were replaced one by one
     contents = {p.name: p.read_text() for p in path.iterdir()}
-    assert set(contents) == {"config.json", "tokenizer.json"} and len(set(contents.values())) == 1
+    assert contents == {"config.json": "first", "tokenizer.json": "first"}
     assert sorted(p.name for p in path.parent.iterdir()) == ["entry"]
 
 

@@ -73,7 +73,7 @@ def load_tokenizer(
     if tokenizer is None:
         trained = _train_bpe(texts, vocab_size)
         # Runs started together may train the same BPE at once: each writes its own whole entry.
-        with atomic_folder(path, shared=True) as tmp:
+        with atomic_folder(path, shared=True, last="tokenizer.json") as tmp:  # it marks a whole entry
             trained.save_pretrained(tmp)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     if len(tokenizer) < vocab_size:  # checked after loading, so a cached short BPE is reported too

@@ -17,14 +17,16 @@ from pathlib import Path
 
 
 @contextmanager
-def atomic_folder(path: Path, *, shared: bool = False) -> Iterator[Path]:
+def atomic_folder(path: Path, *, shared: bool = False, last: str | None = None) -> Iterator[Path]:
     """Yield an empty temporary folder to write ``path`` in; when the block ends it replaces ``path``
     (an older ``path`` is moved aside, then deleted); when the block raises it is deleted, and
     ``path`` stays as it was.
 
     The temporary folder is ``.tmp-<name>``, where a writer that died left its part (deleted first).
-    With ``shared``, other processes may write the same ``path`` at once (a cache): each gets a
-    temporary folder of its own, and when another one's folder took the name first, it stays.
+    With ``shared``, other processes may write and read the same (flat) ``path`` at once, a cache:
+    each writer gets a temporary folder of its own, and over an existing ``path`` its files are
+    moved in one by one (``last``, the file that marks a whole entry, at the end), so that a reader
+    never finds ``path`` missing.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     if shared:
@@ -35,7 +37,10 @@ def atomic_folder(path: Path, *, shared: bool = False) -> Iterator[Path]:
         tmp.mkdir()
     try:
         yield tmp
-        publish(tmp, path, shared=shared)
+        if shared:
+            _move_in(tmp, path, last)
+        else:
+            publish(tmp, path)
     except BaseException:
         remove(tmp)
         raise
@@ -46,25 +51,33 @@ def temporary_name(path: Path) -> Path:
     return path.with_name(f".tmp-{path.name}")
 
 
-def publish(tmp: Path, path: Path, *, shared: bool = False) -> None:
+def publish(tmp: Path, path: Path) -> None:
     """Rename the finished folder ``tmp`` to ``path``; an older ``path`` is moved aside, then deleted.
 
     Modes are first made what a plain ``open``/``mkdir`` gives under the umask (see :func:`_normalise_modes`).
-    With ``shared`` (see :func:`atomic_folder`), a ``path`` another writer renamed into place in the
-    meantime is kept and ``tmp`` deleted.
     """
     _normalise_modes(tmp)
-    old = tmp.with_name(".old-" + tmp.name.removeprefix(".tmp-"))
+    old = path.with_name(f".old-{path.name}")
     remove(old)
+    if path.exists():
+        os.rename(path, old)
+    os.rename(tmp, path)
+    remove(old)
+
+
+def _move_in(tmp: Path, path: Path, last: str | None) -> None:
+    """Rename ``tmp`` to ``path``, or, where ``path`` exists (another writer's, or a damaged entry),
+    replace its files by ``tmp``'s one by one, each atomically, ``last`` at the end."""
+    _normalise_modes(tmp)
     try:
-        if path.exists():
-            os.rename(path, old)
         os.rename(tmp, path)
+        return
     except OSError:
-        if not (shared and path.is_dir()):
+        if not path.is_dir():
             raise
-        remove(tmp)
-    remove(old)
+    for file in sorted(tmp.iterdir(), key=lambda file: file.name == last):
+        os.replace(file, path / file.name)
+    remove(tmp)
 
 
 def write_text_atomically(path: Path, text: str) -> None:

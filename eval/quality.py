@@ -501,7 +501,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         variants, corpora, lrs, seeds = protocol_choices(args)
         base = protocol_config(args.config, merge(PROTOCOL, QUICK) if args.quick else PROTOCOL, overrides)
-        settings = describe(base, corpora, variants, lrs, seeds, args)
+        settings = {
+            "config": args.config,
+            "widen": args.widen,
+            "quick": args.quick,
+            "jobs": args.jobs,
+            **describe(base, corpora, variants, lrs, seeds, out),
+        }
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -525,8 +531,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def describe(base: RunConfig, corpora, variants, lrs, seeds, args) -> dict:
-    """The protocol's settings and, per corpus, the data's sizes and every model's parameters (checked)."""
+def describe(base: RunConfig, corpora, variants, lrs, seeds, out: Path) -> dict:
+    """The protocol's settings and, per corpus, the data's sizes and every model's parameters (checked);
+    ``out`` is the protocol's folder."""
     from accelerate import Accelerator
 
     from kangpt.training.corpus import load_corpus
@@ -535,13 +542,9 @@ def describe(base: RunConfig, corpora, variants, lrs, seeds, args) -> dict:
     tokens_per_step = base.tokens_per_step()
     shape = model_config(base)
     settings = {
-        "config": args.config,
         "models": list(variants),
         "lrs": lrs,
         "seeds": seeds,
-        "widen": args.widen,
-        "quick": args.quick,
-        "jobs": args.jobs,
         "n_layer": shape.n_layer,
         "n_embd": shape.n_embd,
         "max_steps": t.max_steps,
@@ -551,11 +554,9 @@ def describe(base: RunConfig, corpora, variants, lrs, seeds, args) -> dict:
         "corpora": {},
     }
     for corpus in corpora:
-        config = run_config(base, corpus, variants["mlp"], lrs[0], seeds[0], Path(args.out))
+        config = run_config(base, corpus, variants["mlp"], lrs[0], seeds[0], out)
         data = load_corpus(config.data, config.train, Accelerator(cpu=True))
-        configs = {
-            n: run_config(base, corpus, v, lrs[0], seeds[0], Path(args.out)) for n, v in variants.items()
-        }
+        configs = {n: run_config(base, corpus, v, lrs[0], seeds[0], out) for n, v in variants.items()}
         settings["corpora"][corpus] = {
             "dataset": config.data.dataset,
             "vocab_size": len(data.tokenizer),

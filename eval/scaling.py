@@ -8,6 +8,14 @@ parameter count at that size (embeddings included), so no size starves. The warm
 steps, as in the one-size protocol; the validation split is read once, at the end (the sweep reads
 nothing else, and at the smallest sizes four reads cost more than the training).
 
+Three settings differ from the one-size protocol, so that a ladder spanning 8x in parameters fits a
+few hours of 2 CPU cores and its smallest size still trains for hundreds of steps (``LADDER``; any
+``--section.key=value`` overrides them): a 1,024-token BPE (at 4,096 the embeddings are most of a
+small model's parameters and of its cost), 4 x 128 tokens per step, and 2 tokens per parameter.
+Fewer steps leave a small model near the unigram baseline, measuring how fast it leaves the start
+rather than what its size can learn; the first CPU ladder (4,096 tokens, 16 x 128 per step, 0.46
+tokens per parameter) trained its smallest size 42 steps and could not answer.
+
 Per corpus and model it fits a power law ``loss = a * N**-alpha`` to the test losses of every seed
 (least squares in log-log), against total parameters N and against training FLOPs (matrix-multiply
 FLOPs of a training step, counted by ``torch.utils.flop_counter``, times the steps), with the
@@ -16,7 +24,8 @@ grows, holds or shrinks.
 
     python eval/scaling.py --jobs 2                                  # the CPU ladder (README)
     python eval/scaling.py --quick                                   # a smoke run
-    python eval/scaling.py --sizes 4x128,6x256,8x384,12x768 --device cuda --jobs 1   # on a GPU
+    python eval/scaling.py --sizes 4x128,6x192,8x256,8x384 --device cuda --jobs 1 \
+        --data.vocab_size=4096 --train.batch_size=32 --out out/scaling-gpu    # on a GPU
 
 Each size's runs live under ``OUT/LxW/`` (quality.py's layout); finished runs are reused, so an
 interrupted ladder continues where it stopped. Output: the tables on stdout (markdown),
@@ -25,7 +34,6 @@ interrupted ladder continues where it stopped. Output: the tables on stdout (mar
 
 from __future__ import annotations
 
-import argparse
 import heapq
 import itertools
 import json
@@ -47,9 +55,11 @@ from kangpt.io.plotting import new_figure  # noqa: E402
 from kangpt.modeling_kangpt import KANGPT2LMHeadModel  # noqa: E402
 from kangpt.training.run_config import ConfigError, RunConfig, build_config, model_config  # noqa: E402
 
-DEFAULT_SIZES = "4x32,4x48,4x72,4x104,4x144"  # 186k to 1.6M parameters at vocabulary 4096
-# The one-size protocol's ratio: 614,400 tokens for GPT-2's 1,334,016 parameters at 4 x 128.
-DEFAULT_TOKENS_PER_PARAM = 0.46
+DEFAULT_SIZES = "4x32,4x48,4x72,4x112"  # 88k to 737k parameters (8.4x) at vocabulary 1024
+# The smallest size's 300 steps of 512 tokens need 1.75 tokens per parameter; 2 is the round number above.
+DEFAULT_TOKENS_PER_PARAM = 2.0
+# The ladder's settings on top of the one-size protocol's (the module docstring says why).
+LADDER = {"data": {"vocab_size": 1024}, "train": {"batch_size": 4}}
 # --device -> the runs' environment: accelerate trains on a GPU when there is one, unless told the CPU.
 DEVICES = {"auto": {}, "cpu": {"ACCELERATE_USE_CPU": "1"}, "cuda": {}}
 # A fit's gap trend counts as a trend only beyond this many standard errors.
@@ -58,6 +68,11 @@ SIGNIFICANT = 2.0
 
 # ---------------------------------------------------------------------------------------------
 # Sizes and their budgets
+
+
+def ladder_base(path: str, overrides: list[str]) -> RunConfig:
+    """The run config at ``path`` with the one-size protocol's settings, ``LADDER``'s, then ``overrides``."""
+    return quality.protocol_config(path, quality.merge(quality.PROTOCOL, LADDER), overrides)
 
 
 def parse_sizes(text: str, default_heads: int) -> list[tuple[int, int, int]]:
@@ -124,6 +139,22 @@ def flops_per_token(config: RunConfig, vocab_size: int) -> float:
     with counter:
         model(input_ids=ids, labels=ids).loss.backward()
     return counter.get_total_flops() / ids.numel()
+
+
+def training_flops(config: RunConfig, settings: dict, corpora, variants: dict, out: Path) -> dict:
+    """``{corpus: {model: matmul FLOPs of its training}}`` at one size (``settings`` from
+    ``quality.describe``); counted once per model and vocabulary size, which the corpora's BPEs share."""
+    per_token: dict[tuple[str, int], float] = {}
+    flops: dict[str, dict] = {}
+    for corpus in corpora:
+        vocab = settings["corpora"][corpus]["vocab_size"]
+        flops[corpus] = {}
+        for name, variant in variants.items():
+            if (name, vocab) not in per_token:
+                run = quality.run_config(config, corpus, variant, 1e-3, 0, out)  # rate, seed: no matter
+                per_token[name, vocab] = flops_per_token(run, vocab)
+            flops[corpus][name] = settings["tokens"] * per_token[name, vocab]
+    return flops
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,7 +259,7 @@ def run_ladder(base: RunConfig, sizes, corpora, variants, lrs, seeds, args) -> d
     for size in sizes:  # one at a time: the first one trains and caches the tokenizers
         name = size_name(size)
         config = size_config(base, size, args.tokens_per_param)
-        settings = quality.describe(config, corpora, variants, lrs, seeds, _describe_args(args, out / name))
+        settings = quality.describe(config, corpora, variants, lrs, seeds, out / name)
         ladder[name] = {
             "config": config,
             "settings": settings,
@@ -246,25 +277,8 @@ def run_ladder(base: RunConfig, sizes, corpora, variants, lrs, seeds, args) -> d
         for name, results in zip(names, pool.map(protocol, names), strict=True):
             ladder[name]["results"] = results
     for name, entry in ladder.items():
-        config, settings = entry.pop("config"), entry["settings"]
-        entry["flops"] = {
-            corpus: {
-                n: settings["tokens"]
-                * flops_per_token(
-                    quality.run_config(config, corpus, v, lrs[0], seeds[0], out / name),
-                    settings["corpora"][corpus]["vocab_size"],
-                )
-                for n, v in variants.items()
-            }
-            for corpus in corpora
-        }
+        entry["flops"] = training_flops(entry.pop("config"), entry["settings"], corpora, variants, out / name)
     return ladder
-
-
-def _describe_args(args, out: Path) -> argparse.Namespace:
-    return argparse.Namespace(
-        config=args.config, widen=args.widen, quick=args.quick, jobs=args.jobs, out=str(out)
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,20 +302,23 @@ def markdown(ladder: dict, fits: dict, variants: dict, meta: dict) -> str:
             "",
             f"#### {corpus}: {quality.CORPORA[corpus][0]}",
             "",
-            "| size | model | params (total) | non-embedding | tokens | epochs | lr | test loss, mean | "
-            "min–max | Δ vs GPT-2 | vs GPT-2 |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+            f"BPE {first['corpora'][corpus]['vocab_size']:,}; unigram baseline "
+            f"{first['corpora'][corpus]['unigram']:.3f} nats/token.",
+            "",
+            "| size | model | params (total) | non-embedding | tokens | steps | epochs | lr | "
+            "test loss, mean | min–max | Δ vs GPT-2 | vs GPT-2 |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
         for size in sizes:
             entry = ladder[size]
             info, ref = entry["settings"]["corpora"][corpus], entry["results"][corpus]["mlp"]
-            tokens = entry["settings"]["tokens"]
+            tokens, steps = entry["settings"]["tokens"], entry["settings"]["max_steps"]
             for name, row in entry["results"][corpus].items():
                 p, t = entry["parameters"][corpus][name], row["test"]
                 versus = "" if name == "mlp" else quality.verdict(t, ref["test"])
                 lines.append(
                     f"| {size} | {row['label']} | {p['total']:,} | {p['total'] - p['embeddings']:,} | "
-                    f"{tokens:,} | {tokens / info['train_tokens']:.2f} | "
+                    f"{tokens:,} | {steps:,} | {tokens / info['train_tokens']:.2f} | "
                     f"{row['lr']:g} | {t['mean']:.4f} | {t['min']:.4f}–{t['max']:.4f} | "
                     f"{t['mean'] - ref['test']['mean']:+.4f} | {versus} |"
                 )
@@ -398,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
             args.tokens_per_param /= 5
         if args.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("--device cuda: torch sees no CUDA device on this machine")
-        base = quality.protocol_config(args.config, quality.PROTOCOL, overrides)
+        base = ladder_base(args.config, overrides)
         sizes = parse_sizes(args.sizes, base.model.get("n_head", 12))
         if len(sizes) < 2:
             raise ConfigError(f"--sizes must name at least two sizes to fit a law, got {args.sizes!r}")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from kangpt.training.run_config import ConfigError, load_config
 
@@ -57,6 +58,41 @@ def test_every_size_trains_on_the_same_tokens_per_parameter(scaling):
         configs = {n: quality.run_config(config, "code", v, 1e-3, 1, ROOT) for n, v in variants.items()}
         counts = quality.parameter_match(configs, base.data.vocab_size)
         assert counts["mlp"]["total"] == gpt2
+
+
+def test_the_default_ladder_spans_8x_and_trains_its_smallest_size_300_steps(scaling):
+    """The ladder's own settings (LADDER) sit on the protocol's and under the user's overrides; at its
+    defaults every size is 8x apart end to end and the smallest trains for 300 steps or more."""
+    base = scaling.ladder_base(str(ROOT / "configs" / "default.yaml"), [])
+    assert (base.data.vocab_size, base.train.batch_size) == (1024, 4)
+    assert base.train.warmup_steps == scaling.quality.PROTOCOL["train"]["warmup_steps"]
+    assert (
+        scaling.ladder_base(
+            str(ROOT / "configs" / "default.yaml"), ["--data.vocab_size=4096"]
+        ).data.vocab_size
+        == 4096
+    )
+    sizes = scaling.parse_sizes(scaling.DEFAULT_SIZES, base.model["n_head"])
+    params = [scaling.gpt2_parameters(base, size) for size in sizes]
+    assert len(sizes) >= 4 and params[-1] / params[0] >= 8
+    smallest = scaling.size_config(base, sizes[0], scaling.DEFAULT_TOKENS_PER_PARAM)
+    assert smallest.train.max_steps >= 300
+
+
+def test_training_flops_are_counted_once_per_model_and_vocabulary(scaling, monkeypatch):
+    counted = []
+    monkeypatch.setattr(
+        scaling, "flops_per_token", lambda config, vocab: counted.append(vocab) or vocab * 10.0
+    )
+    base = scaling.size_config(protocol_base(scaling.quality), (2, 32, 4), 0.1)
+    variants = scaling.quality.parse_variants("mlp,kan", [])
+    shared = {"tokens": 1000, "corpora": {"code": {"vocab_size": 512}, "english": {"vocab_size": 512}}}
+    flops = scaling.training_flops(base, shared, ["code", "english"], variants, ROOT)
+    assert counted == [512, 512] and flops["english"] == flops["code"] == {"mlp": 5_120_000, "kan": 5_120_000}
+    counted.clear()
+    apart = {"tokens": 10, "corpora": {"code": {"vocab_size": 512}, "english": {"vocab_size": 300}}}
+    flops = scaling.training_flops(base, apart, ["code", "english"], variants, ROOT)
+    assert counted == [512, 512, 300, 300] and flops["english"]["kan"] == 30_000
 
 
 def test_flops_per_token_of_gpt2_match_the_closed_form(scaling):
@@ -117,6 +153,13 @@ def test_scaling_refuses_bad_arguments_with_one_line(capsys, scaling):
         assert message in err and err.count("\n") == 1
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="refused only without CUDA")
+def test_scaling_refuses_cuda_without_a_gpu(capsys, scaling):
+    assert scaling.main(["--device", "cuda"]) == 1
+    err = capsys.readouterr().err
+    assert "--device cuda" in err and err.count("\n") == 1
+
+
 @pytest.mark.slow
 def test_tiny_ladder(tmp_path, monkeypatch, capsys, scaling):
     """The --quick smoke run: two sizes, one corpus, two seeds, trained, fitted, tabled and plotted."""
@@ -155,20 +198,25 @@ def test_tiny_ladder(tmp_path, monkeypatch, capsys, scaling):
 
 
 def test_slots_go_to_the_largest_waiting_size_first(scaling):
-    slots, order = scaling.Slots(1), []
+    """One slot, held while five runs queue (in a known order); then it goes by size, ties in turn."""
+    slots, order, release = scaling.Slots(1), [], threading.Event()
 
     def run(rank, i):
         with slots.for_size(rank):
             order.append((rank, i))
-            time.sleep(0.05)
+            if i == 0:
+                release.wait()
 
-    holder = threading.Thread(target=run, args=(9, 0))
-    holder.start()
-    time.sleep(0.02)
-    waiting = [threading.Thread(target=run, args=(rank, i)) for i, rank in enumerate([0, 2, 1, 2, 0], 1)]
-    for thread in waiting:
-        thread.start()
-        time.sleep(0.01)
-    for thread in [holder, *waiting]:
+    threads = [threading.Thread(target=run, args=(9, 0))]
+    threads[0].start()
+    while not order:
+        time.sleep(0.001)
+    for i, rank in enumerate([0, 2, 1, 2, 0], 1):
+        threads.append(threading.Thread(target=run, args=(rank, i)))
+        threads[-1].start()
+        while len(slots.waiting) < i:  # queued before the next one starts
+            time.sleep(0.001)
+    release.set()
+    for thread in threads:
         thread.join()
     assert order == [(9, 0), (2, 2), (2, 4), (1, 3), (0, 1), (0, 5)]

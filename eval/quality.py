@@ -258,11 +258,15 @@ class Runner:
 
     @staticmethod
     def _finished(config: RunConfig) -> bool:
+        """Whether the run at ``config``'s folder ended with a test loss under the same settings (its
+        run.yaml read as a config today: a setting added since then has its default)."""
         folder = Path(config.train.out_dir)
         try:
-            same = yaml.safe_load((folder / "run.yaml").read_text()) == config.to_dict()
+            same = (
+                build_config(yaml.safe_load((folder / "run.yaml").read_text())).to_dict() == config.to_dict()
+            )
             records = read_metrics(folder / "metrics.jsonl")
-        except (OSError, ValueError):
+        except (OSError, ValueError, ConfigError):
             return False
         return same and (folder / "wall_time.json").is_file() and any("test_loss" in r for r in records)
 

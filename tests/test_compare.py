@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from kangpt import commands
@@ -345,6 +346,17 @@ def test_tiny_quality_run(tmp_path, monkeypatch, capsys, eval_script):
     finished = sorted(p.stat().st_mtime_ns for p in out.glob("runs/**/metrics.jsonl"))
     assert quality.main(tiny) == 0  # every run is reused, none trained again
     assert sorted(p.stat().st_mtime_ns for p in out.glob("runs/**/metrics.jsonl")) == finished
+    # A run saved before a setting existed (missing, so at its default) is the same run; a changed one is not.
+    older, changed = sorted(out.glob("runs/**/run.yaml"))[:2]
+    saved = yaml.safe_load(older.read_text())
+    del saved["train"]["kan_function_weight_decay"]
+    older.write_text(yaml.safe_dump(saved))
+    saved = yaml.safe_load(changed.read_text())
+    saved["train"]["weight_decay"] = 0.3
+    changed.write_text(yaml.safe_dump(saved))
+    assert quality.main(tiny) == 0
+    trained = {p.parent for p in out.glob("runs/**/metrics.jsonl") if p.stat().st_mtime_ns not in finished}
+    assert trained == {changed.parent}
 
 
 def test_bench_kan_prints_no_peak_ratio_to_an_mlp_step_that_grew_no_page(capsys, eval_script):

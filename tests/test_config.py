@@ -147,6 +147,7 @@ def test_default_config_is_used_without_a_config_argument(tmp_path):
         ({"data": {"test_fraction": 0.7}}, "data.test_fraction must be in [0, 0.5]"),
         ({"train": {"kan_function_lr_scale": 0}}, "train.kan_function_lr_scale must be > 0"),
         ({"train": {"kan_regularization": -1}}, "train.kan_regularization must be >= 0"),
+        ({"train": {"kan_function_weight_decay": -0.1}}, "train.kan_function_weight_decay must be >= 0"),
         ({"train": {"kan_grid_schedule": [[10, 8, 1]]}}, "kan_grid_schedule must be a list of [step, grid"),
         ({"train": {"kan_grid_schedule": [[20, 8], [10, 16]]}}, "kan_grid_schedule steps must increase"),
         ({"train": {"kan_grid_schedule": [[10, 16], [20, 8]]}}, "grid sizes must increase from model"),
@@ -207,6 +208,7 @@ def test_a_config_file_that_is_not_text_is_one_error_line(train_cli, tmp_path):
 # Every float setting of every section (model.kan_grid_range, a list of floats, is tested below).
 FLOAT_KEYS = [
     "train.learning_rate", "train.min_learning_rate", "train.weight_decay", "train.kan_function_lr_scale",
+    "train.kan_function_weight_decay",
     "train.kan_regularization", "train.beta1", "train.beta2", "train.grad_clip",
     "data.val_fraction", "data.test_fraction",
     "model.resid_pdrop", "model.embd_pdrop", "model.attn_pdrop", "model.layer_norm_epsilon",

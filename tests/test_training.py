@@ -233,6 +233,9 @@ def test_function_coefficients_get_their_own_learning_rate_and_no_decay():
     groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     assert len(functions) == 2 and all(groups[id(p)]["lr_scale"] == 30 for p in functions)
     assert all(groups[id(p)]["weight_decay"] == 0 for p in functions)
+    decayed = build_optimizer(model, load_config(None, ["--train.kan_function_weight_decay=0.01"]).train)
+    groups = {id(p): g for g in decayed.param_groups for p in g["params"]}
+    assert all(groups[id(p)]["weight_decay"] == 0.01 for p in functions)
     kan_weight = model.transformer.h[0].mlp.layers[0].weight
     assert groups[id(kan_weight)]["lr_scale"] == 1 and groups[id(kan_weight)]["weight_decay"] == 0.1
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))

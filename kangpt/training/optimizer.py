@@ -23,11 +23,12 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on weight matrices only (not on norms, biases or function coefficients).
+    """AdamW with weight decay on weight matrices, none on norms and biases.
 
     The coefficients of the learnable functions of grouped and rational KAN layers (the parameters of
     a layer's ``basis``) get their own group, at ``train.kan_function_lr_scale`` times the learning
-    rate; every group's ``lr_scale`` says by how much (the loop sets ``lr = schedule * lr_scale``).
+    rate and with ``train.kan_function_weight_decay`` (default none); every group's ``lr_scale`` says
+    by how much (the loop sets ``lr = schedule * lr_scale``).
     """
     decay, no_decay, functions = [], [], []
     for name, param in model.named_parameters():
@@ -39,6 +40,7 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Ada
             (decay if name.endswith("weight") and param.ndim >= 2 else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
               {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
-              {"params": functions, "weight_decay": 0.0, "lr_scale": cfg.kan_function_lr_scale}]
+              {"params": functions, "weight_decay": cfg.kan_function_weight_decay,
+               "lr_scale": cfg.kan_function_lr_scale}]
     groups = [g for g in groups if g["params"]]
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))

@@ -117,6 +117,7 @@ class TrainConfig:
     warmup_steps: int = 100  # linear warmup from 0 to learning_rate
     weight_decay: float = 0.1  # AdamW decay of matrices (not of norms, biases or function coefficients)
     kan_function_lr_scale: float = 30.0  # learning-rate multiplier of grouped/rational function coefficients
+    kan_function_weight_decay: float = 0.0  # AdamW decay of those coefficients
     kan_regularization: float = 0.0  # weight of the KAN sparsity regulariser (L1 + entropy) in the loss
     # [[step, grid_size], ...]: at each step refine every KAN layer's grid (coarse to fine; one process)
     kan_grid_schedule: list[list[int]] = field(default_factory=list)
@@ -451,8 +452,8 @@ def _check_values(config: RunConfig) -> None:
              f"must increase within (0, train.max_steps={train.max_steps})")
         need("train.kan_grid_update_steps", model.ffn_type == "kan" and model.kan_basis in ("bspline", "rbf"),
              "needs KAN layers with a B-spline or RBF grid")
-    for key in ("warmup_steps", "save_interval", "weight_decay", "grad_clip", "min_learning_rate",
-                "kan_regularization"):
+    for key in ("warmup_steps", "save_interval", "weight_decay", "kan_function_weight_decay", "grad_clip",
+                "min_learning_rate", "kan_regularization"):
         need(f"train.{key}", getattr(train, key) >= 0, "must be >= 0")
     need("train.min_learning_rate", train.min_learning_rate <= train.learning_rate,
          f"must be <= train.learning_rate={train.learning_rate}")

@@ -259,12 +259,13 @@ class Runner:
     @staticmethod
     def _finished(config: RunConfig) -> bool:
         """Whether the run at ``config``'s folder ended with a test loss under the same settings (its
-        run.yaml read as a config today: a setting added since then has its default)."""
+        run.yaml read as a config today: a setting added since then has its default). Its recorded
+        ``out_dir`` may name the folder otherwise (relative, or before the protocol's folder moved)."""
         folder = Path(config.train.out_dir)
         try:
-            same = (
-                build_config(yaml.safe_load((folder / "run.yaml").read_text())).to_dict() == config.to_dict()
-            )
+            saved = build_config(yaml.safe_load((folder / "run.yaml").read_text())).to_dict()
+            saved["train"]["out_dir"] = config.train.out_dir
+            same = saved == config.to_dict()
             records = read_metrics(folder / "metrics.jsonl")
         except (OSError, ValueError, ConfigError):
             return False

@@ -346,10 +346,12 @@ def test_tiny_quality_run(tmp_path, monkeypatch, capsys, eval_script):
     finished = sorted(p.stat().st_mtime_ns for p in out.glob("runs/**/metrics.jsonl"))
     assert quality.main(tiny) == 0  # every run is reused, none trained again
     assert sorted(p.stat().st_mtime_ns for p in out.glob("runs/**/metrics.jsonl")) == finished
-    # A run saved before a setting existed (missing, so at its default) is the same run; a changed one is not.
+    # A run saved before a setting existed (missing, so at its default) and under another name of its
+    # folder is the same run; a changed one is not.
     older, changed = sorted(out.glob("runs/**/run.yaml"))[:2]
     saved = yaml.safe_load(older.read_text())
     del saved["train"]["kan_function_weight_decay"]
+    saved["train"]["out_dir"] = "elsewhere/the/same/run"  # a folder moved, or named relative
     older.write_text(yaml.safe_dump(saved))
     saved = yaml.safe_load(changed.read_text())
     saved["train"]["weight_decay"] = 0.3

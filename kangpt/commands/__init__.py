@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args) or 0
     except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
+        # One write: print's text and newline are two, which the processes of a launch interleave.
+        sys.stderr.write(f"error: {err}\n")
         return 1
     except KeyboardInterrupt:
         return 130

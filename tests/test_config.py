@@ -12,6 +12,7 @@ from accelerate.commands.config.config_args import load_config_from_file
 
 from kangpt import KANGPT2LMHeadModel, modeling_kangpt
 from kangpt.commands import main
+from kangpt.io.manifest import write_manifest
 from kangpt.training.optimizer import learning_rate
 from kangpt.training.run_config import (
     ConfigError,
@@ -23,7 +24,7 @@ from kangpt.training.run_config import (
     parse_args,
     read_yaml,
 )
-from kangpt.training.run_dir import RunDir, read_metrics, write_manifest
+from kangpt.training.run_dir import RunDir, read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"

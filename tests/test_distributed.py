@@ -19,9 +19,9 @@ from filelock import FileLock
 from training_runs import NO_DROPOUT, ROOT, RUN_TIMEOUT, TINY, free_port, losses, overrides, run_train
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from kangpt.io.manifest import MANIFEST, folder_problem
 from kangpt.training.optimizer import learning_rate
 from kangpt.training.run_config import build_config
-from kangpt.training.run_dir import MANIFEST, checkpoint_problem
 
 pytestmark = pytest.mark.slow
 
@@ -140,7 +140,7 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(
     for checkpoint in (out / "checkpoints").iterdir():  # the main process lists the files of both
         listed = json.loads((checkpoint / MANIFEST).read_text())["files"]
         assert {"random_states_0.pkl", "random_states_1.pkl"} <= set(listed)
-        assert checkpoint_problem(checkpoint) is None
+        assert folder_problem(checkpoint) is None
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     cfg = build_config(TINY).train
@@ -160,7 +160,7 @@ def test_fsdp2_trains_as_one_process_and_resumes_from_its_shards(env, tiny_confi
         assert {f"{part}/__{rank}_0.distcp" for part in ("pytorch_model_fsdp_0", "optimizer_0")
                 for rank in (0, 1)} <= files
         assert not [f for f in files if f.endswith((".safetensors", ".bin"))]
-        assert checkpoint_problem(checkpoint) is None
+        assert folder_problem(checkpoint) is None
     assert_trains_as_one_process(first, single_run)
     assert_resumed_exactly(out, tmp_path, first)
     assert_saves_the_model_of_one_process(out, single_run)
@@ -183,7 +183,7 @@ def test_deepspeed_zero_trains_as_one_process_and_resumes(stage, env, tiny_confi
         if stage == 3:  # and of the weights
             shards |= {f"pytorch_model/zero_pp_rank_{rank}_mp_rank_00_model_states.pt" for rank in (0, 1)}
         assert shards <= files
-        assert checkpoint_problem(checkpoint) is None
+        assert folder_problem(checkpoint) is None
     assert_trains_as_one_process(first, single_run, rel=ZERO_TOLERANCE)
     assert_resumed_exactly(out, tmp_path, first)
     assert_saves_the_model_of_one_process(out, single_run)

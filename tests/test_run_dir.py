@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from kangpt.io.folders import atomic_folder, publish
+from kangpt.io.manifest import MANIFEST, folder_problem, write_manifest
 from kangpt.training.run_config import ConfigError, build_config
-from kangpt.training.run_dir import MANIFEST, RunDir, checkpoint_problem, write_manifest, writing
+from kangpt.training.run_dir import RunDir, writing
 
 
 def make_checkpoint(folder: Path) -> Path:
@@ -40,19 +41,19 @@ def plan(run: RunDir, **train):
 
 def test_a_manifest_lists_every_file_and_finds_each_kind_of_damage(tmp_path):
     folder = make_checkpoint(tmp_path / "step-000005")
-    assert checkpoint_problem(folder) is None
+    assert folder_problem(folder) is None
     weights = folder / "model.safetensors"
     weights.write_bytes(b"weights" * 50)  # truncated
-    assert checkpoint_problem(folder) == "model.safetensors has 350 bytes, its manifest says 700"
+    assert folder_problem(folder) == "model.safetensors has 350 bytes, its manifest says 700"
     weights.write_bytes(b"Weights" + b"weights" * 99)  # same size, other bytes
-    assert checkpoint_problem(folder) == "model.safetensors differs from its manifest (sha256)"
+    assert folder_problem(folder) == "model.safetensors differs from its manifest (sha256)"
     weights.write_bytes(b"weights" * 100)
     (folder / "shards" / "random_states_0.pkl").unlink()
-    assert checkpoint_problem(folder) == "shards/random_states_0.pkl is missing"
+    assert folder_problem(folder) == "shards/random_states_0.pkl is missing"
     (folder / MANIFEST).write_text("{not json")
-    assert checkpoint_problem(folder) == "its manifest.json is unreadable"
+    assert folder_problem(folder) == "its manifest.json is unreadable"
     (folder / MANIFEST).unlink()
-    assert checkpoint_problem(folder) == "it has no manifest.json, so it was never completed"
+    assert folder_problem(folder) == "it has no manifest.json, so it was never completed"
 
 
 def test_resume_auto_takes_the_newest_checkpoint_that_verifies_and_says_what_it_skipped(tmp_path):

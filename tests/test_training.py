@@ -31,6 +31,7 @@ from training_runs import NO_DROPOUT, ROOT, RUN_TIMEOUT, TINY, losses, overrides
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, pipeline
 
 from kangpt import KANGPT2LMHeadModel, commands
+from kangpt.io.manifest import MANIFEST, folder_problem
 from kangpt.kan import KANLinear
 from kangpt.training.corpus import load_corpus, train_batches
 from kangpt.training.evaluation import evaluate
@@ -38,7 +39,6 @@ from kangpt.training.loop import kan_penalty
 from kangpt.training.optimizer import build_optimizer
 from kangpt.training.report import sample, write_model_card
 from kangpt.training.run_config import load_config, model_config
-from kangpt.training.run_dir import MANIFEST, checkpoint_problem
 from kangpt.training.saving import NO_MATPLOTLIB
 
 
@@ -119,7 +119,7 @@ def test_a_short_run_writes_a_model_that_transformers_loads_and_generates_from(f
         listed = json.loads((checkpoint / MANIFEST).read_text())["files"]
         assert sorted(listed) == sorted(p.name for p in checkpoint.iterdir() if p.name != MANIFEST)
         assert {"model.safetensors", "optimizer.bin", "random_states_0.pkl"} <= set(listed)
-        assert checkpoint_problem(checkpoint) is None
+        assert folder_problem(checkpoint) is None
 
 
 @pytest.mark.slow
@@ -472,7 +472,7 @@ def test_a_write_that_fails_later_is_one_error_line_and_keeps_the_complete_check
     assert result.returncode == 1, result.stderr[-3000:]
     assert result.stderr.splitlines()[-1] == f"error: cannot write {str(half_written)!r}: Permission denied"
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001"]
-    assert checkpoint_problem(out / "checkpoints" / "step-000001") is None and not (out / "model").exists()
+    assert folder_problem(out / "checkpoints" / "step-000001") is None and not (out / "model").exists()
 
 
 def copy_run(run: Path, to: Path) -> Path:
@@ -512,7 +512,7 @@ def test_resume_skips_a_damaged_checkpoint_and_refuses_it_by_name(
     assert "step-000004 at step 4" in resumed.stdout
     assert losses(out) == losses(reference)  # steps 5-8 again, exactly as the uninterrupted run
     assert losses(out, "val_loss") == losses(reference, "val_loss")
-    assert checkpoint_problem(newest) is None  # the damaged checkpoint was replaced by a complete one
+    assert folder_problem(newest) is None  # the damaged checkpoint was replaced by a complete one
 
 
 @pytest.mark.parametrize("case", ["checkpoints deleted", "checkpoints damaged", "damaged, no model"])
@@ -719,7 +719,7 @@ def test_a_diverging_run_stops_at_its_first_non_finite_loss_and_publishes_nothin
         f"train.learning_rate (or raise train.warmup_steps); stopped before saving, the last checkpoint, "
         f"{str(latest)!r}, is kept")
     assert sorted(p.name for p in (out / "checkpoints").iterdir())[-1] == latest.name
-    assert checkpoint_problem(latest) is None and not (out / "model").exists()
+    assert folder_problem(latest) is None and not (out / "model").exists()
 
 
 # A file-size limit (EFBIG), as a full disk (ENOSPC) stops a write: torch.save reports it with no errno.

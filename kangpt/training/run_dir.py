@@ -20,7 +20,6 @@ trains in a folder: the lock is the kernel's (``flock``), so it goes with the pr
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -35,6 +34,7 @@ import yaml
 from safetensors import SafetensorError
 
 from ..io.folders import remove, write_text_atomically
+from ..io.manifest import folder_problem
 from ..messages import first_line
 from .run_config import ConfigError, RunConfig
 
@@ -45,7 +45,6 @@ CHECKPOINTS = "checkpoints"
 LOGS = "logs"
 MODEL = "model"
 LOCK = ".lock"
-MANIFEST = "manifest.json"  # in each checkpoint: {"files": {relative path: {"size": n, "sha256": hex}}}
 # What a run writes into out_dir; --train.overwrite=true removes these and nothing else.
 RUN_ENTRIES = (RUN_FILE, METRICS_FILE, TRAINED_ON, CHECKPOINTS, LOGS, MODEL)
 # Keys that may differ between a run and its resumption: they do not change what is computed.
@@ -114,7 +113,7 @@ class RunDir:
             raise ConfigError(
                 f"train.resume: {train.resume!r} is not a checkpoint folder (checkpoints/step-N)"
             )
-        problem = checkpoint_problem(checkpoint)
+        problem = folder_problem(checkpoint)
         if problem:
             raise ConfigError(f"train.resume: checkpoint {train.resume!r} cannot be resumed: {problem}")
         return checkpoint
@@ -153,7 +152,7 @@ class RunDir:
         """
         skipped = []
         for checkpoint in reversed(self._checkpoints()):
-            problem = checkpoint_problem(checkpoint)
+            problem = folder_problem(checkpoint)
             if problem is None:
                 self.notes += [f"skipped damaged checkpoint {str(c)!r}: {p}" for c, p in skipped]
                 return checkpoint
@@ -237,7 +236,7 @@ class RunDir:
                               "out_dir or --train.overwrite=true)")
 
     def latest_checkpoint(self) -> Path | None:
-        """The checkpoint folder with the highest step, or None (whole or not: see ``checkpoint_problem``)."""
+        """The checkpoint folder with the highest step, or None (whole or not: see ``folder_problem``)."""
         checkpoints = self._checkpoints()
         return checkpoints[-1] if checkpoints else None
 
@@ -267,34 +266,6 @@ class RunDir:
                 f"{str(path)!r} is not valid YAML; remove the folder or choose another"
             ) from err
         return saved if isinstance(saved, dict) else {}
-
-
-def write_manifest(folder: Path) -> None:
-    """Write ``folder/manifest.json``: size and sha256 of every other file in it (call it last)."""
-    files = {path.relative_to(folder).as_posix(): {"size": path.stat().st_size, "sha256": _sha256(path)}
-             for path in sorted(folder.rglob("*")) if path.is_file() and path.name != MANIFEST}
-    write_text_atomically(folder / MANIFEST, json.dumps({"files": files}, indent=1) + "\n")
-
-
-def checkpoint_problem(folder: Path) -> str | None:
-    """Why ``folder`` is not a complete checkpoint (its manifest, or a file missing or changed), or None."""
-    try:
-        files = json.loads((folder / MANIFEST).read_text())["files"]
-        expected = {name: (int(entry["size"]), str(entry["sha256"])) for name, entry in files.items()}
-    except FileNotFoundError:
-        return f"it has no {MANIFEST}, so it was never completed"
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return f"its {MANIFEST} is unreadable"
-    for name, (size, _) in expected.items():  # sizes first: cheap, and what truncation changes
-        path = folder / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != size:
-            return f"{name} has {path.stat().st_size} bytes, its manifest says {size}"
-    for name, (_, digest) in expected.items():
-        if _sha256(folder / name) != digest:
-            return f"{name} differs from its manifest (sha256)"
-    return None
 
 
 @contextmanager
@@ -331,14 +302,6 @@ def read_metrics(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _sha256(path: Path) -> str:
-    with path.open("rb") as f:
-        digest = hashlib.sha256()
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _children(folder: Path) -> list[Path]:

@@ -11,10 +11,11 @@ from accelerate.utils import DistributedType
 from transformers import GenerationConfig
 
 from ..io.folders import atomic_folder, publish, remove, temporary_name
+from ..io.manifest import folder_problem, write_manifest
 from ..modeling_kangpt import KANGPT2LMHeadModel
 from .report import plot_losses, write_model_card
 from .run_config import RunConfig
-from .run_dir import RunDir, checkpoint_problem, read_metrics, write_manifest, writing
+from .run_dir import RunDir, read_metrics, writing
 
 NO_MATPLOTLIB = "loss.png not written: matplotlib is not installed (pip install 'kangpt[plot]')"
 
@@ -27,7 +28,7 @@ def save_checkpoint(accelerator: Accelerator, run: RunDir, step: int, keep: int)
     """
     final = run.checkpoint(step)
     # This very state may be saved already (resumed and stopped at once); a damaged one is written again.
-    if final.is_dir() and checkpoint_problem(final) is None:
+    if final.is_dir() and folder_problem(final) is None:
         return
     tmp = temporary_name(final)
     with writing(tmp):

@@ -221,9 +221,9 @@ def test_local_validation_and_test_files_replace_the_hold_out(tmp_path):
 
 
 def test_hub_test_split_is_the_test_split_and_validation_falls_back_to_it_without_one(monkeypatch):
-    own = {"train": datasets.Dataset.from_dict({"text": [f"t{i}" for i in range(10)]}),
-           "test": datasets.Dataset.from_dict({"text": ["the test"]})}
-    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: datasets.DatasetDict(own))
+    own = {"train": datasets.Dataset.from_dict({"text": [f"t{i}" for i in range(10)]}).to_iterable_dataset(),
+           "test": datasets.Dataset.from_dict({"text": ["the test"]}).to_iterable_dataset()}
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: datasets.IterableDatasetDict(own))
     train, val = load_documents("someone/corpus")  # no validation split: the test split validates
     assert texts(val) == ["the test"] and len(train) == 10
     splits = load_splits("someone/corpus", val_fraction=0.5, test_fraction=0.1)
@@ -254,8 +254,10 @@ def test_txt_folder_glob_and_file(tmp_path):
     write(tmp_path / "corpus" / "empty.txt", "  \n")
     write(tmp_path / "corpus" / "README.md", "not a document")
 
+    # One shard per file, in path order: a, b, c, empty, sub/d; every other file validates (the empty
+    # one holds no document, so d, file 4, validates).
     train, val = load_documents(str(tmp_path / "corpus"), val_fraction=0.5)
-    assert texts(val) == docs[0::2] and texts(train) == docs[1::2]
+    assert texts(val) == [docs[0], docs[2], docs[3]] and texts(train) == [docs[1]]
 
     train, val = load_documents(str(tmp_path / "corpus" / "*.txt"), val_fraction=0.5)  # top level only
     assert texts(val) + texts(train) == [docs[0], docs[2], docs[1]]
@@ -302,21 +304,24 @@ def test_parquet_column(tmp_path, caplog):
 def test_hub_path_uses_config_and_own_validation_split(monkeypatch, caplog):
     calls = []
 
-    def fake_load_dataset(*args, **kwargs):
+    def fake_load_dataset(*args, **kwargs):  # a hub dataset is always read as a stream, shard by shard
         calls.append((args, kwargs))
-        return datasets.DatasetDict({
-            "train": datasets.Dataset.from_dict({"story": ["a", "b", "", "c"], "x": [1, 2, 3, 4]}),
-            "validation": datasets.Dataset.from_dict({"story": ["v1", "v2"], "x": [5, 6]}),
+        return datasets.IterableDatasetDict({
+            "train": datasets.Dataset.from_dict({"story": ["a", "b", "", "c", "d"], "x": [1, 2, 3, 4, 5]})
+                                     .to_iterable_dataset(num_shards=2),
+            "validation": datasets.Dataset.from_dict({"story": ["v1", "v2"]}).to_iterable_dataset(),
         })
 
     monkeypatch.setattr(data.corpora.datasets, "load_dataset", fake_load_dataset)
     with caplog.at_level("WARNING", logger="kangpt.data"):
-        train, val = load_documents("someone/stories", name="en", text_field="story", max_documents=2)
-    assert calls == [(("someone/stories", "en"), {"streaming": False})]
-    assert texts(train) == ["a", "b"] and texts(val) == ["v1", "v2"]
-    assert [r.getMessage() for r in caplog.records] == [  # counted over the split, before max_documents
-        "dropped 1 of 4 documents of 'someone/stories' with no text in field 'story' "
+        train, val = load_documents("someone/stories", name="en", text_field="story")
+    assert calls == [(("someone/stories", "en"), {"streaming": True})]
+    assert texts(train) == ["a", "b", "c", "d"] and texts(val) == ["v1", "v2"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "dropped 1 of 5 documents of 'someone/stories' with no text in field 'story' "
         "(missing, null, not a string or blank)"]
+    train, val = load_documents("someone/stories", name="en", text_field="story", max_documents=2)
+    assert texts(train) == ["a", "b"] and texts(val) == ["v1", "v2"]  # each split's first two
 
 
 def test_unreachable_hub_dataset_is_a_data_error():
@@ -424,14 +429,15 @@ def test_unexplained_read_error_names_the_file_and_the_cause(tmp_path):
                          "invalid start byte"  # the cause, not the wrapper's "An error occurred"
 
 
-def test_guarded_stream_keeps_one_shard_per_file(tmp_path):
-    """So that a broken file met while streaming is named without scanning the others."""
-    files = [str(write(tmp_path / "corpus" / f"{i}.txt", f"document {i}")) for i in range(4)]
-    splits, _ = data._load_splits(str(tmp_path / "corpus"), None, "text", True, ("text", files))
-    guarded = splits["train"]
-    assert guarded.num_shards == 4
-    shards = [texts(guarded.shard(num_shards=4, index=i)) for i in range(4)]
-    assert shards == [[f"document {i}"] for i in range(4)]
+def test_a_stream_of_local_files_has_one_shard_per_file(tmp_path):
+    """So that processes split it by files, a resume skips files unread, and a broken file met while
+    streaming is named without scanning the others."""
+    for i in range(4):
+        write(tmp_path / "corpus" / f"{i}.txt", f"document {i}")
+    train = load_splits(str(tmp_path / "corpus"), val_fraction=0.5, streaming=True)["train"]
+    assert train.num_shards == 4
+    shards = [texts(train.shard(num_shards=4, index=i)) for i in range(4)]
+    assert shards == [[], ["document 1"], [], ["document 3"]]  # files 0 and 2 validate
 
 
 RECORDS = ".jsonl/.json/.parquet"  # the local files whose records have fields, so text_field applies
@@ -672,7 +678,7 @@ def test_pack_documents_too_few_tokens(tokenizer):
 
 
 def test_stream_blocks_equals_pack_documents_across_batches(small_docs, tokenizer, monkeypatch):
-    monkeypatch.setattr(data.packing, "_BATCH_DOCS", 2)  # several tokenization batches: blocks straddle them
+    monkeypatch.setattr(data.packing, "STREAM_BATCH_BYTES", 5000)  # several batches: blocks straddle them
     docs = small_docs[:7]
     expected = pack_documents(docs, tokenizer, 53)["input_ids"]
     stream = stream_blocks(datasets.Dataset.from_dict({"text": docs}).to_iterable_dataset(), tokenizer, 53)

@@ -151,6 +151,20 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(
     assert all(torch.allclose(rank0[k], single_weights[k], atol=1e-4) for k in single_weights)
 
 
+def test_a_streamed_ddp_run_resumes_each_process_where_its_stream_stopped(env, tiny_config, tmp_path):
+    out = tmp_path / "streamed"
+    args = [str(tiny_config), *overrides(out, **NO_DROPOUT, **PER_PROCESS, **{"data.streaming": True})]
+    first = train_then_resume(launched_env(env, tmp_path), args, out, torchrun)
+    assert_resumed_exactly(out, tmp_path, first)
+    checkpoint = out / "checkpoints" / f"step-{RESUME_AT:06d}"
+    positions = torch.load(checkpoint / "custom_checkpoint_1.pkl", weights_only=False)["positions"]
+    assert len(positions) == 2 and positions[0]["documents"] != positions[1]["documents"]
+    alone = run_train(env, [*args, f"--train.resume={checkpoint}"])  # one process where two trained
+    assert alone.returncode == 1
+    assert alone.stderr.splitlines()[-1] == (
+        "error: the checkpoint holds the stream positions of 2 process(es); resume it with 2, not 1")
+
+
 def test_fsdp2_trains_as_one_process_and_resumes_from_its_shards(env, tiny_config, single_run, tmp_path):
     out = tmp_path / "fsdp"
     args = [str(tiny_config), *overrides(out, **NO_DROPOUT, **PER_PROCESS)]

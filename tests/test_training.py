@@ -21,19 +21,20 @@ import sysconfig
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator
-from datasets import IterableDataset
-from training_runs import NO_DROPOUT, ROOT, RUN_TIMEOUT, TINY, losses, overrides, run_train
+from training_runs import FILE_SIZE_LIMIT, NO_DROPOUT, ROOT, RUN_TIMEOUT, TINY, losses, overrides, run_train
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, pipeline
 
 from kangpt import KANGPT2LMHeadModel, commands
+from kangpt.data import BlockStream
 from kangpt.io.manifest import MANIFEST, folder_problem
 from kangpt.kan import KANLinear
-from kangpt.training.corpus import load_corpus, train_batches
+from kangpt.training.corpus import StreamPositions, load_corpus, train_batches
 from kangpt.training.evaluation import evaluate
 from kangpt.training.loop import kan_penalty
 from kangpt.training.optimizer import build_optimizer
@@ -182,6 +183,30 @@ sys.exit(main(["train", *sys.argv[1:]]))
 """
 
 
+# Ctrl-C as a terminal sends it: to the whole process group, the stream's DataLoader worker included.
+INTERRUPT_GROUP_AT_STEP_5 = INTERRUPT_AT_STEP_5.replace(
+    "os.kill(os.getpid(), signal.SIGINT)", "os.killpg(0, signal.SIGINT)").replace(
+    "import kangpt.training.loop as training", "os.setpgrp()  # a group of its own, not pytest's\n"
+    "import kangpt.training.loop as training")
+
+
+@pytest.mark.slow
+def test_a_streamed_run_stopped_by_ctrl_c_resumes_its_stream_where_it_stopped(env, tiny_config, tmp_path):
+    streamed = {"data.streaming": True}
+    reference = tmp_path / "straight"
+    straight = run_train(env, [str(tiny_config), *overrides(reference, **streamed)])
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    out = tmp_path / "resumed"
+    args = ["-c", INTERRUPT_GROUP_AT_STEP_5, str(tiny_config), *overrides(out, **streamed)]
+    interrupted = run_train(env, args, launcher=(sys.executable,))
+    assert interrupted.returncode == 130, interrupted.stderr[-3000:]
+    assert "stopped by SIGINT at step 5" in interrupted.stdout
+    resumed = run_train(env, [str(tiny_config), *overrides(out, **streamed, **{"train.resume": "auto"})])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # The stream went on from its position: the batches of steps 6-8 are the uninterrupted run's.
+    assert losses(out) == losses(reference) and losses(out, "val_loss") == losses(reference, "val_loss")
+
+
 @pytest.mark.slow
 def test_interrupted_and_resumed_run_has_the_losses_of_an_uninterrupted_one(
     env, tiny_config, finished_run, tmp_path
@@ -294,10 +319,8 @@ def test_targets_are_the_inputs_shifted_by_one(corpus_and_model):
 def test_evaluation_is_the_model_loss_over_the_fixed_validation_blocks(corpus_and_model):
     config, accelerator, corpus, model = corpus_and_model
     assert len(corpus.val) == config.train.eval_blocks
-    val_loader = accelerator.prepare(
-        torch.utils.data.DataLoader(corpus.val.with_format("torch"), batch_size=5)
-    )
-    blocks = corpus.val.with_format("torch")["input_ids"]
+    val_loader = accelerator.prepare(torch.utils.data.DataLoader(corpus.val, batch_size=5))
+    blocks = corpus.val[:]["input_ids"]
     with torch.no_grad():
         expected = torch.stack([model(input_ids=b[None], labels=b[None]).loss for b in blocks]).mean()
     loss = evaluate(model, val_loader, gather=accelerator.gather_for_metrics)
@@ -309,10 +332,11 @@ def test_the_final_test_loss_is_the_trained_model_on_the_held_out_test_blocks(fi
     out, _ = finished_run
     config, accelerator, corpus, _ = corpus_and_model
     assert corpus.test is not None and len(corpus.test) > 0
-    val_and_test = [tuple(b) for b in corpus.val["input_ids"]] + [tuple(b) for b in corpus.test["input_ids"]]
-    assert not set(val_and_test) & {tuple(b) for b in corpus.train["input_ids"]}
+    held_out = corpus.val[:]["input_ids"].tolist() + corpus.test[:]["input_ids"].tolist()
+    val_and_test = [tuple(b) for b in held_out]
+    assert not set(val_and_test) & {tuple(b) for b in corpus.train[:]["input_ids"].tolist()}
     model = AutoModelForCausalLM.from_pretrained(out / "model").eval()
-    loader = accelerator.prepare(torch.utils.data.DataLoader(corpus.test.with_format("torch"), batch_size=8))
+    loader = accelerator.prepare(torch.utils.data.DataLoader(corpus.test, batch_size=8))
     loss = evaluate(model, loader, gather=accelerator.gather_for_metrics)
     assert losses(out, "test_loss")[8] == pytest.approx(loss, rel=1e-5)
 
@@ -322,13 +346,18 @@ def test_streaming_reads_the_same_tokens_in_corpus_order(corpus_and_model, env):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("KANGPT_CACHE", env["KANGPT_CACHE"])
         streamed = load_corpus(dataclasses.replace(config.data, streaming=True), config.train, accelerator)
-    assert isinstance(streamed.train, IterableDataset)
-    assert streamed.val["input_ids"] == corpus.val["input_ids"] and streamed.baseline == corpus.baseline
-    assert streamed.test["input_ids"] == corpus.test["input_ids"][: config.train.eval_blocks]
-    batch_size = config.train.batch_size
-    in_order = corpus.train.with_format("torch")["input_ids"][: 4 * batch_size]
-    batches = list(itertools.islice(train_batches(streamed.train, config.train, accelerator, skip=1), 3))
-    assert torch.equal(torch.cat(batches), in_order[batch_size:])
+    assert isinstance(streamed.train, BlockStream) and streamed.store is None
+    assert torch.equal(streamed.val[:]["input_ids"], corpus.val[:]["input_ids"])
+    assert streamed.baseline == corpus.baseline
+    assert torch.equal(streamed.test[:]["input_ids"], corpus.test[: config.train.eval_blocks]["input_ids"])
+    in_order = corpus.train[: 4 * config.train.batch_size]["input_ids"]
+    positions = StreamPositions(accelerator)
+    stream = train_batches(streamed.train, config.train, accelerator, 0, positions)
+    assert torch.equal(torch.cat(list(itertools.islice(stream, 4))), in_order)
+    # The position after them: the tokens read but not yet trained on are the store's next ones.
+    left, read = np.frombuffer(positions.mine["tokens"], np.uint16), in_order.numel()
+    assert positions.mine["epoch"] == 0 and len(left) > 0
+    assert (left == corpus.store.tokens("train")[read:read + len(left)]).all()
 
 
 def test_resumed_batches_continue_where_the_first_run_stopped(corpus_and_model):
@@ -720,16 +749,6 @@ def test_a_diverging_run_stops_at_its_first_non_finite_loss_and_publishes_nothin
         f"{str(latest)!r}, is kept")
     assert sorted(p.name for p in (out / "checkpoints").iterdir())[-1] == latest.name
     assert folder_problem(latest) is None and not (out / "model").exists()
-
-
-# A file-size limit (EFBIG), as a full disk (ENOSPC) stops a write: torch.save reports it with no errno.
-FILE_SIZE_LIMIT = """
-import os, resource, signal, sys
-signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing
-limit = int(os.environ["FILE_SIZE_LIMIT"])
-resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
-"""
 
 
 @pytest.mark.slow

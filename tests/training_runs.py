@@ -21,6 +21,14 @@ TINY = {
 }
 NO_DROPOUT = {"model.resid_pdrop": 0.0, "model.embd_pdrop": 0.0, "model.attn_pdrop": 0.0}
 RUN_TIMEOUT = 300  # seconds; a tiny run takes a few
+# Runs a Python command under a file-size limit (EFBIG), which stops a write as a full disk (ENOSPC) does.
+FILE_SIZE_LIMIT = """
+import os, resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing
+limit = int(os.environ["FILE_SIZE_LIMIT"])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
+"""
 
 
 def overrides(out_dir, **values) -> list[str]:

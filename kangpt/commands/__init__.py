@@ -15,12 +15,13 @@ import sys
 from ..data import DataError
 from ..io.loading import ModelFolderError
 from ..training.run_config import ConfigError
-from . import compare, convert, generate, inspect, train
+from . import compare, convert, generate, inspect, prepare, train
 from .errors import CommandError
 
 __all__ = ["COMMANDS", "CommandError", "main"]
 
-COMMANDS = {"train": train, "generate": generate, "inspect": inspect, "compare": compare, "convert": convert}
+COMMANDS = {"train": train, "prepare": prepare, "generate": generate, "inspect": inspect, "compare": compare,
+            "convert": convert}
 
 # Errors that are the user's input, told as one line (anything else is a bug and keeps its traceback).
 USER_ERRORS = (CommandError, ConfigError, DataError, ModelFolderError)
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         module.configure(subparser)
         subparser.set_defaults(run=module.run)
     args, extra = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-    if extra and not hasattr(args, "overrides"):  # only train takes --section.key=value overrides
+    if extra and not hasattr(args, "overrides"):  # only train and prepare take --section.key=value overrides
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
@@ -47,5 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         # One write: print's text and newline are two, which the processes of a launch interleave.
         sys.stderr.write(f"error: {err}\n")
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:  # one that says what it left (a token store's build) is told
+        if err.args:
+            sys.stderr.write(f"error: {err}\n")
         return 130

@@ -32,6 +32,6 @@ def run(args: argparse.Namespace) -> int:
     argv = [args.config, *args.overrides] if args.config else args.overrides
     try:
         return train(parse_args(argv, default_config=args.default_config))
-    except KeyboardInterrupt:
-        print("error: interrupted; complete checkpoints already written are kept", file=sys.stderr)
+    except KeyboardInterrupt as err:  # before training (which stops on SIGINT itself), or a second Ctrl-C
+        sys.stderr.write(f"error: {err or 'interrupted; complete checkpoints already written are kept'}\n")
         return 130

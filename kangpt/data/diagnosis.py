@@ -2,12 +2,13 @@
 
 `datasets` reports a broken file as a long traceback that names neither the file nor the line.
 Rather than validate every file up front (a full extra read of the corpus, and of a stream that may
-never be read to its end), the errors are caught where they surface and only then are the files
-scanned for the culprit; the happy path pays nothing. A file that cannot be opened (a symbolic-link
-loop, a link to nothing), a ``.txt`` file that is not UTF-8, a ``.jsonl`` line that is not a UTF-8 JSON
-object or an unreadable ``.parquet`` file is named with the byte offset or line number. Checked before
-any file is read: dead links are kept as corpus files (so that reading them refuses them by name), and a
-kangpt run folder or model folder given as a corpus is refused.
+never be read to its end), the errors are caught where they surface, in the shard of one file
+(:mod:`.documents`), and only then is that file scanned for the culprit; the happy path pays nothing.
+A file that cannot be opened (a symbolic-link loop, a link to nothing), a ``.txt`` file that is not
+UTF-8, a ``.jsonl`` line that is not a UTF-8 JSON object or an unreadable ``.parquet`` file is named
+with the byte offset or line number. Checked before any file is read: dead links are kept as corpus
+files (so that reading them refuses them by name), and a kangpt run folder or model folder given as a
+corpus is refused.
 """
 
 from __future__ import annotations
@@ -16,12 +17,10 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from datasets import IterableDataset
 from datasets.exceptions import DatasetGenerationError
 from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
@@ -51,32 +50,6 @@ def _kangpt_folder(path: str) -> str | None:
     if (folder / CONFIG_NAME).is_file() and weights:
         return f"a model folder (it holds {CONFIG_NAME} and {weights[0]})"
     return None
-
-
-
-def _guard_stream(ds: IterableDataset, builder: str, files: list[str]) -> IterableDataset:
-    """Wrap a local stream so that a broken file, met lazily while iterating, raises a ``DataError``.
-
-    The wrapper keeps one shard per file, so ``split_dataset_by_node`` still hands out whole files,
-    and each shard knows its file, so an error names it without scanning the others.
-    """
-    if ds.num_shards == len(files):
-        shards = [ds.shard(num_shards=len(files), index=i) for i in range(len(files))]
-        names = [[file] for file in files]
-    else:  # the builder shards some other way: one shard, whose error scans all files
-        shards, names = [ds], [files]
-    return IterableDataset.from_generator(_read_guarded, features=ds.features,
-                                          gen_kwargs={"shards": shards, "files": names, "builder": builder})
-
-
-def _read_guarded(shards: list, files: list[list[str]], builder: str) -> Iterator[dict]:
-    """Yield the rows of ``shards``, turning a read error into the ``DataError`` of its shard's files."""
-    for shard, shard_files in zip(shards, files, strict=True):
-        try:
-            with _builder_errors_unlogged():
-                yield from shard
-        except _READ_ERRORS as err:
-            raise _corpus_error(builder, shard_files, err) from err
 
 
 @contextlib.contextmanager

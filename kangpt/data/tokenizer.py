@@ -67,8 +67,7 @@ def load_tokenizer(
     texts = list(_iter_texts(train_texts))
     if not any(texts):
         raise DataError("cannot train a BPE tokenizer: train_texts contains no text")
-    root = Path(cache_dir or os.environ.get("KANGPT_CACHE") or Path.home() / ".cache" / "kangpt")
-    path = root / "tokenizers" / f"bpe-{vocab_size}-{_bpe_key(texts, vocab_size)}"
+    path = cache_root(cache_dir) / "tokenizers" / f"bpe-{vocab_size}-{_bpe_key(texts, vocab_size)}"
     tokenizer = _cached_bpe(path)
     if tokenizer is None:
         trained = _train_bpe(texts, vocab_size)
@@ -82,6 +81,17 @@ def load_tokenizer(
                        "train it on more text or lower vocab_size",
                        len(tokenizer), vocab_size, len(texts), _BPE_SETTINGS["min_frequency"])
     return tokenizer
+
+
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """Where kangpt caches what it builds from a corpus (BPEs, token stores): ``cache_dir``, else
+    ``$KANGPT_CACHE``, else ``~/.cache/kangpt``."""
+    return Path(cache_dir or os.environ.get("KANGPT_CACHE") or Path.home() / ".cache" / "kangpt")
+
+
+def tokenizer_sha256(tokenizer) -> str:
+    """The sha256 of a tokenizer's backend (its ``tokenizer.json``): what tells one tokenizer from another."""
+    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
 
 
 def _cached_bpe(path: Path) -> PreTrainedTokenizerFast | None:

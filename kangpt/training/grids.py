@@ -7,8 +7,8 @@ from __future__ import annotations
 import math
 
 import torch
-from datasets import Dataset
 
+from ..data import TokenBlocks
 from ..kan import KANLinear
 from ..modeling_kangpt import KANGPT2LMHeadModel
 from .run_config import TrainConfig
@@ -20,12 +20,12 @@ class KANGrids:
     def __init__(self, model: KANGPT2LMHeadModel, optimizer: torch.optim.Optimizer, cfg: TrainConfig):
         self.model, self.optimizer, self.cfg = model, optimizer, cfg
 
-    def before_step(self, step: int, val: Dataset, device: torch.device) -> list[tuple[str, dict | None]]:
+    def before_step(self, step: int, val: TokenBlocks, device: torch.device) -> list[tuple[str, dict | None]]:
         """Make the grid changes due before optimizer step ``step``; return what to say of each, with
         the metrics record to keep (a moved range, which :meth:`replay` reads back), or None."""
         events = []
         if step in self.cfg.kan_grid_update_steps:  # on the first validation blocks: deterministic
-            ids = val.with_format("torch")[: self.cfg.batch_size]["input_ids"].to(device)
+            ids = val[: self.cfg.batch_size]["input_ids"].to(device)
             low, high = grid_range_of_inputs(self.model, ids)
             set_grid_ranges(self.model, self.optimizer, low, high)
             record = {"step": step, "kan_grid_low": low, "kan_grid_high": high}

@@ -26,8 +26,9 @@ from accelerate.utils import broadcast_object_list, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..data import TokenStore
 from ..kan import KANLinear
-from .corpus import Corpus, load_corpus, train_batches, trained_on
+from .corpus import Corpus, StreamPositions, load_corpus, train_batches, trained_on
 from .evaluation import evaluate
 from .grids import KANGrids
 from .launch import make_accelerator
@@ -64,17 +65,21 @@ def train(config: RunConfig) -> int:
 
     # Data, model, optimizer.
     corpus = load_corpus(config.data, cfg, accelerator)
+    report_store(accelerator, corpus.store)
     data = trained_on(config.data, corpus.tokenizer)
     if resuming:
         run.check_trained_on(data)
     model = build_model(config, corpus.tokenizer)
     n_params = model.num_parameters()  # before prepare: ZeRO-3 leaves each process an empty shard
     optimizer = build_optimizer(model, cfg)
-    val_loader = DataLoader(corpus.val.with_format("torch"), batch_size=cfg.batch_size)
+    val_loader = DataLoader(corpus.val, batch_size=cfg.batch_size)
     model, optimizer, val_loader = accelerator.prepare(model, optimizer, val_loader)
     grids = KANGrids(accelerator.unwrap_model(model), optimizer, cfg)
     progress = Progress()
     accelerator.register_for_checkpointing(progress)
+    positions = StreamPositions(accelerator) if config.data.streaming else None
+    if positions is not None:  # each process's place in its stream, in every checkpoint
+        accelerator.register_for_checkpointing(positions)
 
     with holding(accelerator, run):  # from its first write to the end, the folder is this run's alone
         resume_from = run.plan(config)  # again: what the folder holds now that no other run can change it
@@ -95,8 +100,13 @@ def train(config: RunConfig) -> int:
         say(accelerator, f"model: {n_params:,} parameters | {accelerator.num_processes} process(es) on "
                          f"{accelerator.device} | {tokens_per_step:,} tokens per step | trackers: "
                          f"{trackers} | unigram baseline {corpus.baseline:.4f} nats/token")
-        stopped_by, val_loss = loop(accelerator, model, optimizer, grids, val_loader, corpus, run, cfg,
-                                    progress, tokens_per_step)
+        micro_steps_done = progress.step * cfg.gradient_accumulation_steps
+        batches = train_batches(corpus.train, cfg, accelerator, micro_steps_done, positions)
+        try:
+            stopped_by, val_loss = loop(accelerator, model, optimizer, grids, val_loader, corpus, run, cfg,
+                                        progress, tokens_per_step, batches)
+        finally:
+            batches.close()  # a stream's DataLoader worker stops here
         if stopped_by:
             say(accelerator, f"stopped by {signal.Signals(stopped_by).name} at step {progress.step}; "
                              f"checkpoint {run.checkpoint(progress.step)}; continue with --train.resume=auto")
@@ -107,16 +117,15 @@ def train(config: RunConfig) -> int:
 
 
 def loop(accelerator: Accelerator, model, optimizer, grids: KANGrids, val_loader, corpus: Corpus,
-         run: RunDir, cfg: TrainConfig, progress: Progress,
-         tokens_per_step: int) -> tuple[int | None, float | None]:
-    """The training loop, one iteration per optimizer step, from ``progress`` to ``train.max_steps``.
+         run: RunDir, cfg: TrainConfig, progress: Progress, tokens_per_step: int,
+         batches) -> tuple[int | None, float | None]:
+    """The training loop, one iteration per optimizer step, from ``progress`` to ``train.max_steps``, on
+    ``batches`` (the micro-batches from ``progress`` on).
 
     Returns the signal that stopped it (None when it ran to the end) and the last validation loss.
     Raises ConfigError at the first step whose loss or gradient norm is not finite, before anything of
     that step is recorded or saved.
     """
-    micro_steps_done = progress.step * cfg.gradient_accumulation_steps
-    batches = train_batches(corpus.train, cfg, accelerator, skip=micro_steps_done)
     model.train()
     bar = tqdm(total=cfg.max_steps, initial=progress.step, desc="train", mininterval=1.0,
                disable=not accelerator.is_main_process)
@@ -265,7 +274,7 @@ def finish(accelerator: Accelerator, model, val_loader, corpus: Corpus, run: Run
     metrics = {"step": progress.step, "tokens": progress.tokens, "val_loss": val_loss,
                "val_ppl": math.exp(val_loss), "unigram_baseline": corpus.baseline}
     if corpus.test is not None:  # held out from every choice made on validation: read once, at the end
-        test_loader = DataLoader(corpus.test.with_format("torch"), batch_size=cfg.batch_size)
+        test_loader = DataLoader(corpus.test, batch_size=cfg.batch_size)
         test_loader = accelerator.prepare(test_loader)
         metrics["test_loss"] = _evaluate(accelerator, model, test_loader)
         metrics["test_ppl"] = math.exp(metrics["test_loss"])
@@ -298,6 +307,16 @@ def log_metrics(accelerator: Accelerator, run: RunDir, record: dict) -> None:
         with writing(run.metrics), run.metrics.open("a") as f:
             f.write(json.dumps(record) + "\n")
     accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+
+def report_store(accelerator: Accelerator, store: TokenStore | None) -> None:
+    """Say where the token store is: by the process that built it (one per machine, or none when it was
+    found), and by the main process when it was found."""
+    if store is not None and store.built:
+        tqdm.write(f"process {accelerator.process_index} tokenized the corpus into {store.path} in "
+                   f"{store.info['seconds']:.1f} s: {store.summary()}")
+    elif store is not None:
+        say(accelerator, f"token store {store.path} (built earlier): {store.summary()}")
 
 
 def say(accelerator: Accelerator, message: str) -> None:

@@ -10,6 +10,7 @@ accelerate's own. Each rank computes on one thread.
 import json
 import os
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -163,6 +164,32 @@ def test_a_streamed_ddp_run_resumes_each_process_where_its_stream_stopped(env, t
     assert alone.returncode == 1
     assert alone.stderr.splitlines()[-1] == (
         "error: the checkpoint holds the stream positions of 2 process(es); resume it with 2, not 1")
+
+
+@pytest.mark.parametrize("caches, builders", [("own", 2), ("shared", 1)])
+def test_two_machines_build_a_token_store_each_or_share_one(caches, builders, env, tiny_config, single_run,
+                                                            tmp_path):
+    """Two machines, simulated by two launchers of one process each (torchrun --nnodes 2): with caches of
+    their own each builds its store; with one shared folder one builds it and the other waits for it."""
+    out, port = tmp_path / "two-nodes", free_port()
+    args = [str(tiny_config), *overrides(out, **NO_DROPOUT, **PER_PROCESS)]
+    launches = []
+    for node in range(2):  # output to files: a launcher blocked on a full pipe would stall the other
+        cache = tmp_path / (f"cache-{node}" if caches == "own" else "cache")
+        node_env = {**launched_env(env, tmp_path), "KANGPT_CACHE": str(cache)}
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}",
+                    "--nproc-per-node=1", "--master-addr=127.0.0.1", f"--master-port={port}", str(DRIVER)]
+        stdout, stderr = (open(tmp_path / f"node-{node}.{kind}", "w") for kind in ("out", "err"))
+        with stdout, stderr:
+            launches.append(subprocess.Popen([*launcher, *args], env=node_env, cwd=ROOT, stdout=stdout,
+                                             stderr=stderr))
+    codes = [launch.wait(timeout=RUN_TIMEOUT) for launch in launches]
+    stdout, stderr = ("".join((tmp_path / f"node-{node}.{kind}").read_text() for node in range(2))
+                      for kind in ("out", "err"))
+    assert codes == [0, 0], stuck_stacks_or_end(stderr)
+    said = [line for line in stdout.splitlines() if "tokenized the corpus into" in line]
+    assert len(said) == builders, said
+    assert_trains_as_one_process({key: losses(out, key) for key in ("lr", "loss", "val_loss")}, single_run)
 
 
 def test_fsdp2_trains_as_one_process_and_resumes_from_its_shards(env, tiny_config, single_run, tmp_path):

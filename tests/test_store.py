@@ -95,11 +95,24 @@ def test_a_store_holds_each_splits_tokens_in_two_bytes_each_and_says_what_it_was
     info = json.loads((store.path / "store.json").read_text())
     assert info["tokenizer_sha256"] == store_module.tokenizer_sha256(tokenizer)
     assert info["documents"] == {"train": 16, "validation": 6, "test": 8}
-    shards = info["sources"][str(corpus)]
+    shards = [json.loads(line) for line in (store.path / "sources.jsonl").read_text().splitlines()]
+    assert {shard["source"] for shard in shards} == {str(corpus)}
     files = sorted(corpus.iterdir())
     assert [(s["file"], s["size"]) for s in shards] == [(str(p), p.stat().st_size) for p in files]
     counts = np.bincount(np.asarray(store.tokens("train")), minlength=len(tokenizer))
     assert store.train_counts().tolist() == counts.tolist()
+
+
+def test_splits_with_files_of_their_own_go_to_their_own_tokens(docs, tokenizer, tmp_path):
+    train = write_corpus(tmp_path / "train", docs[:20])
+    val = write_corpus(tmp_path / "val", docs[20:25])
+    test = write_corpus(tmp_path / "test", docs[25:])
+    splits = document_splits(str(train), validation_dataset=str(val), test_dataset=str(test))
+    store = token_store(splits, tokenizer, progress=False)
+    for split, texts in (("train", docs[:20]), ("validation", docs[20:25]), ("test", docs[25:])):
+        assert store.tokens(split).tolist() == reference_tokens(texts, tokenizer), split
+    lines = (store.path / "sources.jsonl").read_text().splitlines()
+    assert sorted({json.loads(line)["source"] for line in lines}) == sorted(map(str, (train, val, test)))
 
 
 def test_blocks_are_pack_documents_blocks_read_from_the_memory_map(docs, tokenizer, tmp_path):
@@ -187,6 +200,35 @@ def test_ctrl_c_while_building_leaves_no_store_and_says_so(docs, tokenizer, tmp_
     monkeypatch.setattr(encoding.DocumentEncoder, "__call__", interrupted_at_the_second_batch)
     with pytest.raises(KeyboardInterrupt, match="interrupted while building the token store .*nothing of it"):
         token_store(splits, tokenizer, progress=False)
+    assert stores(tmp_path) == []
+
+
+# `kangpt prepare`, Ctrl-C'd (SIGINT to itself, as a terminal sends it) while it encodes its second batch.
+PREPARE_INTERRUPTED = """
+import os, signal, sys
+import kangpt.data.encoding as encoding
+encode, calls = encoding.DocumentEncoder.__call__, []
+def interrupted(self, texts):
+    calls.append(1)
+    if len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGINT)
+    return encode(self, texts)
+encoding.DocumentEncoder.__call__ = interrupted
+encoding.BATCH_BYTES = 20_000
+from kangpt.commands import main
+sys.exit(main(["prepare", *sys.argv[1:]]))
+"""
+
+
+def test_ctrl_c_while_prepare_builds_is_one_line_exit_130_and_no_store(docs, tmp_path):
+    corpus = write_corpus(tmp_path / "corpus", docs * 8)
+    env = {**os.environ, "KANGPT_CACHE": str(tmp_path / "kangpt-cache"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", PREPARE_INTERRUPTED, f"--data.dataset={corpus}",
+                             "--data.vocab_size=300"], env=env, cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 130, result.stderr[-2000:]
+    assert re.fullmatch(r"error: interrupted while building the token store '.*/tokens/corpus-[0-9a-f]{16}'; "
+                        "nothing of it was kept", result.stderr.splitlines()[-1])
     assert stores(tmp_path) == []
 
 

@@ -45,7 +45,7 @@ from .corpora import (
 )
 from .diagnosis import _RUN_FILE as _RUN_FILE
 from .diagnosis import _corpus_error as _corpus_error
-from .documents import Documents
+from .documents import Documents, Head
 from .encoding import DocumentEncoder
 from .errors import DataError
 from .packing import BlockStream, pack_documents, stream_blocks
@@ -57,6 +57,7 @@ __all__ = [
     "DataError",
     "DocumentEncoder",
     "Documents",
+    "Head",
     "check_split_sizes",
     "TokenBlocks",
     "TokenStore",

@@ -140,20 +140,19 @@ def document_splits(
                  (("validation", validation_dataset), ("test", test_dataset)) if spec is not None}
     _check_text_field(text_field, dataset, [local, *(files for _, files in own_files.values())])
     splits = _source_splits(dataset, name, local, text_field, max_documents)
-    given = {split: _source_splits(spec, None, files, text_field, max_documents)["train"]
+    given = {split: _source_splits(spec, None, files, text_field, max_documents)["train"].with_split(split)
              for split, (spec, files) in own_files.items()}
     own = {"validation": given.get("validation", splits.get("validation"))}
     if "test" in given:
         own["test"] = given["test"]
     elif want_test or own["validation"] is None:
         own["test"] = splits.get("test")
-    if not want_test and own["validation"] is None:  # the source's test split serves as validation
-        own["validation"], own["test"] = own["test"], None
+    if not want_test and own["validation"] is None and own["test"] is not None:  # the test split validates
+        own["validation"], own["test"] = own["test"].with_split("validation"), None
     held = {split: k for split, k in (("validation", round(1 / val_fraction)),
                                       ("test", round(1 / test_fraction) if test_fraction else 0))
             if own.get(split) is None and k and (split == "validation" or want_test)}
-    train = splits["train"]
-    train.strides = held
+    train = splits["train"].with_strides(held)
     result = {"train": train, **{split: train.with_split(split) for split in held}}
     result.update({split: docs for split, docs in own.items() if docs is not None})
     for docs in sources_of(result):
@@ -250,8 +249,8 @@ def _source_splits(dataset: str, name: str | None, local: tuple[str, list[str]] 
     if "train" not in streams:
         raise DataError(f"dataset {dataset!r} has no 'train' split (splits: {sorted(streams)})")
     return {split: Documents(dataset if split == "train" else f"{dataset}[{split}]",
-                             hub_shards(stream, text_field, dataset), max_documents=max_documents,
-                             text_field=text_field)
+                             hub_shards(stream, text_field, dataset), split=split,
+                             max_documents=max_documents, text_field=text_field)
             for split, stream in streams.items() if split in ("train", "validation", "test")}
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import logging
 import os
 from collections.abc import Iterator
@@ -41,14 +42,15 @@ FEATURES = datasets.Features({"text": datasets.Value("string")})
 _TAGGED = datasets.Features({"text": datasets.Value("string"), "split": datasets.Value("string")})
 
 
-def split_of(position: int, strides: dict[str, int]) -> str:
+def split_of(position: int, strides: dict[str, int], rest: str = "train") -> str:
     """The split of the document at ``position`` (its shard's index plus its own in the shard) under the
-    held-out ``strides`` (``{"validation": k, "test": k'}``, either may be absent): the module's rule."""
+    held-out ``strides`` (``{"validation": k, "test": k'}``, either may be absent): the module's rule;
+    ``rest`` is the split of the documents not held out."""
     if "validation" in strides and position % strides["validation"] == 0:
         return "validation"
     if "test" in strides and position % strides["test"] == strides["test"] // 2:
         return "test"
-    return "train"
+    return rest
 
 
 @dataclass(frozen=True)
@@ -175,7 +177,8 @@ class Documents:
     """The documents of one split of one source, in corpus order.
 
     ``shards`` are the source's; ``strides`` its held-out rule (``{}``: nothing is held out, all its
-    documents are this split's); ``split`` which of them this is (``"train"`` is what is not held out);
+    documents are this split's: a split with files of its own, a hub dataset's own validation split);
+    ``split`` which of them this is (``"train"`` is what is held out of nothing);
     at most the first ``max_documents`` documents of the source are read; ``text_field`` is the field
     the shards read the text from (named in messages).
     """
@@ -200,13 +203,15 @@ class Documents:
         for row in _generate(tuple(self.shards), **self._settings()):
             yield row["text"]
 
+    def head(self, count: int) -> Head:
+        """The first ``count`` texts of this split, read anew at each iteration (never held)."""
+        return Head(self, count)
+
     def tagged(self) -> Iterator[dict]:
-        """``{"text", "split"}`` of every document of the source, in order: all its splits in one read
-        (all of them this split's when nothing is held out)."""
+        """``{"text", "split"}`` of every document of the source, in order: all its splits in one read."""
         settings = self._settings()
         del settings["split"]
-        for row in _tagged(tuple(self.shards), **settings):
-            yield row if self.strides else {"text": row["text"], "split": self.split}
+        return _tagged(tuple(self.shards), **settings)
 
     def stream(self) -> IterableDataset:
         """A ``datasets`` stream of ``{"text": ...}`` rows with one shard per shard of the source (a single
@@ -216,14 +221,10 @@ class Documents:
                                               gen_kwargs={"shards": shards, **self._settings()})
 
     def identity(self) -> dict:
-        """What picks these documents out of their source's shards, as JSON (for the shards:
-        :meth:`shard_identities`)."""
+        """What picks these documents out of their source's shards, as JSON (the shards themselves: each
+        one's :meth:`Shard.identity`)."""
         return {"source": self.source, "split": self.split, "strides": self.strides,
                 "max_documents": self.max_documents}
-
-    def shard_identities(self) -> list[dict]:
-        """What the source's shards are, as JSON: equal for shards that hold the same rows."""
-        return [shard.identity() for shard in self.shards]
 
     def check_text_field(self) -> None:
         """Read the first row of a source with fields (records, a hub dataset), so that a text field that
@@ -232,8 +233,20 @@ class Documents:
             next(iter(self.shards[0].texts()), None)
 
     def _settings(self) -> dict:
-        return {"split": self.split, "strides": self.strides, "max_documents": self.max_documents,
-                "source": self.source, "field": self.text_field}
+        rest = "train" if self.strides else self.split  # the split of the documents not held out
+        return {"split": self.split, "strides": self.strides, "rest": rest,
+                "max_documents": self.max_documents, "source": self.source, "field": self.text_field}
+
+
+@dataclass(frozen=True)
+class Head:
+    """The first ``count`` texts of ``documents``: iterated, they are read again."""
+
+    documents: Documents
+    count: int
+
+    def __iter__(self) -> Iterator[str]:
+        return itertools.islice(iter(self.documents), self.count)
 
 
 def sources_of(splits: dict[str, Documents]) -> list[Documents]:
@@ -257,10 +270,11 @@ def datasets_of(splits: dict[str, Documents]) -> dict[str, Dataset]:
 
 def _tagged_dataset(docs: Documents) -> Dataset:
     """Every document of ``docs``' source with the split it belongs to (``{"text", "split"}`` rows)."""
-    if next(iter(docs.with_split("train").with_strides({})), None) is None:
+    if next(iter(docs.with_strides({})), None) is None:
         raise DataError(f"no non-empty documents in {docs.source!r}")
-    kwargs = {"shards": tuple(docs.shards), "strides": docs.strides, "max_documents": docs.max_documents,
-              "source": docs.source, "field": docs.text_field}
+    kwargs = docs._settings()
+    del kwargs["split"]
+    kwargs["shards"] = tuple(docs.shards)
     if all(isinstance(shard, BuiltinShard) for shard in docs.shards):
         return Dataset.from_list(list(_tagged(**kwargs)), features=_TAGGED)
     try:
@@ -274,20 +288,20 @@ def _tagged_dataset(docs: Documents) -> Dataset:
         raise cause from None
 
 
-def _generate(shards, split: str, strides: dict[str, int], max_documents: int | None, source: str,
-              field: str) -> Iterator[dict]:
+def _generate(shards, split: str, strides: dict[str, int], rest: str, max_documents: int | None,
+              source: str, field: str) -> Iterator[dict]:
     """``{"text": ...}`` of each document of ``split`` in ``shards``, in order. A ``.txt`` file holds one
     document, whose split its place alone tells: the files of other splits are not read (but under
     ``max_documents``, which counts them)."""
     if max_documents is None:
-        shards = type(shards)(shard for shard in shards
-                              if not isinstance(shard, TextFile) or split_of(shard.index, strides) == split)
-    for row in _tagged(shards, strides, max_documents, source, field, warn=split == "train"):
+        shards = type(shards)(shard for shard in shards if not isinstance(shard, TextFile)
+                              or split_of(shard.index, strides, rest) == split)
+    for row in _tagged(shards, strides, rest, max_documents, source, field, warn=split == rest):
         if row["split"] == split:
             yield {"text": row["text"]}
 
 
-def _tagged(shards, strides: dict[str, int], max_documents: int | None, source: str, field: str,
+def _tagged(shards, strides: dict[str, int], rest: str, max_documents: int | None, source: str, field: str,
             warn: bool = True) -> Iterator[dict]:
     """``{"text", "split"}`` of each document in ``shards``, in order. Rows without text (missing, null,
     not a string, blank) are dropped, counted in a warning (with ``warn``) when ``shards`` is a whole
@@ -299,7 +313,7 @@ def _tagged(shards, strides: dict[str, int], max_documents: int | None, source: 
         elif max_documents is not None and kept == max_documents:
             break
         else:
-            yield {"text": text, "split": split_of(position, strides)}
+            yield {"text": text, "split": split_of(position, strides, rest)}
             kept += 1
     if warn and dropped and isinstance(shards, tuple):  # said: dropping rows silently could hide a bad field
         logger.warning("dropped %d of %d documents of %r with no text in field %r (missing, null, not a "

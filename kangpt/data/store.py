@@ -6,9 +6,11 @@
       train.bin, validation.bin[, test.bin]  token ids, little-endian uint16 (vocabularies of up to 65,536
                                              entries) or uint32; each document followed by EOS, in order
       train-counts.npy                       how often each id occurs in train.bin (the unigram baseline)
-      store.json                             what it was built from (every shard: files with their sizes
-                                             and times; the tokenizer's sha256; the held-out rule), the
-                                             tokens and documents of each split, the build's time
+      sources.jsonl                          every shard it was read from, one a line (files with their
+                                             sizes and modification times; hub shards; built-in corpora)
+      store.json                             what it was built from (the sha256 of sources.jsonl and of the
+                                             tokenizer, the held-out rule of each split), the tokens and
+                                             documents of each split, the build's time
       manifest.json                          size and sha256 of every other file, written last
 
 The key is a hash of what ``store.json`` says it was built from, so another corpus, another tokenizer
@@ -56,6 +58,7 @@ logger = logging.getLogger(__name__)
 
 FORMAT = 1
 INFO = "store.json"
+SOURCES = "sources.jsonl"
 COUNTS = "train-counts.npy"
 # What a failed write raises without naming its file (a write to an open file): disk full, quota, ...
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
@@ -150,55 +153,59 @@ def token_store(splits: dict[str, Documents], tokenizer, *, cache_dir: str | Pat
                 progress: bool = True) -> TokenStore:
     """Open the store of ``splits`` tokenized by ``tokenizer``, building it first when there is none.
 
-    Building reads each split once and tokenizes it on all cores (:mod:`.encoding`), with a progress
-    bar unless ``progress`` is False. Raises DataError for bad input and a failed write, and
-    KeyboardInterrupt (with its one-line message) when interrupted; neither leaves a store.
+    Building reads each source once (its held-out splits with it) and tokenizes it on all cores
+    (:mod:`.encoding`), with a progress bar unless ``progress`` is False. Raises DataError for bad
+    input and a failed write, and KeyboardInterrupt (with its one-line message) when interrupted;
+    neither leaves a store.
     """
     encoder = DocumentEncoder(tokenizer)
-    source = {"format": FORMAT, "tokenizer_sha256": tokenizer_sha256(tokenizer),
-              "sources": {docs.source: docs.shard_identities() for docs in sources_of(splits)},
-              "splits": {split: docs.identity() for split, docs in splits.items()}}
-    path = _store_path(cache_root(cache_dir), splits["train"].source, source)
+    sources = hashlib.sha256()
+    for line in _source_lines(splits):  # a line at a time: a corpus may have a million files
+        sources.update(line.encode())
+    built_from = {"format": FORMAT, "tokenizer_sha256": tokenizer_sha256(tokenizer),
+                  "sources_sha256": sources.hexdigest(),
+                  "splits": {split: docs.identity() for split, docs in splits.items()}}
+    path = _store_path(cache_root(cache_dir), splits["train"].source, built_from)
     lock = path.with_name(f"{path.name}.lock")
     with _locked(lock, shared=True):  # many may check a store at once
-        store, problem = _open(path, source)
+        store, problem = _open(path, built_from)
     if store is not None:
         return store
     with _locked(lock, shared=False):  # one builds it
-        store, problem = _open(path, source)  # another process may have built it meanwhile
+        store, problem = _open(path, built_from)  # another process may have built it meanwhile
         if store is not None:
             return store
         if problem is not None:
             logger.warning("the token store %s is damaged (%s); building it again", path, problem)
-        _build(path, splits, encoder, source, progress)
-        store, problem = _open(path, source)
+        _build(path, splits, encoder, built_from, progress)
+        store, problem = _open(path, built_from)
     if store is None:
         raise DataError(f"the token store {str(path)!r} just built does not verify: {problem}")
     store.built = True
     return store
 
 
-def _store_path(root: Path, source_name: str, source: dict) -> Path:
-    """``root/tokens/<name>-<key>``: the source's last path part, made safe, and a hash of ``source``."""
-    key = hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()[:16]
+def _store_path(root: Path, source_name: str, built_from: dict) -> Path:
+    """``root/tokens/<name>-<key>``: the source's last path part, made safe, and a hash of ``built_from``."""
+    key = hashlib.sha256(json.dumps(built_from, sort_keys=True).encode()).hexdigest()[:16]
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(source_name.rstrip("/*")).name or "corpus").strip("-.")
     return root / "tokens" / f"{name[:40] or 'corpus'}-{key}"
 
 
-def _open(path: Path, source: dict) -> tuple[TokenStore | None, str | None]:
-    """The store at ``path`` when it is whole and built from ``source``; else None and why (None: absent)."""
+def _open(path: Path, built_from: dict) -> tuple[TokenStore | None, str | None]:
+    """The store at ``path`` when it is whole and ``built_from`` that; else None and why (None: absent)."""
     if not path.is_dir():
         return None, None
     problem = folder_problem(path)
     if problem is not None:
         return None, problem
     info = json.loads((path / INFO).read_text())
-    if {key: info.get(key) for key in source} != source:  # never another tokenizer's or corpus's tokens
+    if {key: info.get(key) for key in built_from} != built_from:  # never another tokenizer's or corpus's
         return None, f"its {INFO} says it was built from something else"
     return TokenStore(path, info), None
 
 
-def _build(path: Path, splits: dict[str, Documents], encoder: DocumentEncoder, source: dict,
+def _build(path: Path, splits: dict[str, Documents], encoder: DocumentEncoder, built_from: dict,
            progress: bool) -> None:
     """Tokenize every split into a new store folder, verified, then renamed to ``path``. Each source is
     read once, its documents going to the files of their splits."""
@@ -220,12 +227,21 @@ def _build(path: Path, splits: dict[str, Documents], encoder: DocumentEncoder, s
         files.close()  # every token written before the folder is verified and renamed
         check_split_sizes({split: total["documents"] for split, total in totals.items()}, splits)
         np.save(tmp / COUNTS, counts)
-        info = {**source, "dtype": encoder.dtype.str, "eos_id": encoder.eos_id,
+        with (tmp / SOURCES).open("w") as out:
+            out.writelines(_source_lines(splits))
+        info = {**built_from, "dtype": encoder.dtype.str, "eos_id": encoder.eos_id,
                 "vocab_size": encoder.vocab_size, "seconds": round(time.perf_counter() - started, 3),
                 **{key: {split: total[key] for split, total in totals.items()}
                    for key in ("tokens", "documents", "characters")}}
         write_text_atomically(tmp / INFO, json.dumps(info, indent=1) + "\n")
         write_manifest(tmp)
+
+
+def _source_lines(splits: dict[str, Documents]) -> Iterator[str]:
+    """The lines of ``sources.jsonl``: every shard of every source of ``splits``, in order."""
+    for docs in sources_of(splits):
+        for shard in docs.shards:
+            yield json.dumps({"source": docs.source, **shard.identity()}, sort_keys=True) + "\n"
 
 
 def _batches(splits: dict[str, Documents]) -> Iterator[tuple[list[str], tuple[str, int, int]]]:

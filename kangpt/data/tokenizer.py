@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from datasets import Dataset
@@ -43,7 +43,8 @@ def load_tokenizer(
 
     ``spec == "bpe"`` trains a GPT-2-style byte-level BPE with ``vocab_size`` entries (fewer, with a
     logged warning, if the texts run out of merges) on ``train_texts`` (strings, or a dataset with a
-    ``"text"`` column), whose only special token ``<|endoftext|>`` is BOS, EOS, UNK and PAD. The
+    ``"text"`` column; one that can be iterated again is read twice, for the cache key and to train,
+    and never held in memory), whose only special token ``<|endoftext|>`` is BOS, EOS, UNK and PAD. The
     trained tokenizer is cached under ``cache_dir`` (default ``$KANGPT_CACHE`` or ``~/.cache/kangpt``)
     keyed by a hash of the texts, ``vocab_size`` and the tokenizer settings, so a second call with the
     same inputs loads it instead of retraining; an entry that fails to load is retrained and replaced,
@@ -64,13 +65,15 @@ def load_tokenizer(
         raise DataError(f"vocab_size {BPE_VOCAB_SIZE_RULE}, got {vocab_size!r}")
     if train_texts is None:
         raise DataError("spec 'bpe' needs train_texts to train on")
-    texts = list(_iter_texts(train_texts))
-    if not any(texts):
+    if iter(train_texts) is train_texts:  # an iterator goes once: its texts are kept for a second pass
+        train_texts = list(train_texts)
+    key, count = _bpe_key(_iter_texts(train_texts), vocab_size)
+    if count == 0:
         raise DataError("cannot train a BPE tokenizer: train_texts contains no text")
-    path = cache_root(cache_dir) / "tokenizers" / f"bpe-{vocab_size}-{_bpe_key(texts, vocab_size)}"
+    path = cache_root(cache_dir) / "tokenizers" / f"bpe-{vocab_size}-{key}"
     tokenizer = _cached_bpe(path)
     if tokenizer is None:
-        trained = _train_bpe(texts, vocab_size)
+        trained = _train_bpe(_iter_texts(train_texts), count, vocab_size)
         # Runs started together may train the same BPE at once: each writes its own whole entry.
         with atomic_folder(path, shared=True, last="tokenizer.json") as tmp:  # it marks a whole entry
             trained.save_pretrained(tmp)
@@ -79,7 +82,7 @@ def load_tokenizer(
         logger.warning("the trained BPE has %d tokens, fewer than vocab_size=%d: its %d training texts "
                        "ran out of merges (no pair of tokens within a word occurs %d or more times); "
                        "train it on more text or lower vocab_size",
-                       len(tokenizer), vocab_size, len(texts), _BPE_SETTINGS["min_frequency"])
+                       len(tokenizer), vocab_size, count, _BPE_SETTINGS["min_frequency"])
     return tokenizer
 
 
@@ -142,16 +145,19 @@ def _text_column(ds: Dataset) -> Dataset:
     return ds.select_columns(["text"])
 
 
-def _bpe_key(texts: list[str], vocab_size: int) -> str:
+def _bpe_key(texts: Iterable[str], vocab_size: int) -> tuple[str, int]:
+    """The cache key of a BPE trained on ``texts``, and how many of them hold text."""
     digest = hashlib.sha256(json.dumps([_BPE_SETTINGS, vocab_size], sort_keys=True).encode())
+    count = 0
     for text in texts:
         data = text.encode("utf-8", "surrogatepass")
         digest.update(len(data).to_bytes(8, "little"))
         digest.update(data)
-    return digest.hexdigest()[:20]
+        count += bool(text)
+    return digest.hexdigest()[:20], count
 
 
-def _train_bpe(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+def _train_bpe(texts: Iterable[str], count: int, vocab_size: int) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on ``texts`` and wrap it for ``transformers``."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=_BPE_SETTINGS["add_prefix_space"])
@@ -164,7 +170,7 @@ def _train_bpe(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    tokenizer.train_from_iterator(texts, trainer=trainer, length=count)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=EOT, eos_token=EOT, unk_token=EOT,
                                    pad_token=EOT, clean_up_tokenization_spaces=False,
                                    padding_side="left")  # batched generation pads on the left

@@ -27,6 +27,7 @@ from ..data import (
     DataError,
     DocumentEncoder,
     Documents,
+    Head,
     TokenBlocks,
     TokenStore,
     check_split_sizes,
@@ -97,13 +98,12 @@ def corpus_splits(data: DataConfig) -> dict[str, Documents]:
     )
 
 
-def run_tokenizer(data: DataConfig, train: TrainConfig,
-                  splits: dict[str, Documents]) -> tuple[object, list[str]]:
+def run_tokenizer(data: DataConfig, train: TrainConfig, splits: dict[str, Documents]) -> tuple[object, Head]:
     """The run's tokenizer and the training documents the BPE is trained on (the first
-    ``data.tokenizer_documents``). A run that starts from a model folder keeps the folder's tokenizer
-    unless another is named."""
-    tokenizer_docs = list(itertools.islice(splits["train"], data.tokenizer_documents))
-    if not tokenizer_docs:  # no training document at all: the whole corpus was read, say what it holds
+    ``data.tokenizer_documents``, read when iterated). A run that starts from a model folder keeps the
+    folder's tokenizer unless another is named."""
+    tokenizer_docs = splits["train"].head(data.tokenizer_documents)
+    if next(iter(tokenizer_docs), None) is None:  # no training document: the whole corpus was read
         check_split_sizes({split: sum(1 for _ in docs) for split, docs in splits.items()}, splits)
     spec = train.init_from if train.init_from is not None and data.tokenizer == "bpe" else data.tokenizer
     return load_tokenizer(spec, tokenizer_docs, vocab_size=data.vocab_size), tokenizer_docs
@@ -118,7 +118,7 @@ def prepare_store(data: DataConfig, train: TrainConfig, progress: bool = True) -
 
 
 def _streamed_corpus(data: DataConfig, train: TrainConfig, splits: dict[str, Documents], tokenizer,
-                     tokenizer_docs: list[str], accelerator: Accelerator) -> Corpus:
+                     tokenizer_docs: Head, accelerator: Accelerator) -> Corpus:
     """This process's share of the training stream; the first ``eval_blocks`` blocks of the held-out
     streams; the baseline of the BPE's sample of the training documents."""
     encoder = DocumentEncoder(tokenizer)

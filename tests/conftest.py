@@ -10,6 +10,7 @@ two cores spend their time waiting for one another. (The processes tests start k
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,7 @@ def eval_script():
     def load(name: str):
         spec = importlib.util.spec_from_file_location(name, ROOT / "eval" / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # as an import does: dataclasses look their module up there
         spec.loader.exec_module(module)
         return module
 

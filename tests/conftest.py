@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+import datasets
+import huggingface_hub.constants
 import pytest
 import torch
 import yaml
@@ -39,6 +41,15 @@ def eval_script():
         return module
 
     return load
+
+
+@pytest.fixture
+def isolated_caches(tmp_path, monkeypatch):
+    """The kangpt and `datasets` caches in the test's own folder, and the hub never reached."""
+    monkeypatch.setenv("KANGPT_CACHE", str(tmp_path / "kangpt-cache"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
 @pytest.fixture(scope="module")

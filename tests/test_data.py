@@ -11,7 +11,6 @@ import sysconfig
 from pathlib import Path
 
 import datasets
-import huggingface_hub.constants
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -33,16 +32,9 @@ from kangpt.data import (
     unigram_entropy,
 )
 
+pytestmark = pytest.mark.usefixtures("isolated_caches")  # conftest: caches in the test's folder, offline
+
 EOT = "<|endoftext|>"
-
-
-@pytest.fixture(autouse=True)
-def _isolated_caches(tmp_path, monkeypatch):
-    """Keep the kangpt and `datasets` caches out of the home directory; never touch the network."""
-    monkeypatch.setenv("KANGPT_CACHE", str(tmp_path / "kangpt-cache"))
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
 @pytest.fixture(scope="module")

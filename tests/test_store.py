@@ -10,8 +10,6 @@ import sys
 import tracemalloc
 from pathlib import Path
 
-import datasets
-import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
@@ -31,16 +29,9 @@ from kangpt.data import (
 )
 from kangpt.io.manifest import MANIFEST
 
+pytestmark = pytest.mark.usefixtures("isolated_caches")  # conftest: caches in the test's folder, offline
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(autouse=True)
-def _isolated_caches(tmp_path, monkeypatch):
-    """The kangpt and `datasets` caches in the test's folder; never the network."""
-    monkeypatch.setenv("KANGPT_CACHE", str(tmp_path / "kangpt-cache"))
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import itertools
 from pathlib import Path
 
 import datasets
-import huggingface_hub.constants
 import pytest
 import torch
 
@@ -22,14 +21,7 @@ from kangpt.data import (
     stdlib_documents,
 )
 
-
-@pytest.fixture(autouse=True)
-def _isolated_caches(tmp_path, monkeypatch):
-    monkeypatch.setenv("KANGPT_CACHE", str(tmp_path / "kangpt-cache"))
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-
+pytestmark = pytest.mark.usefixtures("isolated_caches")  # conftest: caches in the test's folder, offline
 
 @pytest.fixture(scope="module")
 def docs():

@@ -69,8 +69,9 @@ def load_splits(
     recursively) or glob of ``.txt`` files (one document per file, universal newlines),
     ``.jsonl``/``.json`` files (JSON lines, one document per line) or ``.parquet`` files (one document
     per row), the text taken from ``text_field``; or a Hugging Face hub dataset name with optional
-    config ``name``. Documents whose text is missing, null, not a string or blank are dropped (for
-    map-style datasets with a logged warning giving their count) and at most ``max_documents`` are
+    config ``name``. Documents whose text is missing, null, not a string or blank are dropped (with a
+    logged warning giving their count when a whole source is read: map-style datasets, the token
+    store) and at most ``max_documents`` are
     read from each split of the source. A ``text_field`` other than ``"text"`` is refused where no
     source has fields (only ``.txt`` files or a built-in corpus), and so is a kangpt run folder or a
     model folder given as local files, before any of its files is read.

@@ -21,12 +21,13 @@ class KANGPT2Config(PreTrainedConfig):
         `"kan"`: a KAN block (see ``kangpt.kan.KANFeedForward``); `"mlp"`: exactly GPT-2's MLP
         (``n_embd -> n_inner -> n_embd`` with ``activation_function``).
     kan_basis (`str`, defaults to `"bspline"`):
-        One of `"bspline"`, `"rbf"`, `"chebyshev"`, `"rational"`.
+        One of `"bspline"`, `"rbf"`, `"chebyshev"`, `"rational"`, `"symbolic"` (a fitted formula per
+        group, what ``kangpt inspect --symbolic`` makes of a trained model; see ``kangpt.kan_symbolic``).
     kan_sharing (`str`, defaults to `"group"`), kan_groups (`int`, defaults to 8):
         `"edge"`: one learnable function per edge (the KAN paper's layer); `"group"`: the inputs of
         every KAN layer are cut into ``kan_groups`` groups that share one learnable function, scaled
         per edge by the weight (GR-KAN's sharing), so the block is as wide as GPT-2's MLP. The
-        `"rational"` basis is always grouped.
+        `"rational"` and `"symbolic"` bases are always grouped.
     kan_grid_size (`int`, defaults to 5), kan_spline_order (`int`, defaults to 3),
     kan_grid_range (`list[float]`, defaults to `[-2.0, 2.0]`):
         Grid of the spline-like bases (see ``kangpt.kan.KANLinear``).

@@ -33,9 +33,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kan_bases import make_basis
+from .kan_bases import (
+    BSplineBasis,
+    ChebyshevBasis,
+    GroupedBasis,
+    GroupedBSplineBasis,
+    RationalBasis,
+    RBFBasis,
+)
 from .kan_fast import kan_linear, triton_kernels_apply
 from .kan_spec import BASES, KERNELS, SHARINGS, KANSpec
+from .kan_symbolic import SymbolicBasis
 
 __all__ = [
     "BASES",
@@ -70,17 +78,19 @@ class KANLinear(nn.Module):
     Args:
         in_features, out_features: widths, as for ``nn.Linear``.
         spec: the layer's functions (:class:`~kangpt.kan_spec.KANSpec`, checked when it was made;
-            default ``KANSpec()``): the basis (``"bspline"``, ``"rbf"``, ``"chebyshev"`` or
-            ``"rational"``; see the basis classes in ``kangpt.kan_bases`` for formulas and parameters
-            per edge), its grid (``grid_size`` intervals on ``grid_range``; every spline-like basis
-            has ``K = grid_size + spline_order`` functions per edge, so they cost the same), how
-            functions are shared and which kernels run them:
+            default ``KANSpec()``): the basis (``"bspline"``, ``"rbf"``, ``"chebyshev"``,
+            ``"rational"`` or ``"symbolic"``; see the basis classes in ``kangpt.kan_bases`` and
+            ``kangpt.kan_symbolic`` for formulas and parameters per edge), its grid (``grid_size``
+            intervals on ``grid_range``; every spline-like basis has ``K = grid_size + spline_order``
+            functions per edge, so they cost the same), how functions are shared and which kernels
+            run them:
 
             - ``sharing="edge"``: every edge has its own function, a combination of the basis's
               ``1 + K`` features (``1 + K`` coefficients per edge); ``sharing="group"``: the inputs
               are cut into ``groups`` contiguous groups (their number must divide ``in_features``)
               that share one learnable function, which the weight scales per edge (one coefficient
-              per edge; see ``kangpt.kan_bases.GroupedBasis``). ``rational`` is always grouped.
+              per edge; see ``kangpt.kan_bases.GroupedBasis``). ``rational`` and ``symbolic`` are
+              always grouped.
             - ``kernel="auto"``: the fused Triton kernels of ``kangpt.kan_triton`` for a grouped
               B-spline layer on CUDA when ``triton`` is installed, the PyTorch path otherwise;
               ``"triton"``: always the kernels (on CPU tensors only under ``TRITON_INTERPRET=1``);
@@ -167,7 +177,8 @@ class KANLinear(nn.Module):
         return out.view(*x.shape[:-1], self.out_features)
 
     # The settings, as attributes (read from the spec).
-    basis_name = property(lambda self: self.spec.basis, doc="The basis: bspline, rbf, chebyshev or rational.")
+    basis_name = property(lambda self: self.spec.basis,
+                          doc="The basis: bspline, rbf, chebyshev, rational or symbolic.")
     grid_size = property(lambda self: self.spec.grid_size, doc="Grid intervals of the spline-like bases.")
     spline_order = property(lambda self: self.spec.spline_order, doc="Order of the B-splines.")
     grid_range = property(lambda self: self.spec.grid_range, doc="(low, high) of the grid.")
@@ -178,7 +189,7 @@ class KANLinear(nn.Module):
 
     @property
     def num_features(self) -> int:
-        """Features per input: 1 + K for the spline-like bases, 1 for ``rational``."""
+        """Features per input: 1 + K for the spline-like bases per edge, 1 for the grouped functions."""
         return self.basis.num_features
 
     def reset_parameters(self):
@@ -242,8 +253,8 @@ class KANLinear(nn.Module):
         polynomial degree, which is exact everywhere. The parameter that changes shape (the weight,
         or a grouped layer's function coefficients) is replaced by a new one: hand it to the optimizer.
         """
-        if self.basis_name == "rational":
-            raise ValueError("extend_grid does not apply to basis='rational' (it has no grid)")
+        if self.basis_name in ("rational", "symbolic"):
+            raise ValueError(f"extend_grid does not apply to basis={self.basis_name!r} (it has no grid)")
         if not isinstance(new_grid_size, int) or new_grid_size <= self.grid_size:
             raise ValueError(
                 f"new_grid_size must be an integer > grid_size={self.grid_size}, got {new_grid_size!r}"
@@ -254,8 +265,8 @@ class KANLinear(nn.Module):
         """Move the grid to ``[low, high]`` (same number of intervals), e.g. to the range the inputs
         take; every function is refitted by least squares on dense points of the new range. As with
         :meth:`extend_grid`, the refitted parameter is a new one. Not for ``chebyshev`` (its basis
-        squashes every input by tanh) nor ``rational`` (no grid)."""
-        if self.basis_name in ("chebyshev", "rational"):
+        squashes every input by tanh) nor ``rational`` and ``symbolic`` (no grid)."""
+        if self.basis_name in ("chebyshev", "rational", "symbolic"):
             raise ValueError(f"set_grid_range does not apply to basis={self.basis_name!r}")
         if not float(low) < float(high):
             raise ValueError(f"the grid range must have low < high, got ({low!r}, {high!r})")
@@ -295,7 +306,7 @@ class KANLinear(nn.Module):
 
     def extra_repr(self) -> str:
         s = f"in_features={self.in_features}, out_features={self.out_features}, basis={self.basis_name!r}"
-        if self.basis_name != "rational":
+        if self.basis_name not in ("rational", "symbolic"):
             s += f", grid_size={self.grid_size}, spline_order={self.spline_order}"
             s += f", grid_range={self.grid_range}"
         return s + f", bias={self.bias is not None}"
@@ -394,3 +405,23 @@ def kan_block_hidden_size(
 
     aligned = closest(math.lcm(step, multiple_of))
     return aligned if abs(count(aligned) - target_params) <= tolerance * target_params else closest(step)
+
+
+def make_basis(spec: KANSpec, in_features: int, device=None, dtype=None) -> nn.Module:
+    """The basis a layer with ``spec`` and ``in_features`` inputs evaluates."""
+    factory = {"device": device, "dtype": dtype}
+    k, rng = spec.spline_order, spec.grid_range
+    if spec.basis == "rational":
+        return RationalBasis(in_features, spec.groups, spec.rational_order, **factory)
+    if spec.basis == "symbolic":
+        return SymbolicBasis(in_features, spec.groups, **factory)
+    if spec.basis == "bspline":
+        basis = BSplineBasis(spec.grid_size, k, rng)
+    elif spec.basis == "rbf":
+        basis = RBFBasis(spec.num_functions, rng)
+    else:
+        basis = ChebyshevBasis(spec.num_functions, rng)
+    if not spec.grouped:
+        return basis
+    grouped = GroupedBSplineBasis if spec.basis == "bspline" else GroupedBasis
+    return grouped(basis, in_features, spec.groups, **factory)

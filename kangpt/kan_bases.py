@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kan_grouped import PieceTableEvaluation
-from .kan_spec import KANSpec
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -537,21 +536,3 @@ class GroupedBSplineBasis(PieceTableEvaluation, GroupedBasis):
         of the input and of ``coefficients``: ``(out, grad_x, (grad_coefficients,))``, from the piece
         table (the coefficients' gradient as per-interval sums)."""
         return self._blocked_features_and_grads(x, out, grad_out)
-
-
-def make_basis(spec: KANSpec, in_features: int, device=None, dtype=None) -> Basis:
-    """The basis a layer with ``spec`` and ``in_features`` inputs evaluates."""
-    factory = {"device": device, "dtype": dtype}
-    k, rng = spec.spline_order, spec.grid_range
-    if spec.basis == "rational":
-        return RationalBasis(in_features, spec.groups, spec.rational_order, **factory)
-    if spec.basis == "bspline":
-        basis = BSplineBasis(spec.grid_size, k, rng)
-    elif spec.basis == "rbf":
-        basis = RBFBasis(spec.num_functions, rng)
-    else:
-        basis = ChebyshevBasis(spec.num_functions, rng)
-    if not spec.grouped:
-        return basis
-    grouped = GroupedBSplineBasis if spec.basis == "bspline" else GroupedBasis
-    return grouped(basis, in_features, spec.groups, **factory)

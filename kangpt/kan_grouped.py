@@ -4,8 +4,8 @@ autograd function that ``torch.compile`` fuses.
 
 :class:`PieceTableEvaluation` holds that machinery; ``kangpt.kan_bases.GroupedBSplineBasis`` (the
 grouped functions over B-splines, their formula) inherits it. This module imports nothing of
-kangpt, so the dependency runs one way, ``kan_bases`` -> ``kan_grouped``, and ``make_basis`` can
-return the grouped class. The fused Triton kernels (``kangpt.kan_triton``) read the same table.
+kangpt, so the dependency runs one way, ``kan_bases`` -> ``kan_grouped``. The fused Triton kernels
+(``kangpt.kan_triton``) read the same table.
 """
 
 from __future__ import annotations

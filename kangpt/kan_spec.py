@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-BASES = ("bspline", "rbf", "chebyshev", "rational")
+BASES = ("bspline", "rbf", "chebyshev", "rational", "symbolic")
 SHARINGS = ("edge", "group")
 KERNELS = ("auto", "triton", "torch")
 
@@ -21,13 +21,15 @@ class KANSpec:
     """What a KAN layer's edge functions are (see ``kangpt.kan.KANLinear`` for the formulas).
 
     Attributes:
-        basis: ``"bspline"``, ``"rbf"``, ``"chebyshev"`` or ``"rational"``.
+        basis: ``"bspline"``, ``"rbf"``, ``"chebyshev"``, ``"rational"`` or ``"symbolic"`` (a formula
+            per group, ``kangpt.kan_symbolic``).
         grid_size, spline_order: ``grid_size`` grid intervals; every spline-like basis has
             ``K = grid_size + spline_order`` functions (B-splines of that order, K Gaussians, or
             Chebyshev polynomials up to degree K - 1).
         grid_range: ``(low, high)``, the input interval the grid covers.
         sharing: ``"edge"``, one function per edge; ``"group"``, one per group of inputs, scaled per
-            edge by the weight. ``rational`` is always grouped (the spec says ``"group"``).
+            edge by the weight. ``rational`` and ``symbolic`` are always grouped (the spec says
+            ``"group"``).
         groups: number of input groups of a grouped layer.
         rational_order: numerator and denominator degrees ``(m, n)`` of ``rational``.
         kernel: ``"auto"``, ``"triton"`` or ``"torch"`` (which code runs a grouped B-spline layer).
@@ -67,7 +69,7 @@ class KANSpec:
         need(self.kernel in KERNELS, "kernel", f"must be one of {KERNELS}")
         object.__setattr__(self, "grid_range", (float(self.grid_range[0]), float(self.grid_range[1])))
         object.__setattr__(self, "rational_order", (int(self.rational_order[0]), int(self.rational_order[1])))
-        if self.basis == "rational":
+        if self.basis in ("rational", "symbolic"):
             object.__setattr__(self, "sharing", "group")
 
     def replace(self, **changes) -> KANSpec:
@@ -76,7 +78,7 @@ class KANSpec:
 
     @property
     def grouped(self) -> bool:
-        """Whether groups of inputs share their functions (``rational`` always)."""
+        """Whether groups of inputs share their functions (``rational`` and ``symbolic`` always)."""
         return self.sharing == "group"
 
     @property
@@ -92,9 +94,12 @@ class KANSpec:
     @property
     def function_parameters(self) -> int:
         """Parameters of the shared functions of a grouped layer (0 per edge): per group, the
-        rational's ``m + 1 + n`` coefficients, or the linear, SiLU and K spline coefficients."""
+        rational's ``m + 1 + n`` coefficients, a formula's ``a, b, c, d``, or the linear, SiLU and K
+        spline coefficients."""
         if self.basis == "rational":
             return self.groups * (self.rational_order[0] + 1 + self.rational_order[1])
+        if self.basis == "symbolic":
+            return self.groups * 4
         return self.groups * (2 + self.num_functions) if self.grouped else 0
 
     def check_width(self, width: int, name: str = "in_features") -> None:

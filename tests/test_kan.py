@@ -17,9 +17,11 @@ from kangpt.kan import (
 )
 from kangpt.kan_bases import BSplineBasis
 
-# Every kind of layer: the spline-like bases per edge and grouped, and the (always grouped) rational.
-KINDS = [(basis, sharing) for sharing in SHARINGS for basis in BASES if basis != "rational"] + [
-    ("rational", "group")
+# Every kind of layer: the spline-like bases per edge and grouped, and the (always grouped) rational and
+# symbolic.
+ALWAYS_GROUPED = ("rational", "symbolic")
+KINDS = [(basis, sharing) for sharing in SHARINGS for basis in BASES if basis not in ALWAYS_GROUPED] + [
+    (basis, "group") for basis in ALWAYS_GROUPED
 ]
 
 

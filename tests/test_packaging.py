@@ -32,6 +32,7 @@ MODELLING_FILES = [
     "kan_fast.py",
     "kan_grouped.py",
     "kan_spec.py",
+    "kan_symbolic.py",
     "kan_triton.py",
     "messages.py",
     "modeling_kangpt.py",

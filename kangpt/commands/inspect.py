@@ -21,6 +21,7 @@ from ..interpret import (
     plot_importance,
     prune,
     sample_blocks,
+    symbolic_model,
 )
 from ..interpret.symbolic import LIBRARY
 from ..io.folders import atomic_folder
@@ -46,6 +47,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=None, help="block length (default: n_positions)")
     parser.add_argument("--samples", type=int, default=2048, help="sample inputs kept for plots and fits")
     parser.add_argument("--library", default=None, help="comma-separated formula names (default: all)")
+    parser.add_argument("--symbolic", action="store_true",
+                        help="also write symbolic-model/: every group function replaced by its formula")
     parser.add_argument("--prune-hidden", type=float, default=0.0, help="fraction of hidden units to remove")
     parser.add_argument("--prune-edges", type=float, default=0.0, help="fraction of edges to zero")
     parser.add_argument(
@@ -66,7 +69,9 @@ def run(args: argparse.Namespace) -> int:
     - ``symbolic.md`` and ``symbolic.json`` (:func:`auto_symbolic`),
     - with ``--prune-hidden``/``--prune-edges``: ``pruned/`` (model and tokenizer) and ``pruning.json``
       (:func:`prune`'s report plus validation losses before and after, on tokens not used for the
-      statistics).
+      statistics);
+    - with ``--symbolic``: ``symbolic-model/`` (model and tokenizer: :func:`symbolic_model`) and
+      ``symbolic-model.json`` (every group's formula and R², validation losses before and after).
 
     The folder is written under a temporary name and renamed when complete.
     """
@@ -86,6 +91,9 @@ def run(args: argparse.Namespace) -> int:
     if getattr(model.config, "ffn_type", None) != "kan":
         raise CommandError(f"{args.model_dir!r} has no KAN blocks to inspect")
     layers = kan_layers(model)
+    if args.symbolic and any(layer.sharing != "group" for layer in layers.values()):
+        raise CommandError("--symbolic replaces the function of each group: the model's KAN layers have "
+                           "one function per edge (kan_sharing='edge')")
     block = args.block + model.config.n_layer if args.block < 0 else args.block
     if (block, args.layer) not in layers:
         raise CommandError(
@@ -114,6 +122,8 @@ def run(args: argparse.Namespace) -> int:
             )
         if args.prune_hidden > 0 or args.prune_edges > 0:
             _prune_and_save(args, model, tokenizer, stats, eval_ids, tmp)
+        if args.symbolic:
+            _symbolic_and_save(args, model, tokenizer, stats, eval_ids, tmp)
     print(f"wrote {out}")
     return 0
 
@@ -139,8 +149,8 @@ def _split_blocks(args, tokenizer, n_positions: int) -> tuple[torch.Tensor, torc
     blocks = sample_blocks(tokenizer, block_size, text_file=args.text)
     blocks = blocks[torch.randperm(len(blocks), generator=torch.Generator().manual_seed(0))]
     n_stats = math.ceil(args.tokens / block_size)
-    pruning = args.prune_hidden > 0 or args.prune_edges > 0
-    n_eval = math.ceil(args.eval_tokens / block_size) if pruning else 0
+    compared = args.prune_hidden > 0 or args.prune_edges > 0 or args.symbolic  # validation losses wanted
+    n_eval = math.ceil(args.eval_tokens / block_size) if compared else 0
     if n_stats + n_eval > len(blocks):
         if len(blocks) < 1 + (n_eval > 0):
             raise CommandError(f"the text holds only {len(blocks)} block(s) of {block_size} tokens")
@@ -171,3 +181,16 @@ def _prune_and_save(args, model, tokenizer, stats, eval_ids: torch.Tensor, folde
         f"non-zero KAN parameters {report['nonzero_kan_parameters']['before']} -> "
         f"{report['nonzero_kan_parameters']['after']}, validation loss {losses[0]:.4f} -> {losses[1]:.4f}"
     )
+
+
+def _symbolic_and_save(args, model, tokenizer, stats, eval_ids: torch.Tensor, folder: Path) -> None:
+    symbolic, fits = symbolic_model(model, stats)
+    losses = [validation_loss(m, eval_ids, batch_size=args.batch_size) for m in (model, symbolic)]
+    symbolic.save_pretrained(folder / "symbolic-model")
+    tokenizer.save_pretrained(folder / "symbolic-model")
+    report = {"validation_loss": {"before": losses[0], "after": losses[1], "tokens": eval_ids.numel()},
+              "groups": fits}
+    (folder / "symbolic-model.json").write_text(json.dumps(report, indent=1) + "\n")
+    worst = min(fits, key=lambda fit: fit["r2"])
+    print(f"symbolic model: {len(fits)} group functions as formulas (lowest R² {worst['r2']:.3f}), "
+          f"validation loss {losses[0]:.4f} -> {losses[1]:.4f}")

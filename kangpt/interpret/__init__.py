@@ -10,6 +10,7 @@ is measured on sample tokens run through the model::
     report = auto_symbolic(model, stats[0, 0], block=0, layer=0, top_k=8, out_dir="inspect")
     plot_edges(layer, stats[0, 0], "edges.png")
     pruned, info = prune(model, stats, hidden_fraction=0.25)   # a new, smaller model
+    symbolic, fits = symbolic_model(model, stats)              # every group function a formula
 
 or, from the shell, ``kangpt inspect MODEL_DIR`` (:mod:`kangpt.commands.inspect`).
 
@@ -46,6 +47,7 @@ from .plots import plot_edges, plot_group_functions, plot_importance
 from .pruning import prune
 from .statistics import LayerStats, collect_statistics, kan_layers, layer_statistics, sample_blocks
 from .symbolic import fit_symbolic
+from .symbolic_model import symbolic_model
 
 __all__ = [
     "LayerStats",
@@ -65,5 +67,6 @@ __all__ = [
     "prune",
     "rank_edges",
     "sample_blocks",
+    "symbolic_model",
     "validation_loss",
 ]

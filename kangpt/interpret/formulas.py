@@ -36,6 +36,24 @@ def _group_values(layer: KANLinear, g: int, x: torch.Tensor) -> torch.Tensor:
     return _input_features(layer, g * layer.basis.group_size, x)[:, 0]
 
 
+def group_samples(layer: KANLinear, stats: LayerStats, g: int) -> torch.Tensor:
+    """(P,) float64 sample inputs of group ``g`` of a grouped layer: the samples of its inputs pooled,
+    as many as the layer has sample tokens, with the extremes (so that every input of the group lies in
+    the domain of a formula fitted on them: sqrt, log)."""
+    size = layer.basis.group_size
+    pooled = stats.samples[:, g * size : (g + 1) * size].flatten().to(_F64)
+    pick = _sample_mask(len(pooled), len(stats.samples), g)
+    pick[torch.stack([pooled.argmin(), pooled.argmax()])] = True
+    return pooled[pick]
+
+
+def fit_group(layer: KANLinear, stats: LayerStats, g: int, library=None, top_k: int = 1) -> list:
+    """The best ``top_k`` formulas (:func:`fit_symbolic`) for group function ``R_g`` of a grouped layer,
+    fitted on :func:`group_samples`."""
+    x = group_samples(layer, stats, g)
+    return fit_symbolic(x, _group_values(layer, g, x), library, top_k=top_k)
+
+
 def _resolve_layer(target, block: int | None, layer: int | None) -> KANLinear:
     if isinstance(target, KANLinear):
         return target
@@ -104,13 +122,7 @@ def auto_symbolic(
         if grouped:
             g = i // kan.basis.group_size
             if g not in group_fits:
-                pooled = stats.samples[:, g * kan.basis.group_size : (g + 1) * kan.basis.group_size]
-                pooled = pooled.flatten().to(_F64)
-                pick = _sample_mask(len(pooled), len(stats.samples), g)
-                # with the extremes, every input of the group lies in the domain of the fit (sqrt, log)
-                pick[torch.stack([pooled.argmin(), pooled.argmax()])] = True
-                pooled = pooled[pick]
-                group_fits[g] = fit_symbolic(pooled, _group_values(kan, g, pooled), library, top_k=3)
+                group_fits[g] = fit_group(kan, stats, g, library, top_k=3)
             fits, weight = group_fits[g], _coefficients(kan)[j, i, 0].item()
             entries = [_fit_entry(fit, symbol, weight) for fit in fits]
             for entry, fit in zip(entries, fits, strict=True):

@@ -48,7 +48,8 @@ from dataclasses import dataclass, field
 
 import sympy
 import torch
-import torch.nn.functional as F
+
+from ..kan_symbolic import FUNCTIONS
 
 __all__ = ["Candidate", "LIBRARY", "SymbolicFit", "fit_symbolic"]
 
@@ -116,20 +117,23 @@ def _sympy_sigmoid(u):
 # x 1; x^2, abs 2; x^3, sqrt, log, 1/x, exp, sin, tanh 3; sigmoid, silu, gaussian 4. sigmoid is an
 # affine image of tanh (sigmoid(u) = (1 + tanh(u / 2)) / 2): with 4 it ranks after tanh on their
 # (equal) fits instead of by round-off.
+# The functions defined on every real number are the symbolic basis's own (what a symbolic model
+# evaluates); sqrt, log and 1/x are fitted only, on their domain.
+_F = FUNCTIONS
 LIBRARY: dict[str, Candidate] = {
-    "x": Candidate(lambda u: u, lambda u: u, 1, signs=(1,), scale_free=True, shift_free=True),
-    "x^2": Candidate(torch.square, lambda u: u**2, 2, signs=(1,), scale_free=True),
-    "abs": Candidate(torch.abs, sympy.Abs, 2, signs=(1,), scale_free=True),
-    "x^3": Candidate(lambda u: u**3, lambda u: u**3, 3, signs=(1,), scale_free=True),
+    "x": Candidate(_F["x"], lambda u: u, 1, signs=(1,), scale_free=True, shift_free=True),
+    "x^2": Candidate(_F["x^2"], lambda u: u**2, 2, signs=(1,), scale_free=True),
+    "abs": Candidate(_F["abs"], sympy.Abs, 2, signs=(1,), scale_free=True),
+    "x^3": Candidate(_F["x^3"], lambda u: u**3, 3, signs=(1,), scale_free=True),
     "sqrt": Candidate(torch.sqrt, sympy.sqrt, 3, scale_free=True, positive=True),
     "log": Candidate(torch.log, sympy.log, 3, scale_free=True, positive=True),
     "1/x": Candidate(torch.reciprocal, lambda u: 1 / u, 3, scale_free=True, positive=True),
-    "exp": Candidate(torch.exp, sympy.exp, 3, shift_free=True),
-    "sin": Candidate(torch.sin, sympy.sin, 3, signs=(1,), half_period=math.pi),
-    "tanh": Candidate(torch.tanh, sympy.tanh, 3, signs=(1,)),
-    "sigmoid": Candidate(torch.sigmoid, _sympy_sigmoid, 4, signs=(1,)),
-    "silu": Candidate(F.silu, lambda u: u * _sympy_sigmoid(u), 4),
-    "gaussian": Candidate(lambda u: torch.exp(-u * u), lambda u: sympy.exp(-(u**2)), 4, signs=(1,)),
+    "exp": Candidate(_F["exp"], sympy.exp, 3, shift_free=True),
+    "sin": Candidate(_F["sin"], sympy.sin, 3, signs=(1,), half_period=math.pi),
+    "tanh": Candidate(_F["tanh"], sympy.tanh, 3, signs=(1,)),
+    "sigmoid": Candidate(_F["sigmoid"], _sympy_sigmoid, 4, signs=(1,)),
+    "silu": Candidate(_F["silu"], lambda u: u * _sympy_sigmoid(u), 4),
+    "gaussian": Candidate(_F["gaussian"], lambda u: sympy.exp(-(u**2)), 4, signs=(1,)),
 }
 
 

@@ -36,6 +36,10 @@ class KANGPT2Config(PreTrainedConfig):
     kan_kernel (`str`, defaults to `"auto"`):
         `"auto"`: grouped B-spline layers run fused Triton kernels on CUDA when `triton` is installed
         (``kangpt.kan_triton``), PyTorch elsewhere; `"triton"`: always the kernels; `"torch"`: never.
+    kan_dropout (`float`, defaults to 0.0):
+        Dropout probability on the KAN block's hidden units, between its two KAN layers (a regulariser
+        for many epochs of a small corpus; GPT-2's MLP has none there: its output dropout is
+        ``resid_pdrop``, which the KAN block applies too).
     kan_hidden_size (`int` or `list[int]`, *optional*):
         Width ``h`` of the KAN block ``n_embd -> h -> n_embd``; ``0`` means a single
         ``n_embd -> n_embd`` KAN layer; a list gives one width per layer (e.g. after pruning).
@@ -87,6 +91,7 @@ class KANGPT2Config(PreTrainedConfig):
     kan_groups: int = 8
     kan_hidden_size: int | list[int] | None = None
     kan_kernel: str = "auto"
+    kan_dropout: float | int = 0.0
 
     def __post_init__(self, **kwargs):
         if "kan_rational_groups" in kwargs:  # the name of kan_groups in configs saved by kangpt 0.1
@@ -144,6 +149,7 @@ class KANGPT2Config(PreTrainedConfig):
     def validate_feed_forward(self) -> None:
         """The block's kind, the KAN settings (``KANSpec``) and the KAN widths."""
         self._need(self.ffn_type in FFN_TYPES, "ffn_type", f"must be one of {FFN_TYPES}")
+        self._need(0 <= self.kan_dropout < 1, "kan_dropout", "must be in [0, 1)")
         self.kan_spec()
         widths = self.kan_hidden_size if isinstance(self.kan_hidden_size, list) else [self.kan_hidden_size]
         self._need(all(w is None or w >= 0 for w in widths), "kan_hidden_size",

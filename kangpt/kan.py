@@ -315,7 +315,7 @@ class KANLinear(nn.Module):
 class KANFeedForward(nn.Module):
     """A KAN feed-forward block: ``d_in -> hidden_size -> d_out`` with two KAN layers, or a single
     ``d_in -> d_out`` KAN layer when ``hidden_size`` is 0 or None. ``output_gain`` is the last
-    layer's ``init_gain``.
+    layer's ``init_gain``; ``hidden_dropout`` the dropout probability on the hidden units.
 
     Every layer gets the same ``spec``, built and checked once here: the given one, changed by any of
     :class:`~kangpt.kan_spec.KANSpec`'s fields among ``settings`` (``sharing="edge"``, ...), or
@@ -328,9 +328,11 @@ class KANFeedForward(nn.Module):
         hidden_size: int | None = None,
         output_gain: float = 1.0,
         spec: KANSpec | None = None,
+        hidden_dropout: float = 0.0,
         **settings,
     ):
         super().__init__()
+        self.hidden_dropout = nn.Dropout(hidden_dropout)
         spec, layer_settings = split_settings(settings, spec)
         widths = [d_in, hidden_size, d_out] if hidden_size else [d_in, d_out]
         last = len(widths) - 2
@@ -341,8 +343,8 @@ class KANFeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., d_in) -> (..., d_out)."""
-        for layer in self.layers:
-            x = layer(x)
+        for i, layer in enumerate(self.layers):
+            x = layer(self.hidden_dropout(x) if i else x)
         return x
 
 

@@ -118,7 +118,8 @@ class KANGPT2MLP(nn.Module):
 class KANGPT2FeedForward(KANFeedForward):
     """The KAN feed-forward block (``ffn_type="kan"``), in GPT-2's MLP's place (the ``mlp`` of a
     block): ``n_embd -> h -> n_embd`` KAN layers (or one ``n_embd -> n_embd`` layer when the layer's
-    ``kan_hidden_size`` is 0), then dropout."""
+    ``kan_hidden_size`` is 0), then dropout (``kan_dropout`` on the hidden units, ``resid_pdrop`` on the
+    output)."""
 
     def __init__(self, config: KANGPT2Config, layer_idx: int):
         # One spec for the block's layers. The widths are checked here too, as n_head is (a config's
@@ -129,6 +130,7 @@ class KANGPT2FeedForward(KANFeedForward):
             config.kan_hidden_size_of_layer(layer_idx),
             output_gain=1 / math.sqrt(2 * config.n_layer),  # GPT-2's scaling of residual branches
             spec=config.kan_spec(config.kan_widths(layer_idx)),
+            hidden_dropout=config.kan_dropout,
         )
         self.dropout = nn.Dropout(config.resid_pdrop)
 

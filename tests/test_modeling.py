@@ -88,6 +88,7 @@ def test_default_config_is_gpt2_small_shape_with_matched_kan():
         ("kan_grid_range", [1.0, -1.0]),
         ("kan_hidden_size", -3),
         ("attn_pdrop", 1.5),
+        ("kan_dropout", 1.0),
     ],
 )
 def test_invalid_config_values_name_the_field(field, value):
@@ -172,6 +173,20 @@ def test_labels_are_shifted_inside():
         out.logits[:, :-1].reshape(-1, TINY["vocab_size"]), ids[:, 1:].reshape(-1)
     )
     torch.testing.assert_close(out.loss, manual)
+
+
+def test_kan_dropout_drops_hidden_units_while_training_only():
+    block = tiny_model(kan_dropout=0.5).transformer.h[0].mlp
+    first, second = block.layers
+    x = torch.randn(2, 5, block.layers[0].in_features)
+    block.eval()
+    torch.testing.assert_close(block(x), second(first(x)))
+    block.train()
+    torch.manual_seed(3)
+    dropped = block(x)
+    torch.manual_seed(3)  # the same draw: the mask on the hidden units, scaled by 1 / (1 - p)
+    torch.testing.assert_close(dropped, second(torch.nn.functional.dropout(first(x), 0.5, training=True)))
+    assert not torch.allclose(dropped, second(first(x)))
 
 
 # ---- save / load ----------------------------------------------------------------------------

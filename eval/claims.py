@@ -12,8 +12,9 @@ best learning rate from the same sweep, on 2 seeds:
 3. *Scale better.* The ladder's power-law exponents and the trend of the gap (``eval/scaling.py``).
 4. *Less prone to overfitting.* The gap between training and held-out loss as epochs grow (the English
    ladder: 1.4 to 12 epochs), and at the largest size levers a user would reach for: dropout on the
-   KAN block's hidden units, weight decay on the function coefficients, a coarser grid, one group, and
-   an early stop on validation (the test loss of the checkpoint with the best validation loss).
+   KAN block's hidden units, weight decay on the function coefficients, a coarser grid, one group (each
+   swept over half, once and twice the rate the plain block chose there, widened at an end), and an
+   early stop on validation (the test loss of the checkpoint with the best validation loss).
 5. *Symbolic.* Every group function of the largest trained KAN-GPT-2 replaced by its formula (a model
    folder ``from_pretrained`` loads), and global pruning of hidden units: the largest share whose
    validation loss stays within 1% (no fine-tune), its test loss and folder size.
@@ -252,13 +253,14 @@ def overfitting(context) -> dict:
                     "gap": result["val"]["mean"] - mean(train)}
     config = at_size(context, largest)
     levers = {key: {"name": key, "label": label, **sections} for key, (label, sections) in LEVERS.items()}
-    quality.parameter_match({"mlp": quality.run_config(config, "english", {"name": "mlp", "model": {
-        "ffn_type": "mlp"}}, 1e-3, 0, context.out), **{k: quality.run_config(config, "english", v, 1e-3, 0,
-                                                                            context.out)
-                               for k, v in levers.items()}}, config.data.vocab_size)
+    models = {"mlp": {"name": "mlp", "model": {"ffn_type": "mlp"}}, **levers}
+    quality.parameter_match({key: quality.run_config(config, "english", variant, 1e-3, 0, context.out)
+                             for key, variant in models.items()}, config.data.vocab_size)
+    # The grid of the sweep, centred on the rate the unregularised block chose at this size.
+    kan_lr = chosen(context, name, "english", "kan")["lr"]
+    grid = sorted({kan_lr / 2, kan_lr, kan_lr * 2}) if len(context.lrs) > 1 else [kan_lr]
     runner = quality.Runner(context.out / "levers", context.jobs)
-    screened = quality.protocol(config, ["english"], levers, context.lrs, context.seeds, context.widen,
-                                runner)
+    screened = quality.protocol(config, ["english"], levers, grid, context.seeds, context.widen, runner)
     return {"gaps": gaps, "size": name, "levers": screened["english"],
             "early_stop": early_stop(context, largest, name)}
 

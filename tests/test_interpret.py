@@ -27,6 +27,7 @@ from kangpt.interpret import (
     validation_loss,
 )
 from kangpt.kan import KANLinear, KANSpec
+from kangpt.kan_symbolic import NAMES
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # nats/token that pruning 25% of the hidden units and 10% of the edges may cost the tiny trained model
@@ -276,7 +277,7 @@ def test_inspect_command(trained, tmp_path, capsys):
     out = tmp_path / "inspect"
     args = ["inspect", str(folder), "--out", str(out), "--block", "1", "--layer", "1", "--top-k", "3"]
     small = ["--tokens", "512", "--eval-tokens", "512", "--samples", "512"]
-    assert main([*args, *small, "--prune-hidden", "0.25"]) == 0
+    assert main([*args, *small, "--prune-hidden", "0.25", "--symbolic"]) == 0
     for name in ("edges.png", "importance.png"):
         assert (out / name).read_bytes().startswith(PNG_SIGNATURE)
     importance = json.loads((out / "importance.json").read_text())
@@ -292,7 +293,12 @@ def test_inspect_command(trained, tmp_path, capsys):
     assert set(pruning["validation_loss"]) == {"before", "after", "tokens"}
     reloaded = AutoModelForCausalLM.from_pretrained(out / "pruned")
     assert reloaded.config.kan_hidden_size == pruning["hidden_sizes"]["after"]
-    capsys.readouterr()
+    # --symbolic: every group function of the model as its formula, a model folder (test_symbolic_model)
+    report = json.loads((out / "symbolic-model.json").read_text())
+    assert set(report["validation_loss"]) == {"before", "after", "tokens"} and len(report["groups"]) == 32
+    assert all(g["name"] in NAMES and g["formula"] for g in report["groups"])
+    assert AutoModelForCausalLM.from_pretrained(out / "symbolic-model").config.kan_basis == "symbolic"
+    assert "symbolic model: 32 group functions as formulas" in capsys.readouterr().out
 
     assert main([*args, *small]) == 1  # the folder is not empty
     assert main(["inspect", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 1

@@ -1,8 +1,8 @@
 """The symbolic basis (kangpt.kan_symbolic) and the symbolic KAN-GPT-2 made of a trained model
 (kangpt.interpret.symbolic_model): formulas against their closed forms, the replaced functions against
-the splines they replace, loading and generating, and ``kangpt inspect --symbolic``."""
+the splines they replace, loading and generating (``kangpt inspect --symbolic``: in
+tests/test_interpret.py)."""
 
-import json
 import math
 
 import pytest
@@ -11,7 +11,6 @@ from test_interpret import trained  # noqa: F401  (the module's fixture: a tiny 
 from transformers import AutoModelForCausalLM
 
 from kangpt import KANGPT2Config, KANGPT2LMHeadModel
-from kangpt.commands import main
 from kangpt.interpret import collect_statistics, kan_layers, symbolic_model, validation_loss
 from kangpt.interpret.formulas import _group_values, group_samples
 from kangpt.kan import KANLinear
@@ -98,17 +97,3 @@ def test_a_per_edge_model_has_no_group_functions_to_replace(trained):  # noqa: F
     stats = collect_statistics(model, torch.randint(0, 50, (4, 16)), samples=32)
     with pytest.raises(ValueError, match="has a function per edge"):
         symbolic_model(model, stats)
-
-
-def test_inspect_writes_the_symbolic_model_and_its_report(trained, tmp_path, capsys):  # noqa: F811
-    _, folder, val = trained
-    out = tmp_path / "inspect"
-    args = ["inspect", str(folder), "--out", str(out), "--tokens", "512", "--eval-tokens", "512",
-            "--samples", "256", "--symbolic"]
-    assert main(args) == 0
-    report = json.loads((out / "symbolic-model.json").read_text())
-    assert set(report["validation_loss"]) == {"before", "after", "tokens"} and len(report["groups"]) == 32
-    assert all(g["name"] in NAMES and g["formula"] for g in report["groups"])
-    reloaded = AutoModelForCausalLM.from_pretrained(out / "symbolic-model")
-    assert reloaded.config.kan_basis == "symbolic"
-    assert "symbolic model: 32 group functions as formulas" in capsys.readouterr().out

@@ -35,7 +35,9 @@ import math
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -59,6 +61,8 @@ LEVERS = {
 PRUNE_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 WITHIN = 0.01  # claim 5: at most 1% more held-out loss
 FINE_TUNE = {"steps": 300, "lrs": (1e-4, 3e-4, 1e-3)}  # claim 6: the English budget and its sweep
+QUICK = {"sizes": "2x16,2x24", "above": "2x32", "forgetting_size": "2x16",  # --quick's defaults
+         "lrs": "2e-3", "seeds": "1337,1338", "widen": 0}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,9 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes and budgets, one rate (smoke)")
     parser.add_argument("--out", default="out/claims", help="folder of every run and of the report")
     args, overrides = parser.parse_known_args(argv)
-    if args.quick:
-        args.sizes, args.above, args.forgetting_size = "2x16,2x24", "2x32", "2x16"
-        args.lrs, args.seeds, args.widen = "2e-3", "1337,1338", 0
+    if args.quick:  # its own defaults; an option given on the command line still counts
+        for key, value in QUICK.items():
+            if getattr(args, key) == parser.get_default(key):
+                setattr(args, key, value)
         FINE_TUNE.update(steps=20, lrs=(1e-3,))
     try:
         report = audit(args, overrides)
@@ -148,9 +153,19 @@ def at_size(context, size: tuple, tokens_of: tuple | None = None) -> RunConfig:
     return build_config(quality.merge(own.to_dict(), {"train": schedule_of(budget)}))
 
 
-def train_all(out: Path, jobs: int, configs: list[RunConfig]) -> list[dict]:
-    """Train (or reuse) ``configs`` under ``out``; their summaries."""
-    return quality.Runner(out, jobs).run_all(configs)
+def train_all(jobs: int, configs: list[RunConfig]) -> dict[Path, dict]:
+    """Train (or reuse) ``configs`` together, ``jobs`` at a time, each by the ``quality.Runner`` of its
+    protocol folder (the one above ``runs/``); their summaries by run folder."""
+    slots = threading.Semaphore(jobs)
+
+    def run(config: RunConfig) -> dict:
+        folder = Path(config.train.out_dir)
+        out = next(parent.parent for parent in folder.parents if parent.name == "runs")
+        return quality.Runner(out, jobs, lambda: slots).run(config)
+
+    with ThreadPoolExecutor(max(1, len(configs))) as pool:
+        summaries = list(pool.map(run, configs))
+    return {Path(c.train.out_dir): s for c, s in zip(configs, summaries, strict=True)}
 
 
 def mean(values) -> float:
@@ -167,15 +182,18 @@ def multiplier(context, above: tuple) -> dict:
     and the GPT-2 parameters that reach it (``equivalent``; ``bound`` ">" or "<" when none bracket it)."""
     sizes = [*context.sizes, above]
     names = [scaling.size_name(s) for s in sizes]
+    plans = {(names[i], corpus, names[j]): neighbour(context, sizes[j], names[j], size, names[i], corpus)
+             for i, size in enumerate(context.sizes) for corpus in context.corpora
+             for j in (i - 1, i + 1) if 0 <= j < len(sizes)}
+    summaries = train_all(context.jobs, [run for _, runs in plans.values() for run in runs])
     result = {c: {} for c in context.corpora}
-    for i, size in enumerate(context.sizes):
-        name = names[i]
+    for name in names[:len(context.sizes)]:
         for corpus in context.corpora:
             points = [(context.ladder[name]["parameters"][corpus]["mlp"]["total"],
                        chosen(context, name, corpus, "mlp")["test"]["mean"])]
-            for j in (i - 1, i + 1):
-                if 0 <= j < len(sizes):
-                    points.append(neighbour(context, sizes[j], names[j], size, name, corpus))
+            for (budget, on, _), (params, runs) in plans.items():
+                if (budget, on) == (name, corpus):
+                    points.append((params, mean(summaries[Path(r.train.out_dir)]["test_loss"] for r in runs)))
             kan = chosen(context, name, corpus, "kan")["test"]["mean"]
             kan_params = context.ladder[name]["parameters"][corpus]["kan"]["total"]
             result[corpus][name] = {"kan_parameters": kan_params, "kan_loss": kan,
@@ -184,16 +202,15 @@ def multiplier(context, above: tuple) -> dict:
 
 
 def neighbour(context, size: tuple, name: str, budget: tuple, budget_name: str, corpus: str) -> tuple:
-    """GPT-2 at ``size`` trained on ``budget``'s tokens (its seeds, at the rate its own size chose): its
-    parameters and mean test loss."""
+    """GPT-2 at ``size`` on ``budget``'s tokens (its seeds, at the rate its own size chose): its
+    parameters and its runs."""
     own = name if name in context.ladder else list(context.ladder)[-1]  # above: the largest size's rate
     lr = chosen(context, own, corpus, "mlp")["lr"]
     config = at_size(context, size, budget)
     out = context.out / "parameters" / f"{name}-on-{budget_name}-tokens"
     runs = [quality.run_config(config, corpus, {"name": "mlp", "model": {"ffn_type": "mlp"}}, lr, seed, out)
             for seed in context.seeds]
-    summaries = train_all(out, context.jobs, runs)
-    return scaling.gpt2_parameters(config, size), mean(s["test_loss"] for s in summaries)
+    return scaling.gpt2_parameters(config, size), runs
 
 
 def equivalent(points: list[tuple[float, float]], loss: float, params: int) -> dict:
@@ -218,17 +235,18 @@ def equivalent(points: list[tuple[float, float]], loss: float, params: int) -> d
 
 def speed(out: Path, quick: bool) -> dict:
     """``kangpt compare``'s training-step time and generation speed of KAN-GPT-2 over GPT-2's, measured
-    now in one run ("mini" on the CPU; ``--quick``: a tiny run)."""
+    now in one run ("mini" on the CPU; ``--quick``: "tiny", a few steps)."""
     folder = out / "compare"
     command = [sys.executable, "-m", "kangpt.commands", "compare", "--models", "gpt2,kan", "--estimate-sizes",
                "", "--out", str(folder)]
     if quick:
-        command += ["--repeats", "1", "--gen-repeats", "1", "--seq-len", "32", "--batch", "2"]
+        command += ["--size", "tiny", "--repeats", "1", "--gen-repeats", "1", "--seq-len", "32",
+                    "--batch", "2"]
     subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True)
     compared = json.loads((folder / "compare.json").read_text())
     ratios = compared["ratios"]["kan"]
     return {"train_step": ratios["train_step_s"], "generation": ratios["generate_tokens_per_s"],
-            "command": "python eval/compare.py --models gpt2,kan --estimate-sizes ''"}
+            "command": "kangpt compare --models gpt2,kan --estimate-sizes ''"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,13 +297,16 @@ def early_stop(context, size: tuple, name: str) -> dict:
     every = max(1, steps // 12)
     watch = {"train": {"eval_interval": every, "save_interval": every, "keep_checkpoints": 100}}
     out = context.out / "early-stop"
-    result = {}
+    runs = {}
     for model, sections in (("mlp", {"model": {"ffn_type": "mlp"}}), ("kan", {"model": {"ffn_type": "kan"}})):
         lr = chosen(context, name, "english", model)["lr"]
         variant = {"name": model, **quality.merge(sections, watch)}
-        runs = [quality.run_config(config, "english", variant, lr, seed, out) for seed in context.seeds]
-        train_all(out, context.jobs, runs)
-        best = [best_checkpoint_test_loss(run) for run in runs]
+        runs[model] = [quality.run_config(config, "english", variant, lr, seed, out)
+                       for seed in context.seeds]
+    train_all(context.jobs, [run for model_runs in runs.values() for run in model_runs])
+    result = {}
+    for model, model_runs in runs.items():
+        best = [best_checkpoint_test_loss(run) for run in model_runs]
         result[model] = {"steps": [b[0] for b in best], "test": quality.spread([b[1] for b in best]),
                          "full_test": chosen(context, name, "english", model)["test"]}
     return result
@@ -369,23 +390,28 @@ def forgetting(context, size: tuple) -> dict:
     validation, each seed): the code test loss before and after, the English test loss reached."""
     name = scaling.size_name(size)
     out = context.out / "forgetting"
+    models, first = ("mlp", "kan"), context.seeds[0]
+    sources = {model: {seed: run_folder(context.out / "ladder" / name, "code", model,
+                                        chosen(context, name, "code", model)["lr"], seed) / "model"
+                       for seed in context.seeds} for model in models}
+    sweep = {(model, lr): fine_tune(context, size, sources[model][first], lr, first, out, model)
+             for model in models for lr in FINE_TUNE["lrs"]}
+    swept = train_all(context.jobs, list(sweep.values()))
+    val = {key: swept[Path(run.train.out_dir)]["val_loss"] for key, run in sweep.items()}
+    rates = {model: min(FINE_TUNE["lrs"], key=lambda lr, m=model: val[m, lr]) for model in models}
+    runs = {model: [fine_tune(context, size, sources[model][seed], rates[model], seed, out, model)
+                    for seed in context.seeds] for model in models}
+    trained = train_all(context.jobs, [run for model_runs in runs.values() for run in model_runs])
     result = {}
-    for model in ("mlp", "kan"):
-        lr_code = chosen(context, name, "code", model)["lr"]
-        sources = {seed: run_folder(context.out / "ladder" / name, "code", model, lr_code, seed) / "model"
-                   for seed in context.seeds}
-        plan = [fine_tune(context, size, sources[context.seeds[0]], lr, context.seeds[0], out, model)
-                for lr in FINE_TUNE["lrs"]]
-        sweep = train_all(out, context.jobs, plan)
-        lr = FINE_TUNE["lrs"][min(range(len(sweep)), key=lambda k: sweep[k]["val_loss"])]
-        runs = [fine_tune(context, size, sources[seed], lr, seed, out, model) for seed in context.seeds]
-        summaries = train_all(out, context.jobs, runs)
-        before = [code_test_loss(sources[seed], sources[seed]) for seed in context.seeds]
-        after = [code_test_loss(sources[seed], Path(run.train.out_dir) / "model")
-                 for seed, run in zip(context.seeds, runs, strict=True)]
-        result[model] = {"lr": lr, "code_before": quality.spread(before), "code_after": quality.spread(after),
+    for model in models:
+        before = [code_test_loss(sources[model][seed], sources[model][seed]) for seed in context.seeds]
+        after = [code_test_loss(sources[model][seed], Path(run.train.out_dir) / "model")
+                 for seed, run in zip(context.seeds, runs[model], strict=True)]
+        result[model] = {"lr": rates[model], "code_before": quality.spread(before),
+                         "code_after": quality.spread(after),
                          "rise": quality.spread([a - b for a, b in zip(after, before, strict=True)]),
-                         "english": quality.spread([s["test_loss"] for s in summaries])}
+                         "english": quality.spread([trained[Path(run.train.out_dir)]["test_loss"]
+                                                   for run in runs[model]])}
     return result
 
 

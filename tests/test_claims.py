@@ -2,9 +2,11 @@
 in log-log between the sizes that bracket it, a bound outside them) and each claim's verdict. (The audit
 itself trains for hours; ``python eval/claims.py --quick`` is its smoke run, about 10 minutes.)"""
 
+import json
 import math
 
 import pytest
+from transformers import AutoModelForCausalLM
 
 
 @pytest.fixture(scope="module")
@@ -63,3 +65,45 @@ def test_the_parameter_claim_holds_where_every_multiplier_is_above_one(claims):
     cells = claims.parameters_row(report)
     assert cells[2] == "code: s1: 1.40x, s2: >4.00x; english: s1: 1.20x, s2: 0.50x"
     assert cells[-1] == "code: holds; english: holds at 1 of 2 sizes"
+
+
+@pytest.mark.slow
+def test_the_quick_audit_tables_every_claim_from_its_runs(tmp_path, monkeypatch, capsys, claims):
+    """``--quick`` at tiny sizes, one seed: every claim's row and table come from runs it trained, and a second call
+    trains nothing."""
+    monkeypatch.setenv("KANGPT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "claims"
+    argv = [
+        *("--quick", "--sizes", "1x32x2,1x48x2", "--above", "1x64x2", "--forgetting-size", "1x32x2"),
+        *("--seeds", "1", "--jobs", "2", "--out", str(out), "--model.n_positions=32", "--data.max_documents=60"),
+        *("--data.vocab_size=300", "--data.block_size=32", "--train.batch_size=4", "--train.eval_blocks=8"),
+    ]
+    assert claims.main(argv) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "claims.json").read_text())
+    rows = [line for line in printed.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [row[2:4] for row in rows] == [f"{n}." for n in range(1, 7)] and (out / "claims.md").is_file()
+    # 1. GPT-2's points are the test losses of the runs trained at the neighbouring sizes.
+    point = report["parameters"]["english"]["1x32"]["gpt2"]
+    neighbour = out / "parameters" / "1x48-on-1x32-tokens" / "runs" / "english" / "mlp"
+    losses = [read_test_loss(folder) for folder in sorted(neighbour.iterdir())]
+    assert len(losses) == 1 and any(loss == pytest.approx(losses[0]) for _, loss in point)
+    # 4. The levers were trained, each parameter-matched.
+    assert set(report["overfitting"]["levers"]) == set(claims.LEVERS)
+    assert all(len(r["test"]["values"]) == 1 for r in report["overfitting"]["levers"].values())
+    # 5. The symbolic models are model folders of formulas.
+    rows5 = report["symbolic"]["english"]
+    assert [r["seed"] for r in rows5] == [1]
+    folder = out / "symbolic" / "english" / "seed-1" / "symbolic-model"
+    assert AutoModelForCausalLM.from_pretrained(folder).config.kan_basis == "symbolic"
+    # 6. Forgetting: the code loss before is the code run's own test loss.
+    before = report["forgetting"]["kan"]["code_before"]["values"]
+    code_run = next((out / "ladder" / "1x32" / "runs" / "code" / "kan").glob("*-seed-1"))
+    assert before[0] == pytest.approx(read_test_loss(code_run), abs=1e-4)
+    assert claims.main(argv) == 0
+    assert "python train.py" not in capsys.readouterr().err
+
+
+def read_test_loss(folder):
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return next(r["test_loss"] for r in records if "test_loss" in r)

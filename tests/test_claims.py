@@ -1,10 +1,12 @@
 """eval/claims.py's answers from its measurements: the GPT-2 parameters that reach a loss (interpolated
-in log-log between the sizes that bracket it, a bound outside them) and each claim's verdict. (The audit
-itself trains for hours; ``python eval/claims.py --quick`` is its smoke run, about 10 minutes.)"""
+in log-log between the sizes that bracket it, a bound outside them) and each claim's verdict; and the
+smoke run of the size ladder (eval/scaling.py) and of the audit on it, at tiny sizes (the audit itself
+trains for hours)."""
 
 import json
 import math
 
+import numpy as np
 import pytest
 from transformers import AutoModelForCausalLM
 
@@ -67,19 +69,52 @@ def test_the_parameter_claim_holds_where_every_multiplier_is_above_one(claims):
     assert cells[-1] == "code: holds; english: holds at 1 of 2 sizes"
 
 
+@pytest.fixture(scope="module")
+def scaling(eval_script):
+    return eval_script("scaling")
+
+
+TINY = [  # a tiny shape, corpus and budget for the smoke runs of both protocols
+    *("--seeds", "1", "--jobs", "2", "--model.n_positions=32", "--data.max_documents=60"),
+    *("--data.vocab_size=300", "--data.block_size=32", "--train.batch_size=4", "--train.eval_blocks=8"),
+]
+
+
 @pytest.mark.slow
-def test_the_quick_audit_tables_every_claim_from_its_runs(tmp_path, monkeypatch, capsys, claims):
-    """``--quick`` at tiny sizes, one seed: every claim's row and table come from runs it trained, and a second call
-    trains nothing."""
+def test_the_quick_ladder_and_audit_table_every_claim_from_their_runs(tmp_path, monkeypatch, capsys, scaling,
+                                                                       claims):
+    """``eval/scaling.py --quick`` (two tiny sizes, both corpora, one seed) trained, fitted, tabled and
+    plotted; then ``eval/claims.py --quick`` on its folder: the ladder's runs reused, every claim's row
+    and table from runs it trained, and a second call trains nothing."""
     monkeypatch.setenv("KANGPT_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "claims"
-    argv = [
-        *("--quick", "--sizes", "1x32x2,1x48x2", "--above", "1x64x2", "--forgetting-size", "1x32x2"),
-        *("--seeds", "1", "--jobs", "2", "--out", str(out), "--model.n_positions=32", "--data.max_documents=60"),
-        *("--data.vocab_size=300", "--data.block_size=32", "--train.batch_size=4", "--train.eval_blocks=8"),
-    ]
-    assert claims.main(argv) == 0
+    ladder = [*("--sizes", "1x32x2,1x48x2", "--lrs", "2e-3", "--tokens-per-param", "2", "--quick"), *TINY]
+    assert scaling.main([*ladder, "--device", "cpu", "--out", str(out / "ladder")]) == 0
     printed = capsys.readouterr().out
+    report = json.loads((out / "ladder" / "scaling.json").read_text())
+    assert list(report["ladder"]) == ["1x32", "1x48"]
+    for size, entry in report["ladder"].items():
+        steps = entry["settings"]["max_steps"]
+        gpt2 = entry["parameters"]["english"]["mlp"]["total"]
+        assert abs(steps * 4 * 32 - 0.4 * gpt2) <= 4 * 32  # --quick: a fifth of 2 tokens per parameter
+        for name in ("mlp", "kan"):
+            row = entry["results"]["english"][name]
+            assert len(row["test"]["values"]) == 1 and math.isfinite(row["test"]["mean"])
+            total = entry["parameters"]["english"][name]["total"]
+            assert f"| {size} | {row['label']} | {total:,} |" in printed
+    fits = report["fits"]["english"]
+    losses = [e["results"]["english"]["kan"]["test"]["mean"] for e in report["ladder"].values()]
+    params = [e["parameters"]["english"]["kan"]["total"] for e in report["ladder"].values()]
+    slope = np.polyfit(np.log(params), np.log(losses), 1)[0]
+    assert fits["kan"]["parameters"]["alpha"] == pytest.approx(-slope)
+    assert fits["kan"]["gap"]["answer"].startswith("KAN-GPT-2's") and "gap" not in fits["mlp"]
+    assert (out / "ladder" / "scaling.png").stat().st_size > 0
+
+    argv = [*("--quick", "--sizes", "1x32x2,1x48x2", "--above", "1x64x2", "--forgetting-size", "1x32x2"),
+            *TINY, "--out", str(out)]
+    assert claims.main(argv) == 0
+    printed, trained = capsys.readouterr()
+    assert f"{out / 'ladder'}/" not in trained  # every run of the ladder reused
     report = json.loads((out / "claims.json").read_text())
     rows = [line for line in printed.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [row[2:4] for row in rows] == [f"{n}." for n in range(1, 7)] and (out / "claims.md").is_file()
@@ -92,8 +127,7 @@ def test_the_quick_audit_tables_every_claim_from_its_runs(tmp_path, monkeypatch,
     assert set(report["overfitting"]["levers"]) == set(claims.LEVERS)
     assert all(len(r["test"]["values"]) == 1 for r in report["overfitting"]["levers"].values())
     # 5. The symbolic models are model folders of formulas.
-    rows5 = report["symbolic"]["english"]
-    assert [r["seed"] for r in rows5] == [1]
+    assert [r["seed"] for r in report["symbolic"]["english"]] == [1]
     folder = out / "symbolic" / "english" / "seed-1" / "symbolic-model"
     assert AutoModelForCausalLM.from_pretrained(folder).config.kan_basis == "symbolic"
     # 6. Forgetting: the code loss before is the code run's own test loss.

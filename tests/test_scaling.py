@@ -160,43 +160,6 @@ def test_scaling_refuses_cuda_without_a_gpu(capsys, scaling):
     assert "--device cuda" in err and err.count("\n") == 1
 
 
-@pytest.mark.slow
-def test_tiny_ladder(tmp_path, monkeypatch, capsys, scaling):
-    """The --quick smoke run: two sizes, one corpus, two seeds, trained, fitted, tabled and plotted."""
-    monkeypatch.setenv("KANGPT_CACHE", str(tmp_path / "cache"))
-    out = tmp_path / "ladder"
-    argv = [
-        *("--sizes", "1x32x2,1x48x2", "--corpora", "english", "--lrs", "4e-3", "--seeds", "1,2"),
-        *("--tokens-per-param", "2.5", "--quick", "--device", "cpu", "--out", str(out)),
-        *("--model.n_positions=32", "--data.max_documents=60", "--data.vocab_size=300"),
-        *("--data.block_size=32", "--train.batch_size=4", "--train.eval_blocks=8"),
-    ]
-    assert scaling.main(argv) == 0
-    printed = capsys.readouterr().out
-    report = json.loads((out / "scaling.json").read_text())
-    assert list(report["ladder"]) == ["1x32", "1x48"]
-    for size, entry in report["ladder"].items():
-        steps = entry["settings"]["max_steps"]
-        gpt2 = entry["parameters"]["english"]["mlp"]["total"]
-        assert abs(steps * 4 * 32 - 0.5 * gpt2) <= 4 * 32  # --quick: a fifth of 2.5 tokens per parameter
-        for name in ("mlp", "kan"):
-            row = entry["results"]["english"][name]
-            assert len(row["test"]["values"]) == 2 and all(math.isfinite(v) for v in row["test"]["values"])
-            total = entry["parameters"]["english"][name]["total"]
-            assert f"| {size} | {row['label']} | {total:,} |" in printed
-            assert (out / size / "runs" / "english" / name / "lr-0.004-seed-2" / "model").is_dir()
-    fits = report["fits"]["english"]
-    losses = [v for e in report["ladder"].values() for v in e["results"]["english"]["kan"]["test"]["values"]]
-    params = [e["parameters"]["english"]["kan"]["total"] for e in report["ladder"].values() for _ in (1, 2)]
-    slope = np.polyfit(np.log(params), np.log(losses), 1)[0]
-    assert fits["kan"]["parameters"]["alpha"] == pytest.approx(-slope)
-    assert fits["kan"]["gap"]["answer"].startswith("KAN-GPT-2's") and "gap" not in fits["mlp"]
-    assert (out / "scaling.png").stat().st_size > 0
-    # A second call trains nothing: every run is reused.
-    assert scaling.main(argv) == 0
-    assert "python train.py" not in capsys.readouterr().err
-
-
 def test_slots_go_to_the_largest_waiting_size_first(scaling):
     """One slot, held while five runs queue (in a known order); then it goes by size, ties in turn."""
     slots, order, release = scaling.Slots(1), [], threading.Event()

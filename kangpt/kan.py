@@ -332,7 +332,8 @@ class KANFeedForward(nn.Module):
         **settings,
     ):
         super().__init__()
-        self.hidden_dropout = nn.Dropout(hidden_dropout)
+        # No module at 0: a dropout of 0 is still a kernel per call on a GPU.
+        self.hidden_dropout = nn.Dropout(hidden_dropout) if hidden_dropout else nn.Identity()
         spec, layer_settings = split_settings(settings, spec)
         widths = [d_in, hidden_size, d_out] if hidden_size else [d_in, d_out]
         last = len(widths) - 2

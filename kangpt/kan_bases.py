@@ -23,10 +23,13 @@ from torch import nn
 
 from .kan_grouped import PieceTableEvaluation
 
+_UPCAST = (torch.float16, torch.bfloat16)
+
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """Features are evaluated in at least fp32 (bf16/fp16 inputs are upcast, fp64 is kept)."""
-    return torch.promote_types(x.dtype, torch.float32)
+    """Features are evaluated in at least fp32 (bf16/fp16 inputs are upcast, fp64 is kept). A lookup,
+    not ``torch.promote_types``: every layer asks at every decoding step, and an op costs a dispatch."""
+    return torch.float32 if x.dtype in _UPCAST else x.dtype
 
 
 def _fp32_features(method):
@@ -529,6 +532,12 @@ class GroupedBSplineBasis(PieceTableEvaluation, GroupedBasis):
     def features_into(self, x, out):
         """phi_g(x) of every input written into ``out`` (..., 1, in), from the piece table."""
         return self._blocked_features_into(x, out)
+
+    @_fp32_features
+    def inference_values(self, x):
+        """(tokens, in) -> (tokens, in): phi_g(x) of every input, from the piece table, without autograd
+        or buffers: a decoding step's few tokens in the fewest ops."""
+        return self._inference_values(x)
 
     @_fp32_features
     def features_and_grads(self, x, out, grad_out):

@@ -57,6 +57,7 @@ def _recompute_features():
     return create_selective_checkpoint_contexts(_keep_matmuls)
 
 
+@torch.compiler.assume_constant_result  # a fact of the installation: compiled as its value
 @functools.cache
 def _triton_available() -> bool:
     try:
@@ -87,8 +88,12 @@ def _forward_chunks(x, weight, bias, basis, chunk, dtype) -> torch.Tensor:
     """
     w = weight if weight.dtype == dtype else weight.to(dtype)
     b = bias if bias is None or bias.dtype == dtype else bias.to(dtype)
+    values = getattr(basis, "inference_values", None)  # grouped B-splines: no buffer, fewer ops
+    if x.shape[0] <= chunk and values is not None:  # one chunk (e.g. a decoding step)
+        feats = values(x)
+        return F.linear(feats if feats.dtype == dtype else feats.to(dtype), w, b)
     buf = _feature_buffer(x, basis, chunk)
-    if x.shape[0] <= chunk:  # one chunk (e.g. a decoding step): no split, no cat
+    if x.shape[0] <= chunk:  # one chunk: no split, no cat
         feats = basis.features_into(x, buf).flatten(1)
         return F.linear(feats if feats.dtype == dtype else feats.to(dtype), w, b)
     outs = [
@@ -247,6 +252,8 @@ def kan_linear(layer, x: torch.Tensor) -> torch.Tensor:
 
         return grouped_linear(x, weight.to(dtype), None if bias is None else bias.to(dtype), layer.basis)
     if torch.compiler.is_compiling():  # plain ops that Inductor fuses, recomputed in backward
+        if not torch.is_grad_enabled():  # generation: nothing to recompute
+            return _compiled_formula(layer, x, weight, bias, dtype)
         return checkpoint(
             _compiled_formula, layer, x, weight, bias, dtype, use_reentrant=False,
             context_fn=_recompute_features,

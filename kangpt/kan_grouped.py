@@ -89,14 +89,28 @@ class PieceTableEvaluation:
 
         Row ``c + 1`` of its group holds interval ``c = floor(z)``; ``z + 1`` is clamped to
         ``[0, K + k + 1]`` (beyond: the zero rows), where the cast to an integer is the floor and the
-        fractional part is ``t``."""
+        fractional part is ``t``. (The group's first row is added to the integer: added to ``z``, it
+        would cost ``t`` bits.)"""
         spline = self.spline
-        z = x.mul(1 / spline.step).add_(spline.spline_order + 1 - spline.grid_range[0] / spline.step)
+        scale, shift = self._grid_map(x)
+        z = torch.addcmul(shift, x, scale)  # (x - a) / h + k + 1 in one op
         # A NaN input (weights that diverged) keeps its NaN value but needs a row: clamping keeps NaN,
         # whose cast to an integer indexes outside the table.
         z.nan_to_num_(nan=0.0).clamp_(0.0, float(spline.num_functions + spline.spline_order + 1))
         row = z.to(torch.int64)
         return row.add_(first_row), z.frac_()
+
+    def _grid_map(self, x):
+        """``1 / h`` and ``k + 1 - a / h`` as 0-d tensors of ``x``'s device and dtype (made once each)."""
+        key = ("grid", x.device, x.dtype)
+        if key not in self._cache or torch.compiler.is_compiling():
+            spline = self.spline
+            values = (1 / spline.step, spline.spline_order + 1 - spline.grid_range[0] / spline.step)
+            constants = tuple(torch.tensor(v, device=x.device, dtype=x.dtype) for v in values)
+            if torch.compiler.is_compiling():
+                return constants
+            self._cache[key] = constants
+        return self._cache[key]
 
     @staticmethod
     def _piece(t, e):
@@ -148,6 +162,15 @@ class PieceTableEvaluation:
         silu = F.silu(x)
         torch.addcmul(self._piece(t, e).addcmul_(x, linear), silu, a_silu, out=out)
         return index, t, e, silu
+
+    def _inference_values(self, x: torch.Tensor) -> torch.Tensor:
+        """phi_g(x) of every input of a 2-D ``x`` (tokens, in), already in the compute dtype, without
+        autograd: what a decoding step needs, in the fewest ops (no output buffer, no blocks)."""
+        with torch.no_grad():
+            table, linear, a_silu, first_row = self._inference_tables(x)
+            index, t = self._locate(x, first_row)
+            value = self._piece(t, F.embedding(index, table).unbind(-1)).addcmul_(x, linear)
+            return value.addcmul_(F.silu(x), a_silu)
 
     def _blocked_features_into(self, x, out):
         """phi_g(x) of ``x`` (..., in), already in the compute dtype, written into ``out`` (..., 1, in)

@@ -89,8 +89,10 @@ def test_grouped_bspline_is_linear_plus_silu_plus_cox_de_boor_splines_per_group(
     expected = expected.repeat_interleave(2, dim=1)  # inputs 0-1: group 0, 2-3: group 1, 4-5: group 2
     dense = layer.basis.features(x)[:, 0]
     fast = layer.basis.features_into(x, torch.empty(len(xs), 1, 6, dtype=torch.float64))[:, 0]
+    decoding = layer.basis.inference_values(x)  # a decoding step's path: no buffer
     torch.testing.assert_close(dense, expected, atol=1e-9, rtol=0)
     torch.testing.assert_close(fast, expected, atol=1e-9, rtol=0)
+    torch.testing.assert_close(decoding, expected, atol=1e-9, rtol=0)
     torch.testing.assert_close(layer.basis.group_functions(x[:, 0]), expected[:, ::2], atol=1e-9, rtol=0)
 
 
@@ -451,15 +453,29 @@ def test_rational_matches_the_group_formula():
     torch.testing.assert_close(fast[:, 0], expected, rtol=1e-12, atol=1e-12)
 
 
-def test_grouped_inference_sees_coefficients_changed_in_place():
-    """The forward-only path keeps its piece table between calls (generation); an optimizer step,
-    which changes the coefficients in place, must still be seen."""
+@pytest.mark.parametrize("change", ["in place", "optimizer step", "load_state_dict", ".data write"])
+def test_grouped_inference_sees_every_change_of_the_coefficients(change):
+    """The forward-only path keeps its piece table between calls (generation, one token a call); a
+    change of the coefficients, however it is made, must still be seen."""
     torch.manual_seed(10)
     layer = KANLinear.from_settings(8, 4, sharing="group", groups=2)
-    x = torch.randn(5, 8)
+    x = torch.randn(1, 8)  # a decoding step
     with torch.no_grad():
         before = layer(x)
-        layer.basis.coefficients.mul_(-2.0)
+    if change == "in place":
+        with torch.no_grad():
+            layer.basis.coefficients.mul_(-2.0)
+    elif change == "optimizer step":
+        optimizer = torch.optim.SGD(layer.parameters(), lr=1.0)
+        layer(torch.randn(16, 8)).square().sum().backward()
+        optimizer.step()
+    elif change == "load_state_dict":
+        state = layer.state_dict()
+        state["basis.coefficients"] = torch.randn_like(state["basis.coefficients"])
+        layer.load_state_dict(state)
+    else:
+        layer.basis.coefficients.data[:, 1] = 3.0  # bumps no version counter
+    with torch.no_grad():
         after = layer(x)
     torch.testing.assert_close(after, reference_layer(layer, x).detach())
     assert not torch.allclose(before, after)

@@ -40,6 +40,14 @@ def test_greedy_generation_prints_the_prompt_and_the_models_own_continuation(mod
     assert printed.rstrip("\n") == tokenizer.decode(expected[0], skip_special_tokens=True)
 
 
+def test_compiled_generation_prints_what_eager_generation_does(model_dir, capsys):
+    args = ["generate", str(model_dir), "--prompt", "def add", "--max-new-tokens", "12", "--temperature", "0"]
+    assert commands.main(args) == 0
+    eager = capsys.readouterr().out
+    assert commands.main([*args, "--compile"]) == 0  # torch.compile with a static cache, on the CPU
+    assert capsys.readouterr().out == eager
+
+
 def test_sampling_is_reproducible_with_a_seed(model_dir, capsys):
     args = ["generate", str(model_dir), "--prompt", "import", "--max-new-tokens", "10", "--top-k", "20",
             "--top-p", "0.9", "--temperature", "1.5", "--seed", "3"]

@@ -7,6 +7,7 @@ import argparse
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, TextStreamer
 
+from ..io.generating import compiled
 from ..io.loading import load_model
 from .arguments import check_float, check_ints, usable_device
 from .errors import CommandError
@@ -24,6 +25,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
     parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the model (torch.compile, static KV cache): slow to start, then faster")
 
 
 def check_arguments(args: argparse.Namespace) -> str:
@@ -55,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
         streamer=TextStreamer(tokenizer, skip_special_tokens=True),
         logits_processor=LogitsProcessorList(healing),
         **(sampling if args.temperature > 0 else {"do_sample": False}),
+        **(compiled(model) if args.compile else {}),
     )
     return 0
 

@@ -139,6 +139,7 @@ def test_tiny_comparison_on_cpu_writes_tables_json_and_charts(tmp_path, capsys):
         "tiny",
         "--estimate-seq-len",
         "32",
+        "--compile",
         "--out",
         str(out),
     ]
@@ -157,6 +158,12 @@ def test_tiny_comparison_on_cpu_writes_tables_json_and_charts(tmp_path, capsys):
         assert s["train_tokens_per_s"] > 0 and s["generate_tokens_per_s"] > 0
     assert all(v == 1 for v in results["ratios"]["gpt2"].values())
     assert results["args"]["new_tokens"] == 4 and results["args"]["prompt_len"] == 8
+    expected = [f"{mode}, batch {batch}" for mode in ("eager", "compiled") for batch in (1, 2)]
+    for settings in results["generation"].values():  # batch 1 and --batch 2, eager and compiled
+        assert list(settings) == expected
+        assert all(set(g) == {"prefill_s", "decode_tokens_per_s", "compile_s"} for g in settings.values())
+        assert all(g["prefill_s"] > 0 for g in settings.values())  # a duration (the others: differences)
+    assert "| compiled, batch 2 | KAN-GPT-2 (default), parameter-matched |" in printed
     assert "Estimate against measurement at tiny" in printed
     for name, row in results["estimate_check"].items():
         # At least the weights, gradients and AdamW state (measured from the tensors in the child); at

@@ -54,6 +54,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attn", choices=("sdpa", "eager"), default="sdpa", help="attention implementation")
     parser.add_argument("--repeats", type=int, default=5, help="timed training steps per model")
     parser.add_argument("--gen-repeats", type=int, default=3, help="timed generations per model")
+    parser.add_argument("--compile", action="store_true",
+                        help="measure compiled generation too (torch.compile, static cache; compiles first)")
     parser.add_argument(
         "--threads", type=int, help="CPU threads (default: torch's; 1 is steadier on a shared machine)"
     )

@@ -29,7 +29,12 @@ What each figure is:
    above its RSS after start-up on CPU (*measured*).
 3. Speed at the same settings, all models in one process: training tokens/s and cached-generation
    tokens/s, median over repeats interleaved across the models (*measured*).
-4. Peak memory of a training step and of generation for GPT-2 and the default KAN-GPT-2 at small,
+4. Generation at batch 1 and at ``--batch``, eagerly and, with ``--compile``, compiled (``torch.compile``
+   with a static KV cache, as ``kangpt generate --compile`` runs): the prompt's prefill time apart
+   from the decode steps' tokens/s (the time of ``generate`` with ``1 + new_tokens`` tokens less that
+   with 1, medians over repeats interleaved across the models), and the first call's extra time,
+   compiling (*measured*).
+5. Peak memory of a training step and of generation for GPT-2 and the default KAN-GPT-2 at small,
    medium, large and XL (``--estimate-*``, bf16, batch 8 x 1024 by default), *estimated* without
    allocating (``kangpt.comparison.estimate``: fake tensors and torch's ``MemTracker``), and at the
    measured size too, so that the estimate can be checked against the measurement.
@@ -48,6 +53,7 @@ import gc
 import json
 import platform
 import sys
+import time
 from types import SimpleNamespace
 
 import torch
@@ -55,6 +61,7 @@ import transformers
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from ..configuration_kangpt import KANGPT2Config
+from ..io.generating import compiled
 from ..kan_fast import triton_kernels_apply
 from ..modeling_kangpt import KANGPT2LMHeadModel
 from ..training.report import parameter_counts
@@ -66,6 +73,7 @@ from .measure import (
     interleaved_median_times,
     rss_bytes,
     run_fresh_process,
+    sync,
     training_state_bytes,
 )
 
@@ -195,8 +203,9 @@ def make_train_step(model, optimizer, ids, dtype):
     return step
 
 
-def generate(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    """Greedy generation of exactly ``new_tokens`` tokens with the KV cache (prefill + cached decode)."""
+def generate(model, prompt: torch.Tensor, new_tokens: int, **options) -> torch.Tensor:
+    """Greedy generation of exactly ``new_tokens`` tokens with the KV cache (prefill + cached decode);
+    ``options`` go to ``generate`` (those of :func:`kangpt.io.generating.compiled`, say)."""
     with torch.no_grad():
         return model.generate(
             prompt,
@@ -206,7 +215,47 @@ def generate(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
             do_sample=False,
             use_cache=True,
             pad_token_id=model.config.eos_token_id,
+            **options,
         )
+
+
+def measure_generation(names: list[str], args) -> dict:
+    """``{model: {"MODE, batch B": {prefill_s, decode_tokens_per_s, compile_s}}}`` for MODE eager and (with
+    ``args.compile``) compiled, B 1 and ``args.batch``: see the module docstring."""
+    device, dtype, shape = args.device, DTYPES[args.dtype], shape_of(args)
+    models = {}
+    for name in names:
+        torch.manual_seed(args.seed)
+        model = build_comparison_model(name, shape, device, basis=args.basis, attn=args.attn)
+        models[name] = model.eval().to(dtype)
+    results = {name: {} for name in names}
+    for mode in ("eager", "compiled") if args.compile else ("eager",):
+        for batch in sorted({1, args.batch}):
+            prompt = inputs(shape, batch, args.prompt_len, args.seed, device)
+            runs = {}
+            for name, model in models.items():
+                extra = compiled(model) if mode == "compiled" else {}
+                for tokens in (1, 1 + args.new_tokens):
+                    runs[name, tokens] = lambda m=model, p=prompt, t=tokens, e=extra: generate(m, p, t, **e)
+            first = {key: timed(fn, device) for key, fn in runs.items()}  # compiles, when compiled
+            times = interleaved_median_times(runs, args.gen_repeats, device, warmup=0)
+            for name in names:
+                prefill, whole = times[name, 1], times[name, 1 + args.new_tokens]
+                results[name][f"{mode}, batch {batch}"] = {
+                    "prefill_s": prefill,
+                    "decode_tokens_per_s": batch * args.new_tokens / (whole - prefill),
+                    "compile_s": first[name, 1] + first[name, 1 + args.new_tokens] - prefill - whole,
+                }
+    return results
+
+
+def timed(fn, device) -> float:
+    """Seconds of one call of ``fn``."""
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
 
 
 def measure_memory(name: str, args) -> dict:
@@ -356,6 +405,9 @@ def ratios_to_gpt2(results: dict) -> dict:
             "train_peak_bytes": ratio(m["train_peak_bytes"], rm["train_peak_bytes"]),
             "generate_peak_bytes": ratio(m["generate_peak_bytes"], rm["generate_peak_bytes"]),
             **{k: ratio(s[k], rs[k]) for k in s},
+            **{f"{setting}, {k}": ratio(value, results["generation"]["gpt2"][setting][k])
+               for setting, figures in results["generation"][name].items()
+               for k, value in figures.items() if k != "compile_s"},
         }
     return out
 
@@ -390,6 +442,8 @@ def run_comparison(args) -> dict:
         if args.threads:
             torch.set_num_threads(args.threads)
         results["speed"] = measure_speed(names, args)
+        print("measuring generation ...", file=sys.stderr, flush=True)
+        results["generation"] = measure_generation(names, args)
         results["ratios"] = ratios_to_gpt2(results)
         results["estimate_check"] = estimate_memory(
             names,

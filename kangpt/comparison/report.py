@@ -18,9 +18,34 @@ def report_markdown(results: dict, args) -> str:
     parts = [parameters_markdown(results["parameters"], results["shapes"])]
     if "memory" in results:
         parts.append(measurements_markdown(results, args, results["shapes"][args.size]))
+    if "generation" in results:
+        parts.append(generation_markdown(results["generation"], args))
     if "estimate" in results or "estimate_check" in results:
         parts.append(estimates_markdown(results, args))
     return "\n\n".join(parts)
+
+
+def generation_markdown(generation: dict, args) -> str:
+    """Prefill and decode speed per setting (mode, batch), every model against GPT-2."""
+    lines = [
+        f"Generation at {args.size}: a prompt of {args.prompt_len} tokens (prefill), then "
+        f"{args.new_tokens} greedy decode steps with the KV cache; medians of {args.gen_repeats} interleaved "
+        "repeats; the first call's extra time is compiling.",
+        "",
+        "| setting | model | prefill ms | × | decode tokens/s | × | first call +s |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    reference = generation["gpt2"]
+    for setting in reference:
+        for name, figures in generation.items():
+            g, ref = figures[setting], reference[setting]
+            lines.append(
+                f"| {setting} | {MODELS[name]} | {1e3 * g['prefill_s']:,.1f} | "
+                f"{fmt_ratio(ratio(ref['prefill_s'], g['prefill_s']))} | {g['decode_tokens_per_s']:,.1f} | "
+                f"{fmt_ratio(ratio(g['decode_tokens_per_s'], ref['decode_tokens_per_s']))} | "
+                f"{g['compile_s']:,.1f} |"
+            )
+    return "\n".join(lines)
 
 
 def fmt_ratio(x: float | None) -> str:

@@ -188,6 +188,9 @@ def compare_rows(result: dict) -> list[tuple[str, str]]:
                      f"{measured / 2**30:.2f} / {estimate / 2**30:.2f}"))
     rows.append(("124M training tokens/s, KAN / GPT-2 (compare.py, eager)",
                  f"{ratios['train_tokens_per_s']:.2f}x"))
+    for setting in result["generation"]["kan"]:  # eager at batch 1 and 8 (compiled with --compile)
+        rows.append((f"124M decode tokens/s, KAN / GPT-2 ({setting}; target >= 1.0x)",
+                     f"{ratios[f'{setting}, decode_tokens_per_s']:.2f}x"))
     return rows
 
 

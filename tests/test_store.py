@@ -187,25 +187,25 @@ def test_ctrl_c_while_building_leaves_no_store_and_says_so(docs, tokenizer, tmp_
             raise KeyboardInterrupt
         return encode(self, texts)
 
-    monkeypatch.setattr(encoding, "BATCH_BYTES", 20_000)
+    monkeypatch.setattr(store_module, "BATCH_BYTES", 20_000)
     monkeypatch.setattr(encoding.DocumentEncoder, "__call__", interrupted_at_the_second_batch)
     with pytest.raises(KeyboardInterrupt, match="interrupted while building the token store .*nothing of it"):
         token_store(splits, tokenizer, progress=False)
     assert stores(tmp_path) == []
 
 
-# `kangpt prepare`, Ctrl-C'd (SIGINT to itself, as a terminal sends it) while it encodes its second batch.
+# `kangpt prepare`, Ctrl-C'd (SIGINT to itself, as a terminal sends it) while it encodes its first batch
+# and reads the second (sent from the encoding thread, the signal was once lost: the build finished, exit 0).
 PREPARE_INTERRUPTED = """
 import os, signal, sys
-import kangpt.data.encoding as encoding
-encode, calls = encoding.DocumentEncoder.__call__, []
-def interrupted(self, texts):
-    calls.append(1)
-    if len(calls) == 2:
-        os.kill(os.getpid(), signal.SIGINT)
-    return encode(self, texts)
-encoding.DocumentEncoder.__call__ = interrupted
-encoding.BATCH_BYTES = 20_000
+import kangpt.data.store as store
+batches = store._batches
+def interrupted(splits):
+    for n, batch in enumerate(batches(splits)):
+        if n == 1:  # sent from the thread that reads the text, while the first batch encodes in another
+            os.kill(os.getpid(), signal.SIGINT)
+        yield batch
+store._batches, store.BATCH_BYTES = interrupted, 20_000
 from kangpt.commands import main
 sys.exit(main(["prepare", *sys.argv[1:]]))
 """
@@ -242,7 +242,7 @@ def test_memory_while_building_and_opening_does_not_grow_with_the_corpus(docs, t
                                                                          monkeypatch):
     """Python's allocations (numpy's included) at their peak, for three .jsonl files of the documents and
     for the same files holding them 16 times over: 16 times the text, in as many files."""
-    monkeypatch.setattr(encoding, "BATCH_BYTES", 16_384)
+    monkeypatch.setattr(store_module, "BATCH_BYTES", 16_384)
 
     def peak(copies: int) -> int:
         corpus = tmp_path / f"x{copies}"

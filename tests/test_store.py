@@ -195,14 +195,16 @@ def test_ctrl_c_while_building_leaves_no_store_and_says_so(docs, tokenizer, tmp_
 
 
 # `kangpt prepare`, Ctrl-C'd (SIGINT to itself, as a terminal sends it) while it encodes its first batch
-# and reads the second (sent from the encoding thread, the signal was once lost: the build finished, exit 0).
+# and reads the second. As in a terminal, SIGINT raises KeyboardInterrupt: a suite started in the
+# background of a script inherits SIGINT ignored, and the signal would be lost (the build ran to its end).
 PREPARE_INTERRUPTED = """
 import os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import kangpt.data.store as store
 batches = store._batches
 def interrupted(splits):
     for n, batch in enumerate(batches(splits)):
-        if n == 1:  # sent from the thread that reads the text, while the first batch encodes in another
+        if n == 1:  # while the first batch encodes
             os.kill(os.getpid(), signal.SIGINT)
         yield batch
 store._batches, store.BATCH_BYTES = interrupted, 20_000

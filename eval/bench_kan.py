@@ -44,6 +44,7 @@ from kangpt.comparison.measure import (
 from kangpt.comparison.models import ratio
 from kangpt.configuration_kangpt import KANGPT2Config
 from kangpt.kan import BASES, KANFeedForward, KANSpec, kan_block_hidden_size
+from kangpt.kan_spec import GRIDLESS_BASES
 
 
 class NaiveKANLinear(nn.Module):
@@ -80,8 +81,8 @@ class NaiveKANLinear(nn.Module):
         return y.view(*shape[:-1], -1)
 
 
-BLOCKS = ["mlp", "kan", "kan-triton", *(f"edge-{b}" for b in BASES if b != "rational"),
-          *(f"group-{b}" for b in BASES if b != "rational"), "rational", "naive-bspline"]
+BLOCKS = ["mlp", "kan", "kan-triton", *(f"edge-{b}" for b in BASES if b not in GRIDLESS_BASES),
+          *(f"group-{b}" for b in BASES if b not in GRIDLESS_BASES), "rational", "naive-bspline"]
 
 
 def kan_spec(name: str) -> KANSpec:

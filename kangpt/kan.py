@@ -253,7 +253,7 @@ class KANLinear(nn.Module):
         polynomial degree, which is exact everywhere. The parameter that changes shape (the weight,
         or a grouped layer's function coefficients) is replaced by a new one: hand it to the optimizer.
         """
-        if self.basis_name in ("rational", "symbolic"):
+        if not self.spec.has_grid:
             raise ValueError(f"extend_grid does not apply to basis={self.basis_name!r} (it has no grid)")
         if not isinstance(new_grid_size, int) or new_grid_size <= self.grid_size:
             raise ValueError(
@@ -266,7 +266,7 @@ class KANLinear(nn.Module):
         take; every function is refitted by least squares on dense points of the new range. As with
         :meth:`extend_grid`, the refitted parameter is a new one. Not for ``chebyshev`` (its basis
         squashes every input by tanh) nor ``rational`` and ``symbolic`` (no grid)."""
-        if self.basis_name in ("chebyshev", "rational", "symbolic"):
+        if self.basis_name == "chebyshev" or not self.spec.has_grid:
             raise ValueError(f"set_grid_range does not apply to basis={self.basis_name!r}")
         if not float(low) < float(high):
             raise ValueError(f"the grid range must have low < high, got ({low!r}, {high!r})")
@@ -306,7 +306,7 @@ class KANLinear(nn.Module):
 
     def extra_repr(self) -> str:
         s = f"in_features={self.in_features}, out_features={self.out_features}, basis={self.basis_name!r}"
-        if self.basis_name not in ("rational", "symbolic"):
+        if self.spec.has_grid:
             s += f", grid_size={self.grid_size}, spline_order={self.spline_order}"
             s += f", grid_range={self.grid_range}"
         return s + f", bias={self.bias is not None}"

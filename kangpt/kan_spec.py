@@ -8,6 +8,7 @@ import dataclasses
 from dataclasses import dataclass
 
 BASES = ("bspline", "rbf", "chebyshev", "rational", "symbolic")
+GRIDLESS_BASES = ("rational", "symbolic")  # a formula per group: no grid, always grouped
 SHARINGS = ("edge", "group")
 KERNELS = ("auto", "triton", "torch")
 
@@ -69,12 +70,17 @@ class KANSpec:
         need(self.kernel in KERNELS, "kernel", f"must be one of {KERNELS}")
         object.__setattr__(self, "grid_range", (float(self.grid_range[0]), float(self.grid_range[1])))
         object.__setattr__(self, "rational_order", (int(self.rational_order[0]), int(self.rational_order[1])))
-        if self.basis in ("rational", "symbolic"):
+        if not self.has_grid:
             object.__setattr__(self, "sharing", "group")
 
     def replace(self, **changes) -> KANSpec:
         """A copy with ``changes`` (checked again)."""
         return dataclasses.replace(self, **changes)
+
+    @property
+    def has_grid(self) -> bool:
+        """Whether the functions are spline-like, on a grid (not ``rational`` nor ``symbolic``)."""
+        return self.basis not in GRIDLESS_BASES
 
     @property
     def grouped(self) -> bool:

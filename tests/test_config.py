@@ -158,6 +158,10 @@ def test_default_config_is_used_without_a_config_argument(tmp_path):
             {"model": {"ffn_type": "mlp"}, "train": {"kan_grid_schedule": [[10, 8]]}},
             "train.kan_grid_schedule needs KAN layers with a grid",
         ),
+        (
+            {"model": {"kan_basis": "symbolic"}, "train": {"kan_grid_schedule": [[10, 8]]}},
+            "train.kan_grid_schedule needs KAN layers with a grid",
+        ),
         ({"train": {"kan_grid_update_steps": [20, 10]}}, "train.kan_grid_update_steps must increase"),
         ({"train": {"kan_grid_update_steps": [1000]}}, "train.kan_grid_update_steps must increase within"),
         (

@@ -34,6 +34,7 @@ from transformers.activations import ACT2FN
 from ..configuration_kangpt import KANGPT2Config
 from ..kan import KANLinear
 from ..kan_bases import GroupedBasis, RationalBasis
+from ..kan_spec import GRIDLESS_BASES
 from ..messages import first_line
 
 _FIT_VALUES = 1 << 16  # values of each group's inputs a function is fitted on (a random sample)
@@ -268,7 +269,8 @@ def convert_gpt2(gpt2: nn.Module, calibration_ids: torch.Tensor, *, steps: int =
     start = time.perf_counter()
     records = record_mlp_io(gpt2, calibration_ids)
     design = {**config_overrides}
-    if "kan_grid_range" not in design and design.get("kan_basis", KANGPT2Config.kan_basis) != "rational":
+    basis = design.get("kan_basis", KANGPT2Config.kan_basis)
+    if "kan_grid_range" not in design and basis not in GRIDLESS_BASES:
         design.update(covering_grid(records, design.get("kan_grid_size", KANGPT2Config.kan_grid_size)))
     model = KANGPT2LMHeadModel.from_gpt2(gpt2, **design)
     keep = keeps_linear_maps(model.config)

@@ -50,7 +50,7 @@ class KANGrids:
 def extend_grids(model: KANGPT2LMHeadModel, optimizer: torch.optim.Optimizer, grid_size: int) -> None:
     """Refine the grid of every KAN layer to ``grid_size`` intervals (``KANLinear.extend_grid``: the
     functions are kept) and record the size in the model's config (the saved model is built with it)."""
-    layers = [m for m in model.modules() if isinstance(m, KANLinear) and m.basis_name != "rational"]
+    layers = [m for m in model.modules() if isinstance(m, KANLinear) and m.spec.has_grid]
     _refit_layers(layers, optimizer, lambda layer: layer.extend_grid(grid_size))
     model.config.kan_grid_size = grid_size
 

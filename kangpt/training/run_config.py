@@ -35,6 +35,7 @@ from typing_extensions import TypedDict  # pydantic reads typing's TypedDict onl
 
 from ..configuration_kangpt import KANGPT2Config
 from ..data import BPE_VOCAB_SIZE_RULE, MIN_BPE_VOCAB_SIZE
+from ..kan_spec import GRIDLESS_BASES
 from ..messages import first_line
 
 SECTIONS = ("model", "data", "train")
@@ -391,7 +392,7 @@ def _check_grid_schedule(train: TrainConfig, model: KANGPT2Config) -> None:
     if not schedule:
         return
     problem = None
-    if model.ffn_type != "kan" or model.kan_basis == "rational":
+    if model.ffn_type != "kan" or model.kan_basis in GRIDLESS_BASES:
         problem = "needs KAN layers with a grid (model.ffn_type 'kan', a spline-like model.kan_basis)"
     elif any(len(entry) != 2 for entry in schedule):
         problem = "must be a list of [step, grid_size] pairs"

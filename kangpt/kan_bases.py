@@ -5,8 +5,9 @@ polynomials of a squashed input), the group-rational function of GR-KAN, and the
 Every basis has the interface of :class:`Basis`: its features of an input ``x`` (..., in) are
 (..., F, in), a plain differentiable formula (``features``, what ``torch.compile`` fuses and what
 plots and fits read) and an eager fast path that writes them into a buffer and, for the backward,
-returns the input's gradient from the hand-derived derivative (``features_and_grads``). Each class
-holds its formula and its derivative side by side. See ``kangpt.kan`` for how a layer uses them,
+returns the input's gradient from the hand-derived derivative (``features_and_grads``; by autograd,
+:class:`FeaturesByAutograd`, for the grouped functions that have none). Each class holds its formula
+and its derivative side by side. See ``kangpt.kan`` for how a layer uses them,
 and ``kangpt.kan_grouped`` for how the grouped B-splines' fast paths run (their table of polynomial
 pieces, evaluated in blocks of rows, and their autograd function for ``torch.compile``).
 """
@@ -438,7 +439,32 @@ class RationalBasis(nn.Module):
         return (out, *vjp(grad_out))
 
 
-class GroupedBasis(nn.Module):
+class FeaturesByAutograd:
+    """``features_into`` and ``features_and_grads`` of a grouped basis from its differentiable
+    ``features``, by autograd: for functions with no hand-derived derivative. ``function_parameter``
+    names the basis's one parameter."""
+
+    function_parameter: str
+
+    def features_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The features of ``x`` written into ``out`` (..., 1, in)."""
+        with torch.no_grad():
+            return out.copy_(self.features(x))
+
+    @_fp32_features
+    def features_and_grads(self, x: torch.Tensor, out: torch.Tensor, grad_out: torch.Tensor):
+        """Features into ``out`` and, from d(loss)/d(features) ``grad_out`` (..., 1, in), the gradients
+        of the input and of the function parameter: ``(out, grad_x, (grad_parameter,))``."""
+        with torch.enable_grad():
+            x = x.detach().requires_grad_()
+            feats = self.features(x)
+            parameter = getattr(self, self.function_parameter)
+            grad_x, grad_parameter = torch.autograd.grad(feats, (x, parameter), grad_out)
+        out.copy_(feats.detach())
+        return out, grad_x, (grad_parameter,)
+
+
+class GroupedBasis(FeaturesByAutograd, nn.Module):
     """One learnable function per group of inputs over a spline-like basis (GR-KAN's sharing).
 
     Inputs are split into ``groups`` contiguous groups; every input ``i`` of group ``g`` goes through
@@ -459,6 +485,7 @@ class GroupedBasis(nn.Module):
 
     num_features = 1
     chunk_width = 1  # the features are as large as the input: chunks only bound the matmuls
+    function_parameter = "coefficients"  # (GroupedBSplineBasis derives its gradients, faster)
 
     def __init__(self, basis: SplineBasis, in_features: int, groups: int, device=None, dtype=None):
         super().__init__()
@@ -495,23 +522,6 @@ class GroupedBasis(nn.Module):
         for k, values in enumerate(self.spline.each_function(xg), start=2):
             phi = phi + a[:, k] * values
         return phi.flatten(-2).unsqueeze(-2)
-
-    def features_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """The features of ``x`` written into ``out`` (..., 1, in)."""
-        with torch.no_grad():
-            return out.copy_(self.features(x))
-
-    @_fp32_features
-    def features_and_grads(self, x: torch.Tensor, out: torch.Tensor, grad_out: torch.Tensor):
-        """Features into ``out`` and, from d(loss)/d(features) ``grad_out`` (..., 1, in), the gradients
-        of the input and of ``coefficients``: ``(out, grad_x, (grad_coefficients,))``, by autograd
-        through :meth:`features` (:class:`GroupedBSplineBasis` has a faster path)."""
-        with torch.enable_grad():
-            x = x.detach().requires_grad_()
-            feats = self.features(x)
-            grad_x, grad_coefficients = torch.autograd.grad(feats, (x, self.coefficients), grad_out)
-        out.copy_(feats.detach())
-        return out, grad_x, (grad_coefficients,)
 
 
 class GroupedBSplineBasis(PieceTableEvaluation, GroupedBasis):

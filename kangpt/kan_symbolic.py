@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kan_bases import _fp32_features
+from .kan_bases import FeaturesByAutograd, _fp32_features
 
 EXP_CAP = 80.0  # exp's argument is capped here: e^80 is finite in fp32, so no input overflows
 
@@ -42,13 +42,14 @@ FUNCTIONS = {
 NAMES = tuple(FUNCTIONS)
 
 
-class SymbolicBasis(nn.Module):
+class SymbolicBasis(FeaturesByAutograd, nn.Module):
     """One formula per group of inputs (see the module docstring); the layer's weight scales it per
     edge, as for the other grouped functions: ``phi_ij(x) = w_ij phi_g(i)(x)``. Every group starts as
     SiLU (``f = silu, a = c = 1, b = d = 0``)."""
 
     num_features = 1
     chunk_width = 1
+    function_parameter = "affine"
 
     def __init__(self, in_features: int, groups: int, device=None, dtype=None):
         super().__init__()
@@ -84,19 +85,3 @@ class SymbolicBasis(nn.Module):
         names = self.names()
         values = torch.stack([FUNCTIONS[name](u[..., g]) for g, name in enumerate(names)], -1)
         return c * values + d
-
-    def features_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """The features of ``x`` written into ``out`` (..., 1, in)."""
-        with torch.no_grad():
-            return out.copy_(self.features(x))
-
-    @_fp32_features
-    def features_and_grads(self, x: torch.Tensor, out: torch.Tensor, grad_out: torch.Tensor):
-        """Features into ``out`` and, from d(loss)/d(features) ``grad_out``, the gradients of the input
-        and of ``affine``: ``(out, grad_x, (grad_affine,))``, by autograd through :meth:`features`."""
-        with torch.enable_grad():
-            x = x.detach().requires_grad_()
-            feats = self.features(x)
-            grad_x, grad_affine = torch.autograd.grad(feats, (x, self.affine), grad_out)
-        out.copy_(feats.detach())
-        return out, grad_x, (grad_affine,)

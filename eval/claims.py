@@ -39,6 +39,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from statistics import fmean
 from types import SimpleNamespace
 
 import yaml
@@ -168,11 +169,6 @@ def train_all(jobs: int, configs: list[RunConfig]) -> dict[Path, dict]:
     return {Path(c.train.out_dir): s for c, s in zip(configs, summaries, strict=True)}
 
 
-def mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values)
-
-
 # ---------------------------------------------------------------------------------------------
 # 1. Fewer parameters
 
@@ -182,22 +178,21 @@ def multiplier(context, above: tuple) -> dict:
     and the GPT-2 parameters that reach it (``equivalent``; ``bound`` ">" or "<" when none bracket it)."""
     sizes = [*context.sizes, above]
     names = [scaling.size_name(s) for s in sizes]
-    plans = {(names[i], corpus, names[j]): neighbour(context, sizes[j], names[j], size, names[i], corpus)
-             for i, size in enumerate(context.sizes) for corpus in context.corpora
-             for j in (i - 1, i + 1) if 0 <= j < len(sizes)}
-    summaries = train_all(context.jobs, [run for _, runs in plans.values() for run in runs])
+    # (size, corpus) -> GPT-2 at the neighbouring sizes on that size's tokens: [(parameters, runs)]
+    plans = {(names[i], corpus): [neighbour(context, sizes[j], names[j], size, names[i], corpus)
+                                  for j in (i - 1, i + 1) if 0 <= j < len(sizes)]
+             for i, size in enumerate(context.sizes) for corpus in context.corpora}
+    summaries = train_all(context.jobs, [run for plan in plans.values() for _, runs in plan for run in runs])
     result = {c: {} for c in context.corpora}
-    for name in names[:len(context.sizes)]:
-        for corpus in context.corpora:
-            points = [(context.ladder[name]["parameters"][corpus]["mlp"]["total"],
-                       chosen(context, name, corpus, "mlp")["test"]["mean"])]
-            for (budget, on, _), (params, runs) in plans.items():
-                if (budget, on) == (name, corpus):
-                    points.append((params, mean(summaries[Path(r.train.out_dir)]["test_loss"] for r in runs)))
-            kan = chosen(context, name, corpus, "kan")["test"]["mean"]
-            kan_params = context.ladder[name]["parameters"][corpus]["kan"]["total"]
-            result[corpus][name] = {"kan_parameters": kan_params, "kan_loss": kan,
-                                    "gpt2": sorted(points), **equivalent(sorted(points), kan, kan_params)}
+    for (name, corpus), plan in plans.items():
+        points = [(context.ladder[name]["parameters"][corpus]["mlp"]["total"],
+                   chosen(context, name, corpus, "mlp")["test"]["mean"])]
+        points += [(params, fmean(summaries[Path(r.train.out_dir)]["test_loss"] for r in runs))
+                   for params, runs in plan]
+        kan = chosen(context, name, corpus, "kan")["test"]["mean"]
+        kan_params = context.ladder[name]["parameters"][corpus]["kan"]["total"]
+        result[corpus][name] = {"kan_parameters": kan_params, "kan_loss": kan,
+                                "gpt2": sorted(points), **equivalent(sorted(points), kan, kan_params)}
     return result
 
 
@@ -267,8 +262,8 @@ def overfitting(context) -> dict:
                 train = [final_train_loss(context.out / "ladder" / size, corpus, model, result["lr"], seed)
                          for seed in context.seeds]
                 gaps.setdefault(corpus, {}).setdefault(size, {"epochs": epochs})[model] = {
-                    "train": mean(train), "validation": result["val"]["mean"], "test": result["test"]["mean"],
-                    "gap": result["val"]["mean"] - mean(train)}
+                    "train": fmean(train), "validation": result["val"]["mean"],
+                    "test": result["test"]["mean"], "gap": result["val"]["mean"] - fmean(train)}
     config = at_size(context, largest)
     levers = {key: {"name": key, "label": label, **sections} for key, (label, sections) in LEVERS.items()}
     models = {"mlp": {"name": "mlp", "model": {"ffn_type": "mlp"}}, **levers}
@@ -364,7 +359,7 @@ def symbolic(context) -> dict:
             shutil.rmtree(saved, ignore_errors=True)
             formulas.save_pretrained(saved / "symbolic-model")
             row = {"seed": seed, "test": validation_loss(model, test),
-                   "symbolic_test": validation_loss(formulas, test), "r2_mean": mean(f["r2"] for f in fits),
+                   "symbolic_test": validation_loss(formulas, test), "r2_mean": fmean(f["r2"] for f in fits),
                    "r2_min": min(f["r2"] for f in fits),
                    "bytes": (folder / "model" / "model.safetensors").stat().st_size}
             base_val = validation_loss(model, val)
@@ -516,9 +511,9 @@ def overfitting_row(report: dict) -> list[str]:
 def symbolic_row(report: dict) -> list[str]:
     cells, holds = [], []
     for corpus, rows in report["symbolic"].items():
-        change = mean(100 * (r["symbolic_test"] / r["test"] - 1) for r in rows)
+        change = fmean(100 * (r["symbolic_test"] / r["test"] - 1) for r in rows)
         pruned = [r.get("pruned_fraction", 0.0) for r in rows]
-        r2 = mean(r["r2_mean"] for r in rows)
+        r2 = fmean(r["r2_mean"] for r in rows)
         cells.append(f"{corpus}: formulas {change:+.2f}% test loss (R² {r2:.2f} mean); "
                      f"{min(pruned):.0%}-{max(pruned):.0%} of hidden units pruned within 1%")
         holds.append(abs(change) <= 100 * WITHIN and min(pruned) >= 0.3)

@@ -46,8 +46,9 @@ class PieceTableEvaluation:
         return self.spline.num_functions + self.spline.spline_order + 2
 
     def _constants(self, x):
-        """``T`` (K, rows, k + 1) and every input's first table row (in,), per device and dtype (built
-        once, not under ``torch.compile``: a tensor stored while tracing would escape the graph)."""
+        """``T`` (K, rows, k + 1), every input's first table row (in,), and the grid map ``1 / h`` and
+        ``k + 1 - a / h`` (0-d), per device and dtype (built once, not under ``torch.compile``: a tensor
+        stored while tracing would escape the graph)."""
         key = (x.device, x.dtype)
         if key not in self._cache or torch.compiler.is_compiling():
             k, n_fun = self.spline.spline_order, self.spline.num_functions
@@ -56,7 +57,10 @@ class PieceTableEvaluation:
             for j in range(n_fun):  # B_j is piece m on interval c = j + m, which is table row c + 1
                 transform[j, j + 1 : j + k + 2] = pieces
             first_row = torch.arange(self.groups).repeat_interleave(self.group_size) * self.rows
-            constants = (transform.to(x.device, x.dtype), first_row.to(x.device))
+            step, low = self.spline.step, self.spline.grid_range[0]  # z = x / h + (k + 1 - a / h)
+            grid_map = [torch.tensor(v, device=x.device, dtype=x.dtype)
+                        for v in (1 / step, k + 1 - low / step)]
+            constants = (transform.to(x.device, x.dtype), first_row.to(x.device), *grid_map)
             if torch.compiler.is_compiling():
                 return constants
             self._cache[key] = constants
@@ -65,7 +69,7 @@ class PieceTableEvaluation:
     def _tables(self, coefficients, x):
         """The piece table (groups * rows, k + 1): the polynomial of every interval of every group, by
         power; every input's linear and SiLU weights (in,) each; its group's first table row (in,)."""
-        transform, first_row = self._constants(x)
+        transform, first_row, _, _ = self._constants(x)
         a = coefficients.to(x.dtype)  # (G, 2 + K)
         table = torch.einsum("gj,jrp->grp", a[:, 2:], transform).flatten(0, 1)  # (G * rows, k + 1)
         linear, silu = (a[:, i].repeat_interleave(self.group_size) for i in (0, 1))
@@ -92,25 +96,13 @@ class PieceTableEvaluation:
         fractional part is ``t``. (The group's first row is added to the integer: added to ``z``, it
         would cost ``t`` bits.)"""
         spline = self.spline
-        scale, shift = self._grid_map(x)
+        _, _, scale, shift = self._constants(x)
         z = torch.addcmul(shift, x, scale)  # (x - a) / h + k + 1 in one op
         # A NaN input (weights that diverged) keeps its NaN value but needs a row: clamping keeps NaN,
         # whose cast to an integer indexes outside the table.
         z.nan_to_num_(nan=0.0).clamp_(0.0, float(spline.num_functions + spline.spline_order + 1))
         row = z.to(torch.int64)
         return row.add_(first_row), z.frac_()
-
-    def _grid_map(self, x):
-        """``1 / h`` and ``k + 1 - a / h`` as 0-d tensors of ``x``'s device and dtype (made once each)."""
-        key = ("grid", x.device, x.dtype)
-        if key not in self._cache or torch.compiler.is_compiling():
-            spline = self.spline
-            values = (1 / spline.step, spline.spline_order + 1 - spline.grid_range[0] / spline.step)
-            constants = tuple(torch.tensor(v, device=x.device, dtype=x.dtype) for v in values)
-            if torch.compiler.is_compiling():
-                return constants
-            self._cache[key] = constants
-        return self._cache[key]
 
     @staticmethod
     def _piece(t, e):
@@ -218,7 +210,7 @@ class PieceTableEvaluation:
                     if p < k:
                         weight = weight * t
                 histogram += block.sum(0)
-            transform, _ = self._constants(x)
+            transform = self._constants(x)[0]
             grad_spline = torch.einsum(
                 "pgr,jrp->gj", histogram.view(k + 1, self.groups, self.rows), transform
             )

@@ -473,7 +473,7 @@ def grouped_linear(
 ) -> torch.Tensor:
     """(N, in) -> (N, out): a grouped B-spline KAN layer by the fused kernels; ``weight`` and ``bias``
     already in the matmul dtype."""
-    transform, _ = basis._constants(x.float())
+    transform = basis._constants(x.float())[0]
     folded = torch.tensor(basis.spline._folded, device=x.device, dtype=torch.float32)
     floats, ints = _grid_constants(basis)
     return grouped_bspline_linear(

@@ -41,11 +41,11 @@ def decode_step_ops(name: str, size: str, prompt_len: int) -> collections.Counte
     prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len))
     with torch.no_grad():
         cache = DynamicCache(config=model.config)
-        logits = model(prompt, past_key_values=cache, use_cache=True).logits  # the prefill
+        logits = model(prompt, cache=cache, use_cache=True).logits  # the prefill
         step = logits[:, -1:].argmax(-1)
-        model(step, past_key_values=cache, use_cache=True)  # a first step: caches the KAN piece tables
+        model(step, cache=cache, use_cache=True)  # a first step: caches the KAN piece tables
         with OpCounter() as counter:
-            model(step, past_key_values=cache, use_cache=True)
+            model(step, cache=cache, use_cache=True)
     return counter.counts
 
 

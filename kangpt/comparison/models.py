@@ -53,7 +53,6 @@ import gc
 import json
 import platform
 import sys
-import time
 from types import SimpleNamespace
 
 import torch
@@ -73,7 +72,6 @@ from .measure import (
     interleaved_median_times,
     rss_bytes,
     run_fresh_process,
-    sync,
     training_state_bytes,
 )
 
@@ -237,7 +235,7 @@ def measure_generation(names: list[str], args) -> dict:
                 extra = compiled(model) if mode == "compiled" else {}
                 for tokens in (1, 1 + args.new_tokens):
                     runs[name, tokens] = lambda m=model, p=prompt, t=tokens, e=extra: generate(m, p, t, **e)
-            first = {key: timed(fn, device) for key, fn in runs.items()}  # compiles, when compiled
+            first = interleaved_median_times(runs, 1, device, warmup=0)  # compiles, when compiled
             times = interleaved_median_times(runs, args.gen_repeats, device, warmup=0)
             for name in names:
                 prefill, whole = times[name, 1], times[name, 1 + args.new_tokens]
@@ -247,15 +245,6 @@ def measure_generation(names: list[str], args) -> dict:
                     "compile_s": first[name, 1] + first[name, 1 + args.new_tokens] - prefill - whole,
                 }
     return results
-
-
-def timed(fn, device) -> float:
-    """Seconds of one call of ``fn``."""
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
 
 
 def measure_memory(name: str, args) -> dict:

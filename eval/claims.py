@@ -7,7 +7,7 @@ best learning rate from the same sweep, on 2 seeds:
 1. *Fewer parameters.* For each size of the ladder, the GPT-2 parameters that reach KAN-GPT-2's test
    loss on the same tokens: GPT-2 trained at the neighbouring sizes (and one above the largest) on that
    size's tokens, its loss interpolated in log-log between the two sizes that bracket KAN-GPT-2's (never
-   extrapolated: outside them the answer is a bound).
+   extrapolated: outside them the answer is a bound). ``claims.png`` plots both curves.
 2. *Slower to train.* The training step and generation ratios of ``kangpt compare`` (one run).
 3. *Scale better.* The ladder's power-law exponents and the trend of the gap (``eval/scaling.py``).
 4. *Less prone to overfitting.* The gap between training and held-out loss as epochs grow (the English
@@ -21,7 +21,7 @@ best learning rate from the same sweep, on 2 seeds:
 6. *No catastrophic forgetting.* The code models of one size fine-tuned on English for a fixed budget:
    the rise of the code test loss and the English test loss reached.
 
-    python eval/claims.py --jobs 2        # the audit (hours on 2 cores); out/claims/claims.json, .md
+    python eval/claims.py --jobs 2        # the audit (hours on 2 cores); out/claims/claims.json, .md, .png
     python eval/claims.py --quick         # a smoke run: two tiny sizes, short budgets, one learning rate
 
 Every run is a ``python train.py`` in a fresh process under ``OUT``; finished runs are reused, so the
@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # quality.py and scali
 import quality  # noqa: E402
 import scaling  # noqa: E402
 
+from kangpt.io.plotting import PLOT_HINT, new_figure  # noqa: E402
 from kangpt.training.run_config import INIT_FROM_MODEL_FIELDS, ConfigError, RunConfig, build_config  # noqa: E402
 from kangpt.training.run_dir import read_metrics  # noqa: E402
 
@@ -89,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(report)
     (out / "claims.md").write_text(text + "\n")
     print(text)
+    if not plot_parameters(report["parameters"], out / "claims.png"):
+        print("no claims.png: " + PLOT_HINT, file=sys.stderr)
     return 0
 
 
@@ -194,6 +197,36 @@ def multiplier(context, above: tuple) -> dict:
         result[corpus][name] = {"kan_parameters": kan_params, "kan_loss": kan,
                                 "gpt2": sorted(points), **equivalent(sorted(points), kan, kan_params)}
     return result
+
+
+def plot_parameters(parameters: dict, path: Path) -> bool:
+    """Claim 1's curves, a panel per corpus (log-log): KAN-GPT-2's test loss over the ladder, and for
+    each of its sizes GPT-2's test loss at more sizes on that size's tokens, with a dashed line from
+    KAN-GPT-2's point to where GPT-2's curve reaches its loss (dotted to the end of the curve where
+    that is a bound). False without matplotlib."""
+    try:
+        fig = new_figure(5.5 * len(parameters), 4.2)
+        from matplotlib.ticker import FormatStrFormatter
+    except ModuleNotFoundError:
+        return False
+    for ax, (corpus, sizes) in zip(fig.subplots(1, len(parameters), squeeze=False)[0], parameters.items(),
+                                   strict=True):
+        kan = [[r["kan_parameters"] for r in sizes.values()], [r["kan_loss"] for r in sizes.values()]]
+        ax.plot(*kan, "*-", color="C1", markersize=10, label="KAN-GPT-2 (the ladder)")
+        for color, (size, r) in zip(("C0", "C2", "C3", "C4", "C5", "C6"), sizes.items(), strict=False):
+            gpt2 = zip(*r["gpt2"], strict=True)  # (parameters, losses)
+            ax.plot(*gpt2, "o-", color=color, alpha=0.7, label=f"GPT-2 on {size}'s tokens")
+            if r["equivalent"]:
+                style = "--" if r["bound"] is None else ":"
+                ax.plot([r["kan_parameters"], r["equivalent"]], [r["kan_loss"]] * 2, style, color=color)
+        ax.set(xscale="log", yscale="log", xlabel="parameters (total)", ylabel="test loss (nats/token)",
+               title=corpus)
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%.2f"))
+        ax.yaxis.set_minor_formatter(FormatStrFormatter("%.2f"))
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3, which="both")
+    fig.savefig(path, dpi=110)
+    return True
 
 
 def neighbour(context, size: tuple, name: str, budget: tuple, budget_name: str, corpus: str) -> tuple:

@@ -118,6 +118,7 @@ def test_the_quick_ladder_and_audit_table_every_claim_from_their_runs(tmp_path, 
     report = json.loads((out / "claims.json").read_text())
     rows = [line for line in printed.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [row[2:4] for row in rows] == [f"{n}." for n in range(1, 7)] and (out / "claims.md").is_file()
+    assert (out / "claims.png").stat().st_size > 0
     # 1. GPT-2's points are the test losses of the runs trained at the neighbouring sizes.
     point = report["parameters"]["english"]["1x32"]["gpt2"]
     neighbour = out / "parameters" / "1x48-on-1x32-tokens" / "runs" / "english" / "mlp"

@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+import yaml
 from transformers import AutoModelForCausalLM
 
 
@@ -127,6 +128,10 @@ def test_the_quick_ladder_and_audit_table_every_claim_from_their_runs(tmp_path, 
     # 4. The levers were trained, each parameter-matched.
     assert set(report["overfitting"]["levers"]) == set(claims.LEVERS)
     assert all(len(r["test"]["values"]) == 1 for r in report["overfitting"]["levers"].values())
+    dropout = out / "levers" / "runs" / "english" / "mlp-dropout"  # the reference: GPT-2 with its dropout
+    run = next(dropout.iterdir())
+    assert yaml.safe_load((run / "run.yaml").read_text())["model"]["resid_pdrop"] == 0.1
+    assert report["overfitting"]["gpt2_dropout"]["test"]["values"] == [pytest.approx(read_test_loss(run))]
     # 5. The symbolic models are model folders of formulas.
     assert [r["seed"] for r in report["symbolic"]["english"]] == [1]
     folder = out / "symbolic" / "english" / "seed-1" / "symbolic-model"

@@ -205,13 +205,12 @@ def multiplier(context, above: tuple) -> dict:
 
 
 def plot_parameters(parameters: dict, path: Path) -> bool:
-    """Claim 1's curves, a panel per corpus (log-log): KAN-GPT-2's test loss over the ladder, and for
-    each of its sizes GPT-2's test loss at more sizes on that size's tokens, with a dashed line from
-    KAN-GPT-2's point to where GPT-2's curve reaches its loss (dotted to the end of the curve where
-    that is a bound). False without matplotlib."""
+    """Claim 1's curves, a panel per corpus (parameters on a log axis): KAN-GPT-2's test loss over the
+    ladder, and for each of its sizes GPT-2's test loss at more sizes on that size's tokens, with a
+    dashed line from KAN-GPT-2's point to where GPT-2's curve reaches its loss (dotted to the end of
+    the curve where that is a bound). False without matplotlib."""
     try:
         fig = new_figure(5.5 * len(parameters), 4.2)
-        from matplotlib.ticker import FormatStrFormatter
     except ModuleNotFoundError:
         return False
     for ax, (corpus, sizes) in zip(fig.subplots(1, len(parameters), squeeze=False)[0], parameters.items(),
@@ -224,10 +223,7 @@ def plot_parameters(parameters: dict, path: Path) -> bool:
             if r["equivalent"]:
                 style = "--" if r["bound"] is None else ":"
                 ax.plot([r["kan_parameters"], r["equivalent"]], [r["kan_loss"]] * 2, style, color=color)
-        ax.set(xscale="log", yscale="log", xlabel="parameters (total)", ylabel="test loss (nats/token)",
-               title=corpus)
-        ax.yaxis.set_major_formatter(FormatStrFormatter("%.2f"))
-        ax.yaxis.set_minor_formatter(FormatStrFormatter("%.2f"))
+        ax.set(xscale="log", xlabel="parameters (total)", ylabel="test loss (nats/token)", title=corpus)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3, which="both")
     fig.savefig(path, dpi=110)

@@ -68,6 +68,7 @@ GPT2_DROPOUT = {"name": "mlp-dropout", "label": "GPT-2 with its dropout 0.1",
 PRUNE_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 WITHIN = 0.01  # claim 5: at most 1% more held-out loss
 FINE_TUNE = {"steps": 300, "lrs": (1e-4, 3e-4, 1e-3)}  # claim 6: the English budget and its sweep
+AUDIT = "`python eval/claims.py --jobs 2`"  # the command of the rows it alone measures
 QUICK = {"sizes": "2x16,2x24", "above": "2x32", "forgetting_size": "2x16",  # --quick's defaults
          "lrs": "2e-3", "seeds": "1337,1338", "widen": 0}
 
@@ -297,7 +298,7 @@ def overfitting(context) -> dict:
                          for seed in context.seeds]
                 gaps.setdefault(corpus, {}).setdefault(size, {"epochs": epochs})[model] = {
                     "train": fmean(train), "validation": result["val"]["mean"],
-                    "test": result["test"]["mean"], "gap": result["val"]["mean"] - fmean(train)}
+                    "test": result["test"], "gap": result["val"]["mean"] - fmean(train)}
     config = at_size(context, largest)
     levers = {key: {"name": key, "label": label, **sections} for key, (label, sections) in LEVERS.items()}
     models = {"mlp": {"name": "mlp", "model": {"ffn_type": "mlp"}}, **levers}
@@ -482,7 +483,7 @@ def markdown(report: dict) -> str:
     """The claims table, then the tables behind each row."""
     rows = [parameters_row(report), speed_row(report), scaling_row(report), overfitting_row(report),
             symbolic_row(report), forgetting_row(report)]
-    lines = ["| claim | experiment | KAN-GPT-2 | GPT-2 | verdict |", "|---|---|---|---|---|"]
+    lines = ["| claim | experiment | KAN-GPT-2 | GPT-2 | verdict | command |", "|---|---|---|---|---|---|"]
     lines += [f"| {' | '.join(row)} |" for row in rows]
     return "\n".join([*lines, "", *detail_tables(report)])
 
@@ -497,16 +498,16 @@ def parameters_row(report: dict) -> list[str]:
         verdicts.append(f"{corpus}: " + ("holds" if all(above) else "does not hold" if not any(above)
                                          else f"holds at {sum(above)} of {len(above)} sizes"))
     return ["1. fewer parameters", "GPT-2 parameters that reach KAN-GPT-2's test loss on the same tokens, "
-            "over KAN-GPT-2's", "; ".join(cells), "1x by definition", "; ".join(verdicts)]
+            "over KAN-GPT-2's", "; ".join(cells), "1x by definition", "; ".join(verdicts), AUDIT]
 
 
 def speed_row(report: dict) -> list[str]:
     speed = report["speed"]
     slow = speed["train_step"]
     verdict = "does not hold" if slow < 3 else "holds"
-    return ["2. 10x slower to train", "`kangpt compare` (mini, CPU, one run)",
+    return ["2. 10x slower to train", "`kangpt compare` (mini, CPU, one run; on a GPU: `eval/gpu_check.sh`)",
             f"training step {slow:.2f}x GPT-2's time, generation {speed['generation']:.2f}x its tokens/s",
-            "1x", f"{verdict}: {slow:.2f}x, not 10x"]
+            "1x", f"{verdict}: {slow:.2f}x, not 10x", f"`{speed['command']}`"]
 
 
 def scaling_row(report: dict) -> list[str]:
@@ -516,11 +517,18 @@ def scaling_row(report: dict) -> list[str]:
         cells.append(f"{corpus}: alpha {alpha['kan']['alpha']:.3f} ± {alpha['kan']['alpha_stderr']:.3f}, gap "
                      f"{fit['slope']:+.2f} ± {fit['stderr']:.2f} per decade")
         grows = fit["answer"].endswith("grows") and "advantage" in fit["answer"]
-        verdicts.append(f"{corpus}: {'holds' if grows else 'does not hold'} ({fit['answer']})")
+        epochs = [size["epochs"] for size in report["overfitting"]["gaps"][corpus].values()]
+        if max(epochs) > 1:  # size and repetition grow together: the ladder cannot tell them apart
+            span = f"{min(epochs):.1f} to {max(epochs):.1f}"
+            verdicts.append(f"{corpus}: cannot tell at this scale, its epochs grow with size ({span}; "
+                            f"{fit['answer']}); a corpus every size reads under once would")
+        else:
+            verdict = "holds" if grows else "does not hold"
+            verdicts.append(f"{corpus}: {verdict} (the gap's trend: {fit['answer']})")
     mlp = "; ".join(f"{c}: alpha {f['alpha']['mlp']['alpha']:.3f} ± {f['alpha']['mlp']['alpha_stderr']:.3f}"
                     for c, f in report["scaling"].items())
     return ["3. scale better", "power law of test loss in parameters over the ladder; the gap's trend",
-            "; ".join(cells), mlp, "; ".join(verdicts)]
+            "; ".join(cells), mlp, "; ".join(verdicts), "`python eval/scaling.py --jobs 2`"]
 
 
 def overfitting_row(report: dict) -> list[str]:
@@ -532,12 +540,13 @@ def overfitting_row(report: dict) -> list[str]:
     stop = over["early_stop"]["kan"]["test"]
     dropout = over["gpt2_dropout"]["test"]["mean"]
     kan_cell = (f"at {row['epochs']:.1f} epochs ({most}): held-out minus training {row['kan']['gap']:.2f}, "
-                f"test {row['kan']['test']:.3f}; best lever ({best[0]}) test {best[1]['test']['mean']:.3f}; "
-                f"early stop test {stop['mean']:.3f}") if row else "?"
-    gpt2_stop = over["early_stop"]["mlp"]["test"]["mean"]
-    gpt2_cell = (f"gap {row['mlp']['gap']:.2f}, test {row['mlp']['test']:.3f}; with its dropout 0.1 test "
-                 f"{dropout:.3f}; early stop test {gpt2_stop:.3f}") if row else "?"
-    gpt2 = min(row["mlp"]["test"], dropout, gpt2_stop) if row else math.nan  # GPT-2's best
+                f"test {spread_text(row['kan']['test'])}; best lever ({best[0]}) test "
+                f"{spread_text(best[1]['test'])}; early stop test {spread_text(stop)}") if row else "?"
+    gpt2_stop = over["early_stop"]["mlp"]["test"]
+    gpt2_cell = (f"gap {row['mlp']['gap']:.2f}, test {spread_text(row['mlp']['test'])}; with its dropout 0.1 "
+                 f"test {spread_text(over['gpt2_dropout']['test'])}; early stop test {spread_text(gpt2_stop)}"
+                 ) if row else "?"
+    gpt2 = min(row["mlp"]["test"]["mean"], dropout, gpt2_stop["mean"]) if row else math.nan  # GPT-2's best
     worse = row and row["kan"]["gap"] > row["mlp"]["gap"]
     fixed = min(best[1]["test"]["mean"], stop["mean"]) <= gpt2
     verdict = ("does not hold: KAN-GPT-2 overfits more" if worse else "holds") + (
@@ -546,7 +555,7 @@ def overfitting_row(report: dict) -> list[str]:
     epochs = [r["epochs"] for r in english.values()]
     span = f"{min(epochs):.1f} to {max(epochs):.1f}" if epochs else "?"
     what = f"English, {span} epochs; levers at the largest size"
-    return ["4. less prone to overfitting", what, kan_cell, gpt2_cell, verdict]
+    return ["4. less prone to overfitting", what, kan_cell, gpt2_cell, verdict, AUDIT]
 
 
 def symbolic_row(report: dict) -> list[str]:
@@ -559,7 +568,8 @@ def symbolic_row(report: dict) -> list[str]:
                      f"{min(pruned):.0%}-{max(pruned):.0%} of hidden units pruned within 1%")
         holds.append(abs(change) <= 100 * WITHIN and min(pruned) >= 0.3)
     return ["5. interpretable: formulas", "every group function a formula (a model folder); global pruning",
-            "; ".join(cells), "(no functions to fit)", "holds" if all(holds) else "does not hold everywhere"]
+            "; ".join(cells), "(no functions to fit)", "holds" if all(holds) else "does not hold everywhere",
+            f"{AUDIT}; one model: `kangpt inspect MODEL --symbolic --prune-hidden 0.3 --prune-scope global`"]
 
 
 def forgetting_row(report: dict) -> list[str]:
@@ -574,7 +584,7 @@ def forgetting_row(report: dict) -> list[str]:
     cell = "code test loss {:+.3f} ({:+.3f} to {:+.3f}) after English, English test {:.3f}"
     return ["6. no catastrophic forgetting", "code model fine-tuned on English, a fixed budget",
             cell.format(kan["mean"], kan["min"], kan["max"], f["kan"]["english"]["mean"]),
-            cell.format(gpt2["mean"], gpt2["min"], gpt2["max"], f["mlp"]["english"]["mean"]), verdict]
+            cell.format(gpt2["mean"], gpt2["min"], gpt2["max"], f["mlp"]["english"]["mean"]), verdict, AUDIT]
 
 
 def detail_tables(report: dict) -> list[str]:

@@ -54,7 +54,7 @@ def spread(*values):
 def test_forgetting_is_decided_by_the_spread_of_the_seeds(claims, kan, gpt2, verdict):
     report = {"forgetting": {"kan": {"rise": spread(*kan), "english": spread(3.0, 3.1)},
                              "mlp": {"rise": spread(*gpt2), "english": spread(3.0, 3.1)}}}
-    assert claims.forgetting_row(report)[-1] == verdict
+    assert claims.forgetting_row(report)[4] == verdict
 
 
 def test_the_parameter_claim_holds_where_every_multiplier_is_above_one(claims):
@@ -67,7 +67,19 @@ def test_the_parameter_claim_holds_where_every_multiplier_is_above_one(claims):
     }}
     cells = claims.parameters_row(report)
     assert cells[2] == "code: s1: 1.40x, s2: >4.00x; english: s1: 1.20x, s2: 0.50x"
-    assert cells[-1] == "code: holds; english: holds at 1 of 2 sizes"
+    assert cells[4] == "code: holds; english: holds at 1 of 2 sizes"
+
+
+def test_scaling_cannot_be_told_from_a_ladder_whose_epochs_grow_with_size(claims):
+    law = {"alpha": 0.17, "alpha_stderr": 0.01}
+    fit = {"slope": 0.06, "stderr": 0.2, "answer": "KAN-GPT-2's advantage holds",
+           "alpha": {"kan": law, "mlp": law}}
+    gaps = {"code": {"s1": {"epochs": 0.1}, "s2": {"epochs": 0.4}},
+            "english": {"s1": {"epochs": 1.4}, "s2": {"epochs": 11.8}}}
+    report = {"scaling": {"code": fit, "english": fit}, "overfitting": {"gaps": gaps}}
+    code, english = claims.scaling_row(report)[4].split("; english: ")
+    assert code == "code: does not hold (the gap's trend: KAN-GPT-2's advantage holds)"
+    assert english.startswith("cannot tell at this scale, its epochs grow with size (1.4 to 11.8")
 
 
 @pytest.fixture(scope="module")

@@ -82,6 +82,24 @@ def test_scaling_cannot_be_told_from_a_ladder_whose_epochs_grow_with_size(claims
     assert english.startswith("cannot tell at this scale, its epochs grow with size (1.4 to 11.8")
 
 
+def test_overfitting_does_not_hold_where_a_lead_at_few_epochs_is_a_deficit_at_many(claims):
+    def size(epochs, kan, gpt2, kan_gap, gpt2_gap):
+        return {"epochs": epochs, "kan": {"test": spread(*kan), "gap": kan_gap},
+                "mlp": {"test": spread(*gpt2), "gap": gpt2_gap}}
+
+    reversed_lead = {"s1": size(1.4, (4.9, 5.0), (5.1, 5.2), 0.0, 0.0),
+                     "s2": size(11.8, (3.9, 3.95), (3.5, 3.55), 0.9, 1.1)}
+    assert claims.overfitting_verdict(reversed_lead) == (
+        "does not hold: better at 1.4 epochs (-0.20), worse at 11.8 epochs (+0.40); "
+        "its held-out minus training gap the larger at 0 of 2 sizes")
+    kept = {"s1": reversed_lead["s1"], "s2": size(11.8, (3.4, 3.45), (3.5, 3.55), 0.5, 1.1)}
+    assert claims.overfitting_verdict(kept).startswith("holds: ")
+    wider = {"s1": size(1.4, (4.9, 5.0), (5.1, 5.2), 0.2, 0.0),
+             "s2": size(11.8, (3.4, 3.45), (3.5, 3.55), 1.2, 1.1)}
+    assert claims.overfitting_verdict(wider) == ("does not hold: its held-out minus training gap the larger "
+                                                 "at 2 of 2 sizes")
+
+
 @pytest.fixture(scope="module")
 def scaling(eval_script):
     return eval_script("scaling")

@@ -100,6 +100,19 @@ def test_overfitting_does_not_hold_where_a_lead_at_few_epochs_is_a_deficit_at_ma
                                                  "at 2 of 2 sizes")
 
 
+def test_the_formulas_and_the_pruning_are_judged_on_every_seed(claims):
+    def row(symbolic_test, pruned):
+        return {"test": 4.0, "symbolic_test": symbolic_test, "r2_mean": 0.9, "pruned_fraction": pruned}
+
+    close = {"symbolic": {"code": [row(4.02, 0.4), row(4.03, 0.3)]}}
+    verdict = claims.symbolic_row(close)[4]
+    assert verdict == "formulas within 1%: holds; 30% of hidden units pruned within it: reached"
+    one_off = {"symbolic": {"code": [row(4.02, 0.4), row(4.05, 0.2)]}}  # one seed 1.25% off, one pruned 20%
+    verdict = claims.symbolic_row(one_off)[4]
+    assert verdict == ("formulas within 1%: does not hold; 30% of hidden units pruned within it: not reached "
+                       "(no fine-tune after pruning)")
+
+
 @pytest.fixture(scope="module")
 def scaling(eval_script):
     return eval_script("scaling")

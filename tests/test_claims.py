@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import yaml
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 
 @pytest.fixture(scope="module")
@@ -101,16 +101,21 @@ def test_overfitting_does_not_hold_where_a_lead_at_few_epochs_is_a_deficit_at_ma
 
 
 def test_the_formulas_and_the_pruning_are_judged_on_every_seed(claims):
-    def row(symbolic_test, pruned):
-        return {"test": 4.0, "symbolic_test": symbolic_test, "r2_mean": 0.9, "pruned_fraction": pruned}
+    def row(symbolic_test, pruned, tuned_val=None):  # tuned_val: validation after pruning 30% and a fine-tune
+        tuned = {} if tuned_val is None else {"0.3": {"steps": 9, "val": tuned_val, "test": 4.0}}
+        return {"test": 4.0, "val": 4.0, "symbolic_test": symbolic_test, "r2_mean": 0.9,
+                "pruned_fraction": pruned, "fine_tuned": tuned}
 
     close = {"symbolic": {"code": [row(4.02, 0.4), row(4.03, 0.3)]}}
     verdict = claims.symbolic_row(close)[4]
     assert verdict == "formulas within 1%: holds; 30% of hidden units pruned within it: reached"
-    one_off = {"symbolic": {"code": [row(4.02, 0.4), row(4.05, 0.2)]}}  # one seed 1.25% off, one pruned 20%
+    tuned = {"symbolic": {"code": [row(4.02, 0.4), row(4.03, 0.2, tuned_val=4.03)]}}  # 30%: +0.75% tuned
+    verdict = claims.symbolic_row(tuned)[4]
+    assert verdict.endswith("pruned within it: reached with a fine-tune of a tenth of the run's steps")
+    one_off = {"symbolic": {"code": [row(4.02, 0.4), row(4.05, 0.2, tuned_val=4.05)]}}  # 1.25% off, both
     verdict = claims.symbolic_row(one_off)[4]
-    assert verdict == ("formulas within 1%: does not hold; 30% of hidden units pruned within it: not reached "
-                       "(no fine-tune after pruning)")
+    assert verdict == ("formulas within 1%: does not hold; 30% of hidden units pruned within it: "
+                       "not reached, also with a fine-tune of a tenth of the run's steps")
 
 
 @pytest.fixture(scope="module")
@@ -179,6 +184,13 @@ def test_the_quick_ladder_and_audit_table_every_claim_from_their_runs(tmp_path, 
     assert [r["seed"] for r in report["symbolic"]["english"]] == [1]
     folder = out / "symbolic" / "english" / "seed-1" / "symbolic-model"
     assert AutoModelForCausalLM.from_pretrained(folder).config.kan_basis == "symbolic"
+    # ... and pruned, then fine-tuned from the pruned folder: the losses are that run's.
+    tuned = report["symbolic"]["english"][0]["fine_tuned"]["0.3"]
+    assert tuned["test"] == pytest.approx(read_test_loss(out / "pruning" / "runs" / "english" / "0.3-seed-1"))
+    pruned = AutoConfig.from_pretrained(out / "symbolic" / "english" / "seed-1" / "pruned-0.3")
+    kan_run = next((out / "ladder" / "1x48" / "runs" / "english" / "kan").iterdir())
+    whole = AutoConfig.from_pretrained(kan_run / "model")
+    assert sum(pruned.kan_hidden_size) <= 0.75 * whole.n_layer * whole.kan_hidden_size
     # 6. Forgetting: the code loss before is the code run's own test loss.
     before = report["forgetting"]["kan"]["code_before"]["values"]
     code_run = next((out / "ladder" / "1x32" / "runs" / "code" / "kan").glob("*-seed-1"))

@@ -18,12 +18,13 @@ best learning rate from the same sweep, on 2 seeds:
    GPT-2's best: as trained, with its own dropout 0.1 (swept alike) or stopped early.
 5. *Symbolic.* Every group function of the largest trained KAN-GPT-2 replaced by its formula (a model
    folder ``from_pretrained`` loads), and global pruning of hidden units: the largest share whose
-   validation loss stays within 1% (no fine-tune), its test loss and folder size.
+   validation loss stays within 1% (no fine-tune), its test loss and folder size; and 30% and 50%
+   pruned, then fine-tuned for a tenth of the run's steps at the rate its schedule ended on.
 6. *No catastrophic forgetting.* The code models of one size fine-tuned on English for a fixed budget:
    the rise of the code test loss and the English test loss reached.
 
     python eval/claims.py --jobs 2        # the audit (hours on 2 cores); out/claims/claims.json, .md, .png
-    python eval/claims.py --quick         # a smoke run: two tiny sizes, short budgets, one learning rate
+    python eval/claims.py --quick --out out/claims-quick   # a smoke run: tiny sizes, short budgets, one rate
 
 Every run is a ``python train.py`` in a fresh process under ``OUT``; finished runs are reused, so the
 ladder of ``eval/scaling.py --out OUT/ladder`` counts, and an interrupted audit continues.
